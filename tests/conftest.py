@@ -1,0 +1,34 @@
+"""Shared test fixtures: where the golden files of the official code live.
+
+One setting, `BAGEL_RAY_GOLDEN` (default `../shared/golden` next to the repository), points at
+them; tests that need them skip with a clear reason when the folder is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_ROOT = Path(os.environ.get("BAGEL_RAY_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
+TINY_GOLDEN = GOLDEN_ROOT / "bagel-tiny"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (TINY_GOLDEN / "manifest.json").exists():
+        pytest.skip(f"golden files not found at {TINY_GOLDEN} (set BAGEL_RAY_GOLDEN to the folder holding bagel-tiny/)")
+    return TINY_GOLDEN
+
+
+@pytest.fixture(scope="session")
+def manifest(golden_dir: Path) -> dict:
+    return json.loads((golden_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_model_dir(golden_dir: Path) -> Path:
+    return golden_dir / "model"

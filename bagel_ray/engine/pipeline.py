@@ -10,19 +10,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
 from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.dit import DiT, StepRecord
-from bagel_ray.engine.kv_context import ImageContexts
+from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.request import DEFAULT_SIZE, GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
 from bagel_ray.model.bagel import ALL_PARTS
 from bagel_ray.model.image_transforms import resize, to_rgb
 from bagel_ray.model.loader import load_checkpoint
+from bagel_ray.model.tokenizer import clean_generated_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,10 +44,20 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 class LocalPipeline:
-    def __init__(self, thinker: Thinker, dit: DiT | None) -> None:
+    def __init__(self, thinker: Thinker | None, dit: DiT | None) -> None:
+        """Either engine may be absent: a Thinker replica holds only the Thinker side, a DiT
+        replica only the DiT side (or both, when it builds edit contexts itself)."""
+        if thinker is None and dit is None:
+            raise ValueError("a pipeline needs at least one engine")
         self.thinker = thinker
         self.dit = dit
-        self.cfg = thinker.model.cfg
+        self.cfg = (thinker or dit).model.cfg
+
+    @property
+    def thinker_engine(self) -> Thinker:
+        if self.thinker is None:
+            raise RuntimeError("this pipeline has no Thinker engine")
+        return self.thinker
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "tiny", device: str = "cpu", dtype: str | torch.dtype = "bfloat16") -> "LocalPipeline":
@@ -65,31 +76,69 @@ class LocalPipeline:
         """text2text and img2text: [sys] [ViT image] prompt, then decode."""
         return self.understand_batch([req])[0]
 
-    def understand_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
-        """Several text requests with one batched decode. Sampling settings come from the first
-        request (the serving layer groups requests that share them)."""
+    def understanding_context(self, req: GenerationRequest) -> KVContext:
+        """[sys] [ViT image] prompt: the context text answers decode from."""
+        th = self.thinker_engine
+        ctx = th.empty()
+        if req.think:
+            ctx = th.append_text(ctx, VLM_THINK_SYSTEM_PROMPT)
+        if req.image is not None:
+            ctx = th.append_vit(ctx, self.vae_resized(req.image))
+        return th.append_text(ctx, req.prompt)
+
+    def understand_stream(self, req: GenerationRequest) -> Iterator[str | GenerationResult]:
+        """Text deltas as they decode, then the full result as the last item."""
+        th = self.thinker_engine
         t0 = time.perf_counter()
-        contexts = []
-        for req in reqs:
-            ctx = self.thinker.empty()
-            if req.think:
-                ctx = self.thinker.append_text(ctx, VLM_THINK_SYSTEM_PROMPT)
-            if req.image is not None:
-                ctx = self.thinker.append_vit(ctx, self.vae_resized(req.image))
-            contexts.append(self.thinker.append_text(ctx, req.prompt))
+        ctx = self.understanding_context(req)
         t1 = time.perf_counter()
-        first = reqs[0]
-        outs = self.thinker.decode(contexts, first.decode_params(), _seeded(first.seed))
-        t2 = time.perf_counter()
-        return [
-            GenerationResult(req.modality, req.prompt, req.seed, text=o.text, token_ids=o.token_ids,
-                             timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": float(len(o.token_ids))})
-            for req, o in zip(reqs, outs)
-        ]
+        ids: list[int] = []
+        sent, stopped = "", False
+        for step in th.decode_steps([ctx], req.decode_params(), _seeded(req.seed)):
+            stopped = stopped or step.stopped[0]
+            if step.tokens[0] is None:
+                continue
+            ids.append(step.tokens[0])
+            text = th.tokenizer.decode(ids)
+            if not text.endswith("\ufffd") and len(text) > len(sent):  # hold back a split UTF-8 char
+                yield text[len(sent):]
+                sent = text
+        final = clean_generated_text(th.tokenizer.decode([th.tokenizer.bos_id] + ids))
+        if len(final) > len(sent) and final.startswith(sent):
+            yield final[len(sent):]
+        yield GenerationResult(req.modality, req.prompt, req.seed, text=final, token_ids=ids,
+                               finish_reason="stop" if stopped else "length",
+                               timings={"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": float(len(ids))})
+
+    def understand_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+        """Several text requests. Greedy requests with the same decoding settings share one
+        batched decode; sampled ones decode alone, so a seed gives the same text whatever
+        else is in the batch."""
+        th = self.thinker_engine
+        results: list[GenerationResult | None] = [None] * len(reqs)
+        groups: dict[object, list[int]] = {}
+        for i, req in enumerate(reqs):
+            key = ("sampled", i) if req.do_sample else req.decode_params()
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            t0 = time.perf_counter()
+            contexts = [self.understanding_context(reqs[i]) for i in members]
+            t1 = time.perf_counter()
+            first = reqs[members[0]]
+            outs = th.decode(contexts, first.decode_params(), _seeded(first.seed))
+            t2 = time.perf_counter()
+            for i, out in zip(members, outs):
+                req = reqs[i]
+                results[i] = GenerationResult(
+                    req.modality, req.prompt, req.seed, text=out.text, token_ids=out.token_ids,
+                    finish_reason="stop" if out.stopped_on_eos else "length",
+                    timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": float(len(out.token_ids))},
+                )
+        return results
 
     def build_contexts(self, req: GenerationRequest, generator: torch.Generator) -> tuple[ImageContexts, str | None, list[int] | None]:
         """The three CFG contexts of text2img / img2img (spec 6.1 table), think text included."""
-        th = self.thinker
+        th = self.thinker_engine
         gen, cfg_img = th.empty(), th.empty()
         if req.think:
             gen = th.append_text(gen, GEN_THINK_SYSTEM_PROMPT)
@@ -100,7 +149,8 @@ class LocalPipeline:
             gen = th.append_vae(gen, image, generator)
             gen = th.append_vit(gen, image)
         else:
-            height, width = req.height or DEFAULT_SIZE, req.width or DEFAULT_SIZE
+            default = min(DEFAULT_SIZE, self.cfg.max_image_side)
+            height, width = req.height or default, req.width or default
         cfg_text = gen.cut
         gen = th.append_text(gen, req.prompt)
         cfg_img = gen.cut if req.modality == "text2img" else th.append_text(cfg_img, req.prompt)

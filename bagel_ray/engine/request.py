@@ -116,4 +116,5 @@ class GenerationResult:
     think_token_ids: list[int] | None = None
     image: Image.Image | None = field(default=None, repr=False)
     latent_tokens: torch.Tensor | None = field(default=None, repr=False)
+    finish_reason: str | None = None  # text: "stop" (predicted <|im_end|>) or "length"
     timings: dict[str, float] = field(default_factory=dict)

@@ -10,6 +10,7 @@ the longest, and each step writes one row per sequence in place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -43,6 +44,16 @@ class DecodeParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decoding step: the token each sequence emitted (None once finished or on the stop
+    token), which sequences predicted `<|im_end|>` at this step, and the step's logits."""
+
+    tokens: list[int | None]
+    stopped: list[bool]
+    logits: torch.Tensor
+
+
 @dataclass
 class DecodeOutput:
     token_ids: list[int]
@@ -72,7 +83,6 @@ class Thinker:
     def append_vae(self, ctx: KVContext, image: Image.Image, generator: torch.Generator | None = None) -> KVContext:
         return self.builder.append_vae(ctx, image, generator)
 
-    @torch.inference_mode()
     def decode(
         self,
         contexts: list[KVContext],
@@ -81,9 +91,33 @@ class Thinker:
         keep_logits: bool = False,
     ) -> list[DecodeOutput]:
         """Decode one continuation per context, all in one batch."""
+        tok = self.tokenizer
+        generated: list[list[int]] = [[] for _ in contexts]
+        logits_kept: list[list[torch.Tensor]] = [[] for _ in contexts]
+        stopped = [False] * len(contexts)
+        for step in self.decode_steps(contexts, params, generator):
+            for b, t in enumerate(step.tokens):
+                if t is not None:
+                    generated[b].append(t)
+                    if keep_logits:
+                        logits_kept[b].append(step.logits[b].float().cpu())
+                elif step.stopped[b]:
+                    stopped[b] = True
+        outputs = []
+        for b in range(len(contexts)):
+            text = clean_generated_text(tok.decode([tok.bos_id] + generated[b]))
+            kept = torch.stack(logits_kept[b]) if keep_logits and logits_kept[b] else None
+            outputs.append(DecodeOutput(generated[b], text, stopped[b], kept))
+        return outputs
+
+    @torch.inference_mode()
+    def decode_steps(
+        self, contexts: list[KVContext], params: DecodeParams, generator: torch.Generator | None = None
+    ) -> Iterator[DecodeStep]:
+        """The decoding loop, one yield per step (what streaming and `decode` consume)."""
         model, tok = self.model, self.tokenizer
         if not contexts:
-            return []
+            return
         device, B, steps = model.device, len(contexts), params.max_new_tokens
         layers = contexts[0].kv.shape[0]
         width = max(c.length for c in contexts) + steps
@@ -95,13 +129,9 @@ class Thinker:
         positions = torch.tensor([c.rope for c in contexts], device=device)
         tokens = torch.full((B,), tok.bos_id, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        generated: list[list[int]] = [[] for _ in range(B)]
-        logits_kept: list[list[torch.Tensor]] = [[] for _ in range(B)]
-        stopped = [False] * B
+        done = [False] * B
         for _ in range(steps):
-            # Keys visible to each query: its valid cache rows (the new token is appended as
-            # the block's single key, visible to itself).
+            # Keys visible to each query: its valid cache rows, then its own new row.
             mask = torch.cat(
                 (torch.arange(width, device=device)[None, :] < lens[:, None], torch.ones(B, 1, dtype=torch.bool, device=device)),
                 dim=-1,
@@ -113,24 +143,19 @@ class Thinker:
                 cache[i, 1, rows, lens] = v[:, 0]
             logits = model.logits(hidden[:, -1])
             nxt = sample(logits, params.temperature, params.top_p, generator) if params.do_sample else greedy(logits)
+            emitted: list[int | None] = []
+            stopped_now = [False] * B
             for b, t in enumerate(nxt.tolist()):
                 if done[b]:
-                    continue
-                if t == tok.eos_id:
-                    stopped[b] = True
-                    done[b] = True
-                    continue
-                generated[b].append(t)
-                if keep_logits:
-                    logits_kept[b].append(logits[b].float().cpu())
-            if bool(done.all()):
-                break
+                    emitted.append(None)
+                elif t == tok.eos_id:
+                    done[b] = stopped_now[b] = True
+                    emitted.append(None)
+                else:
+                    emitted.append(t)
+            yield DecodeStep(emitted, stopped_now, logits)
+            if all(done):
+                return
             lens = lens + 1
             positions = positions + 1
             tokens = nxt
-        outputs = []
-        for b in range(B):
-            text = clean_generated_text(tok.decode([tok.bos_id] + generated[b]))
-            kept = torch.stack(logits_kept[b]) if keep_logits and logits_kept[b] else None
-            outputs.append(DecodeOutput(generated[b], text, stopped[b], kept))
-        return outputs

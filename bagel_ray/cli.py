@@ -1,0 +1,321 @@
+"""`bagel-ray`: the command line.
+
+`generate` mirrors vllm-omni's BAGEL `end2end.py`. Each request flag maps onto the
+`GenerationRequest` field of the same name and defaults to None, so the request model's
+per-modality official defaults apply (the help text reads them from there). Everything that
+can be checked without the weights (prompts, image, sizes) is checked before the model loads;
+bad input ends with one `error: ...` line on stderr and exit code 2.
+
+    bagel-ray make-tiny-model DIR [--seed N]
+    bagel-ray generate --model tiny --modality text2img --prompts "a red fox" --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+from PIL import Image
+from tqdm import tqdm
+
+from bagel_ray.engine.cfg import RENORM_TYPES
+from bagel_ray.engine.dit import StepRecord
+from bagel_ray.engine.pipeline import DTYPES, LocalPipeline
+from bagel_ray.engine.request import (
+    DEFAULT_SIZE,
+    IMAGE_INPUT,
+    MODALITIES,
+    SAMPLER_DEFAULTS,
+    GenerationRequest,
+    GenerationResult,
+)
+from bagel_ray.model.config import BagelConfig
+from bagel_ray.model.loader import DEFAULT_MODEL, CheckpointError, read_config, resolve_model_path
+
+RESULTS_FILE = "results.jsonl"
+# Flags whose dest is a GenerationRequest field, passed through when given.
+REQUEST_FLAGS = (
+    "seed", "steps", "height", "width", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
+    "cfg_renorm_type", "cfg_renorm_min", "timestep_shift", "think", "max_think_tokens",
+    "max_tokens", "do_sample", "temperature", "top_p",
+)
+# DenoiseParams field behind each sampler flag (for the per-modality defaults in --help).
+SAMPLER_FIELDS = {
+    "steps": "num_timesteps", "cfg_text_scale": "cfg_text_scale", "cfg_img_scale": "cfg_img_scale",
+    "cfg_interval": "cfg_interval", "cfg_renorm_type": "cfg_renorm_type",
+    "cfg_renorm_min": "cfg_renorm_min", "timestep_shift": "timestep_shift",
+}
+
+
+class UsageError(Exception):
+    """Bad input found by the CLI itself; reported as one line, exit code 2."""
+
+
+class Runner(Protocol):
+    def run(self, req: GenerationRequest, on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult: ...
+
+
+def _process_backend(model: Path, device: str, dtype: str) -> Runner:
+    """Thinker and DiT in this process (`LocalPipeline`)."""
+    return LocalPipeline.from_pretrained(model, device=device, dtype=dtype)
+
+
+# --worker-backend choices: name -> loader(model folder, device, dtype). The Ray backend joins here.
+BACKENDS: dict[str, Callable[[Path, str, str], Runner]] = {"process": _process_backend}
+
+
+# -- argument parsing -----------------------------------------------------------------------
+
+
+def _request_default(name: str) -> str:
+    return f"default: {GenerationRequest.__dataclass_fields__[name].default}"
+
+
+def _sampler_default(flag: str) -> str:
+    field = SAMPLER_FIELDS[flag]
+    per_modality = ", ".join(f"{getattr(params, field)} for {m}" for m, params in SAMPLER_DEFAULTS.items())
+    return f"default: {per_modality}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bagel-ray", description="Run BAGEL-7B-MoT (or the tiny test model) locally.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tiny = sub.add_parser("make-tiny-model", help="write the tiny random checkpoint into a folder")
+    tiny.add_argument("dir", type=Path, metavar="DIR")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default: 0, the embedded model's)")
+
+    gen = sub.add_parser("generate", help="generate images or text for prompts (like vllm-omni end2end.py)")
+    gen.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"checkpoint folder, hub id, or 'tiny' for the embedded test model (default: {DEFAULT_MODEL})")
+    gen.add_argument("--modality", choices=MODALITIES, default=MODALITIES[0], help=f"default: {MODALITIES[0]}")
+    prompts = gen.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
+    prompts.add_argument("--txt-prompts", type=Path, metavar="FILE", help="a text file with one prompt a line (blank lines skipped)")
+    gen.add_argument("--image-path", type=Path, help=f"input image ({', '.join(IMAGE_INPUT)})")
+
+    req = gen.add_argument_group("request (unset flags take the request model's official defaults)")
+    req.add_argument("--seed", type=int, help=_request_default("seed"))
+    req.add_argument("--steps", type=int,
+                     help=f"num_timesteps; N steps run N-1 model evaluations ({_sampler_default('steps')})")
+    req.add_argument("--height", type=int,
+                     help=f"text2img only, a multiple of 16 (default: {DEFAULT_SIZE}, or the model's largest side if smaller)")
+    req.add_argument("--width", type=int, help="as --height")
+    req.add_argument("--cfg-text-scale", type=float, help=_sampler_default("cfg_text_scale"))
+    req.add_argument("--cfg-img-scale", type=float, help=_sampler_default("cfg_img_scale"))
+    req.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help=_sampler_default("cfg_interval"))
+    req.add_argument("--cfg-renorm-type", choices=RENORM_TYPES, help=_sampler_default("cfg_renorm_type"))
+    req.add_argument("--cfg-renorm-min", type=float, help=_sampler_default("cfg_renorm_min"))
+    req.add_argument("--timestep-shift", type=float, help=_sampler_default("timestep_shift"))
+    req.add_argument("--think", action="store_true", default=None, help="decode a <think> plan first")
+    req.add_argument("--max-think-tokens", type=int, help=_request_default("max_think_tokens"))
+    req.add_argument("--max-tokens", type=int, help=f"new text tokens ({_request_default('max_tokens')})")
+    req.add_argument("--do-sample", action="store_true", default=None, help="sample text instead of greedy decoding")
+    req.add_argument("--temperature", type=float, help=_request_default("temperature"))
+    req.add_argument("--top-p", type=float, help=_request_default("top_p"))
+
+    run = gen.add_argument_group("runtime")
+    run.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    run.add_argument("--device", help="default: cuda if available, else cpu")
+    run.add_argument("--worker-backend", choices=tuple(BACKENDS), default="process", help="default: process")
+    run.add_argument("--output", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    run.add_argument("--enable-stats", action="store_true", help="print per-stage timings and record them in results.jsonl")
+    return parser
+
+
+# -- validation (before any weights load) ---------------------------------------------------
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.txt_prompts is not None:
+        try:
+            lines = args.txt_prompts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read prompts file {args.txt_prompts}: {exc}") from exc
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise UsageError(f"prompts file {args.txt_prompts} has no prompts")
+        return prompts
+    if not args.prompts:
+        raise UsageError("no prompts: pass --prompts or --txt-prompts")
+    return list(args.prompts)
+
+
+def read_image(path: Path | None) -> Image.Image | None:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except OSError as exc:  # a missing file, or one PIL cannot decode (UnidentifiedImageError)
+        raise UsageError(f"cannot read image {path}: {exc}") from exc
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise UsageError(f"bad --device {device!r}: {exc}") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available")
+    return device
+
+
+def fit_size(req: GenerationRequest, cfg: BagelConfig) -> GenerationRequest:
+    """Check text2img's size against the model and fill the default (1024, clamped to the model)."""
+    if req.modality != "text2img":
+        return req
+    limit = cfg.max_image_side
+    for name in ("height", "width"):
+        value = getattr(req, name)
+        if value is not None and value > limit:
+            raise UsageError(f"{name} {value} is larger than this model's largest image side {limit}")
+    default = min(DEFAULT_SIZE, limit)
+    return dataclasses.replace(req, height=req.height or default, width=req.width or default)
+
+
+def build_requests(args: argparse.Namespace) -> list[GenerationRequest]:
+    prompts = read_prompts(args)
+    image = read_image(args.image_path)
+    given = {name: getattr(args, name) for name in REQUEST_FLAGS if getattr(args, name) is not None}
+    if "cfg_interval" in given:
+        given["cfg_interval"] = tuple(given["cfg_interval"])
+    return [GenerationRequest(args.modality, prompt, image=image, **given) for prompt in prompts]
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _temp_path(final: Path) -> Path:
+    """A hidden sibling of `final` for writing before an atomic `os.replace`."""
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    tmp = _temp_path(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record(index: int, result: GenerationResult, folder: Path, stats: bool) -> dict:
+    image_name = None
+    if result.image is not None:
+        image_name = f"{index:05d}.png"
+        save_png(result.image, folder / image_name)
+    return {
+        "prompt": result.prompt,
+        "modality": result.modality,
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "think_text": result.think_text,
+        "think_token_ids": result.think_token_ids,
+        "image": image_name,
+        "seed": result.seed,
+        "timings": dict(result.timings) if stats else None,
+    }
+
+
+def format_timings(index: int, timings: dict[str, float]) -> str:
+    parts = " ".join(f"{k}={v:.0f}" if k == "tokens" else f"{k}={v:.3f}" for k, v in timings.items())
+    return f"[{index:05d}] {parts}"
+
+
+class StepBar:
+    """The nested bar over denoising steps, fed by `on_step` and sized by the first record."""
+
+    def __enter__(self) -> "StepBar":
+        self.bar = tqdm(desc="denoise", unit="step", file=sys.stderr, leave=False)
+        return self
+
+    def __call__(self, rec: StepRecord) -> None:
+        if self.bar.total is None:
+            self.bar.total = rec.total
+        self.bar.update(1)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from bagel_ray.model.tiny import make_tiny_model
+
+    try:
+        folder = make_tiny_model(args.dir, seed=args.seed)
+    except OSError as exc:
+        raise UsageError(f"cannot write the tiny model to {args.dir}: {exc}") from exc
+    print(f"wrote the tiny model (seed {args.seed}) to {folder}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        requests = build_requests(args)
+        device = resolve_device(args.device)
+        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        folder = resolve_model_path(args.model)
+        cfg = read_config(folder)
+        requests = [fit_size(req, cfg) for req in requests]
+        args.output.mkdir(parents=True, exist_ok=True)
+        runner = BACKENDS[args.worker_backend](folder, device, dtype)
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
+
+    out = args.output
+    final = out / RESULTS_FILE
+    tmp = _temp_path(final)
+    done = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as results:
+            for i, req in enumerate(tqdm(requests, desc="prompts", unit="prompt", file=sys.stderr)):
+                start = time.perf_counter()
+                if req.outputs_image:
+                    with StepBar() as on_step:
+                        result = runner.run(req, on_step)
+                else:
+                    result = runner.run(req)
+                if args.enable_stats:
+                    result.timings["total_s"] = time.perf_counter() - start
+                    tqdm.write(format_timings(i, result.timings))
+                results.write(json.dumps(record(i, result, out, args.enable_stats), ensure_ascii=False) + "\n")
+                results.flush()
+                done += 1
+    finally:
+        # Completed results survive a failure part-way; results.jsonl is replaced in one step.
+        if done:
+            os.replace(tmp, final)
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {done} results to {final}")
+    return 0
+
+
+COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

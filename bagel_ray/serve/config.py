@@ -1,0 +1,150 @@
+"""Strict, loadable configs of a bagel-ray Serve app (`deployments/*.yaml`, the `args` block).
+
+Every stage knob is a typed field; an unknown key or a bad value fails at start with a
+message naming it. `serve_options` is the one place where a stage's Ray Serve options are
+derived from its config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bagel_ray.transport.base import TRANSPORT_NAMES
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve's autoscaling keys that matter here (the rest keep Serve's defaults)."""
+
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = Field(None, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+
+class ActorOptions(StrictModel):
+    """Resources of each replica. `num_cpus` is explicit because Ray's default (1 CPU a
+    replica) starves small machines; `resources` pins a stage to a node type."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] | None = None
+
+    def to_ray(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude_defaults=False)
+
+
+class StageConfig(StrictModel):
+    """Knobs shared by both stages."""
+
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count; leave unset to autoscale")
+    autoscaling_config: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    max_ongoing_requests: int = Field(4, ge=1, description="requests a replica takes at once; the rest queue")
+    max_queued_requests: int = Field(64, ge=-1, description="queued requests per deployment before 503; -1 unbounded")
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="bfloat16 on a GPU and float32 on a CPU when auto"
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory this replica may use")
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    def serve_options(self, name: str) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "name": name,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": self.ray_actor_options.to_ray(),
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.num_replicas is not None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        return options
+
+
+class ThinkerConfig(StageConfig):
+    max_batch_size: int = Field(8, ge=1, description="text requests decoded together in one batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    max_model_len: int = Field(32768, ge=16, description="longest context plus new tokens a request may use")
+
+
+class DiTConfig(StageConfig):
+    transport: Literal["auto", "object_store", "cuda_ipc", "nccl"] = Field(
+        "auto", description="how KV contexts reach this stage from the Thinker"
+    )
+
+    @field_validator("transport")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        assert value in TRANSPORT_NAMES
+        return value
+
+
+class IngressConfig(StrictModel):
+    """The HTTP driver: light, CPU only."""
+
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(1024, ge=-1)
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.5))
+
+    def serve_options(self, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": self.ray_actor_options.to_ray(),
+        }
+
+
+class AppConfig(StrictModel):
+    """The `args` of a bagel-ray Serve app."""
+
+    model: str = Field("tiny", description="checkpoint folder, hub id, or 'tiny' (the embedded random model)")
+    model_name: str = Field("bagel", description="the id /v1/models reports and requests may name")
+    edit_contexts_on: Literal["thinker", "dit"] = Field(
+        "dit",
+        description="who builds img2img contexts (VAE + ViT + prompt): the DiT alone (no KV handoff, the DiT "
+        "also loads the ViT and lm_head) or the Thinker (which then also loads the generation expert and VAE)",
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline; past it the request gets a 504")
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest HTTP body accepted")
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    thinker: ThinkerConfig = Field(default_factory=ThinkerConfig)
+    dit: DiTConfig = Field(default_factory=DiTConfig)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AppConfig":
+        """An app config from YAML: either the args alone, or a Serve config file whose first
+        application's `args` holds them."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if "applications" in raw:
+            raw = raw["applications"][0].get("args", {})
+        return cls.model_validate(raw)

@@ -1,0 +1,62 @@
+"""Prometheus metrics through Ray's metrics API (exported on each node's metrics port).
+
+Created lazily, once per process, so importing this module costs nothing and works outside
+a Ray worker (the helpers then do nothing)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from bagel_ray.transport.base import TransferStats
+
+_LATENCY_BOUNDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120]
+
+
+@lru_cache(maxsize=None)
+def _metrics():
+    import ray
+    from ray.util import metrics
+
+    if not ray.is_initialized():
+        return None
+    return {
+        "requests": metrics.Counter("bagel_requests_total", "Requests by modality and status.", tag_keys=("modality", "status")),
+        "request_latency": metrics.Histogram("bagel_request_latency_s", "End-to-end latency at the driver.", _LATENCY_BOUNDS, tag_keys=("modality",)),
+        "queue_wait": metrics.Histogram("bagel_queue_wait_s", "Time from arrival to the first stage call.", _LATENCY_BOUNDS),
+        "stage_latency": metrics.Histogram("bagel_stage_latency_s", "Time a request spends in a stage replica.", _LATENCY_BOUNDS, tag_keys=("stage",)),
+        "steps": metrics.Counter("bagel_denoise_steps_total", "Denoising steps run."),
+        "handoff_bytes": metrics.Counter("bagel_kv_handoff_bytes_total", "KV context bytes handed to the DiT."),
+        "handoff_seconds": metrics.Histogram("bagel_kv_handoff_s", "Pack plus unpack time of one KV handoff.", [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5]),
+    }
+
+
+def count_request(modality: str, status: str, latency_s: float) -> None:
+    m = _metrics()
+    if m:
+        m["requests"].inc(tags={"modality": modality, "status": status})
+        m["request_latency"].observe(latency_s, tags={"modality": modality})
+
+
+def observe_queue_wait(seconds: float) -> None:
+    m = _metrics()
+    if m:
+        m["queue_wait"].observe(seconds)
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    m = _metrics()
+    if m:
+        m["stage_latency"].observe(seconds, tags={"stage": stage})
+
+
+def count_step() -> None:
+    m = _metrics()
+    if m:
+        m["steps"].inc()
+
+
+def observe_handoff(stats: TransferStats) -> None:
+    m = _metrics()
+    if m:
+        m["handoff_bytes"].inc(stats.nbytes)
+        m["handoff_seconds"].observe(stats.send_s + stats.receive_s)

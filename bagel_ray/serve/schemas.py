@@ -1,0 +1,191 @@
+"""HTTP request bodies (OpenAI-compatible, plus every BAGEL knob as a typed top-level field)
+and their mapping onto `GenerationRequest`.
+
+Unknown fields and out-of-range values are rejected (422 naming the field). Knobs left out
+take the official default of the request's modality (spec 6.5); for the CFG scales, the
+interval and the renorm type that default differs between text2img and img2img.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from typing import Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bagel_ray.engine.request import DEFAULT_MAX_THINK_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, GenerationRequest
+
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(?P<data>.*)$", re.DOTALL)
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class InputError(ValueError):
+    """A client error with the field it concerns (mapped to a 4xx)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BagelKnobs(Strict):
+    """Every BAGEL knob. None = the official default for the request's modality."""
+
+    num_inference_steps: int | None = Field(None, ge=1, le=500, description="official num_timesteps (50); N steps run N-1 model evaluations")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when not given; the seed used is returned")
+    cfg_text_scale: float | None = Field(None, ge=0, le=50, description="4.0")
+    cfg_img_scale: float | None = Field(None, ge=0, le=50, description="1.0 for text2img, 2.0 for img2img")
+    cfg_interval: tuple[float, float] | None = Field(None, description="[0.4, 1.0] for text2img, [0.0, 1.0] for img2img")
+    cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = Field(None, description="global for text2img, text_channel for img2img")
+    cfg_renorm_min: float | None = Field(None, ge=0, le=1, description="0.0")
+    timestep_shift: float | None = Field(None, gt=0, le=100, description="3.0")
+    think: bool = Field(False, description="reason in text before the image or answer")
+    max_think_tokens: int = Field(DEFAULT_MAX_THINK_TOKENS, ge=1, le=32768)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=32768, description="new text tokens")
+    do_sample: bool = Field(False, description="sample text instead of greedy decoding (official default: greedy)")
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=5)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _interval(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
+            raise ValueError("must be [lo, hi] with 0 <= lo <= hi <= 1")
+        return value
+
+    def request(self, modality: str, prompt: str, image: Image.Image | None, seed: int,
+                height: int | None = None, width: int | None = None) -> GenerationRequest:
+        try:
+            return GenerationRequest(
+                modality=modality, prompt=prompt, image=image, seed=seed, steps=self.num_inference_steps,
+                height=height, width=width, cfg_text_scale=self.cfg_text_scale, cfg_img_scale=self.cfg_img_scale,
+                cfg_interval=self.cfg_interval, cfg_renorm_type=self.cfg_renorm_type, cfg_renorm_min=self.cfg_renorm_min,
+                timestep_shift=self.timestep_shift, think=self.think, max_think_tokens=self.max_think_tokens,
+                max_tokens=self.max_tokens, do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+            )
+        except ValueError as exc:
+            raise InputError(str(exc), status=422) from exc
+
+
+class ImageURL(Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart | ImagePart]
+
+
+class ChatCompletionRequest(BagelKnobs):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    modalities: list[Literal["text", "image"]] = Field(default_factory=lambda: ["text"], min_length=1, max_length=1)
+    size: str | None = Field(None, description="WxH of a generated image; default 1024x1024 (the model's largest)")
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+    def prompt_and_image(self) -> tuple[str, str | None]:
+        """BAGEL has no chat template: one user message, its text parts and at most one image."""
+        if len(self.messages) != 1 or self.messages[0].role != "user":
+            raise InputError("exactly one message with role 'user' is supported (BAGEL uses no chat template)", "messages")
+        content = self.messages[0].content
+        if isinstance(content, str):
+            return content, None
+        texts = [p.text for p in content if isinstance(p, TextPart)]
+        images = [p.image_url.url for p in content if isinstance(p, ImagePart)]
+        if len(images) > 1:
+            raise InputError("at most one image per request", "messages")
+        return "\n".join(texts), images[0] if images else None
+
+
+class ImageGenerationRequest(BagelKnobs):
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=8, description="images generated with seeds seed, seed+1, ...")
+    size: str | None = None
+    response_format: Literal["b64_json"] = "b64_json"
+    user: str | None = None
+
+
+class ImageEditRequest(BagelKnobs):
+    """Form fields of /v1/images/edits besides the image file. The output has the input's
+    (VAE-resized) size, so there is no size field."""
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=8)
+    response_format: Literal["b64_json"] = "b64_json"
+    user: str | None = None
+
+
+def parse_size(size: str | None, max_side: int, stride: int) -> tuple[int | None, int | None]:
+    """'WxH' -> (height, width), checked against the model."""
+    if size is None:
+        return None, None
+    m = _SIZE.fullmatch(size)
+    if not m:
+        raise InputError(f"size must look like '1024x768' (width x height), got {size!r}", "size", 422)
+    width, height = int(m.group(1)), int(m.group(2))
+    for side in (width, height):
+        if side < stride or side % stride or side > max_side:
+            raise InputError(f"size {size}: each side must be a multiple of {stride} between {stride} and {max_side}", "size", 422)
+    return height, width
+
+
+def decode_image(data: bytes, param: str) -> Image.Image:
+    """Bytes of an uploaded image -> a fully decoded PIL image, within the limits."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InputError(f"image is {len(data)} bytes, the limit is {MAX_IMAGE_BYTES}", param, 413)
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ALLOWED_IMAGE_FORMATS:
+            raise InputError(f"image format {image.format} is not accepted ({', '.join(ALLOWED_IMAGE_FORMATS)})", param)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise InputError(f"image has {image.width * image.height} pixels, the limit is {MAX_IMAGE_PIXELS}", param, 413)
+        image.load()
+    except InputError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot decode the image: {exc}", param) from exc
+    return image
+
+
+def decode_data_url(url: str, param: str) -> Image.Image:
+    """Images come inline only: no server-side paths and no fetching of remote URLs."""
+    m = _DATA_URL.match(url)
+    if not m:
+        raise InputError("images must be data URLs (data:image/png;base64,...); remote URLs and paths are not fetched", param)
+    try:
+        data = base64.b64decode(m.group("data"), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"invalid base64 in the image data URL: {exc}", param) from exc
+    return decode_image(data, param)
+
+
+def png_base64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -10,6 +10,7 @@ not run, its velocity is the conditional one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,8 +45,8 @@ class DenoiseParams:
     def __post_init__(self) -> None:
         if self.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
-        if self.timestep_shift <= 0:
-            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        if not math.isfinite(self.timestep_shift) or self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be a finite number > 0, got {self.timestep_shift}")
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
         lo, hi = self.cfg_interval

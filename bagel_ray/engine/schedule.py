@@ -7,6 +7,7 @@ first N - 1 points (the last, 0, is never evaluated).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,8 @@ class Schedule:
 def make_schedule(num_timesteps: int, shift: float) -> Schedule:
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1 (N steps run N-1 model evaluations), got {num_timesteps}")
-    if shift <= 0:
-        raise ValueError(f"timestep_shift must be > 0, got {shift}")
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"timestep_shift must be a finite number > 0, got {shift}")
     grid = shift_time(torch.linspace(1, 0, num_timesteps), shift)
     return Schedule(timesteps=grid[:-1], dts=grid[:-1] - grid[1:])
 

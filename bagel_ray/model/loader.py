@@ -184,10 +184,10 @@ def load_model(folder: Path, parts: frozenset[str] = ALL_PARTS, device: str | to
             raise CheckpointError(f"{folder / EMA_FILE}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
         for key in sorted(present):
             target = param_target(key)
+            if key not in expected:  # checked for every part, so all stages agree on validity
+                raise CheckpointError(f"unexpected tensor {key!r} in {folder / EMA_FILE}")
             if target.part not in model.parts:
                 continue
-            if key not in expected:
-                raise CheckpointError(f"unexpected tensor {key!r} in {folder / EMA_FILE}")
             shape = tuple(f.get_slice(key).get_shape())
             if shape != expected[key]:
                 raise CheckpointError(f"{folder / EMA_FILE}: tensor {key!r} has shape {list(shape)}, expected {list(expected[key])}")

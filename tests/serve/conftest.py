@@ -58,3 +58,22 @@ def serve_app(ray_session) -> ServeApp:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(build_app(app_cfg["args"]), name=app_cfg["name"], route_prefix=app_cfg["route_prefix"])
     return ServeApp(handle, f"http://127.0.0.1:{port}", app_cfg["name"], app_cfg["args"])
+
+
+@pytest.fixture(scope="session")
+def two_stage_app(serve_app) -> ServeApp:
+    """A second app on the same cluster: edit contexts built on the Thinker (so img2img goes
+    through the KV handoff too) and both stages autoscaled instead of fixed."""
+    import copy
+
+    from ray import serve
+
+    from bagel_ray.serve.app import build_app
+
+    args = copy.deepcopy(serve_app.args)
+    args["edit_contexts_on"] = "thinker"
+    for stage, bounds in (("thinker", (1, 3)), ("dit", (1, 2))):
+        del args[stage]["num_replicas"]
+        args[stage]["autoscaling_config"] = {"min_replicas": bounds[0], "max_replicas": bounds[1], "target_ongoing_requests": 2}
+    handle = serve.run(build_app(args), name="two-stage", route_prefix="/two-stage")
+    return ServeApp(handle, serve_app.url + "/two-stage", "two-stage", args)

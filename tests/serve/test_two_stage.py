@@ -1,0 +1,42 @@
+"""img2img through the Thinker -> KV handoff -> DiT path, and autoscaling bounds read back
+from Serve."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from bagel_ray.engine.request import GenerationRequest
+from tests.serve.test_app import local, picture, png_pixels, post  # noqa: F401  (fixtures)
+
+
+def test_img2img_through_the_thinker_matches_local(two_stage_app, local, picture):  # noqa: F811
+    req = GenerationRequest("img2img", "Make it night.", image=picture, seed=21, steps=5)
+    got = two_stage_app.handle.generate.remote(req).result(timeout_s=120)
+    want = local.run(req)
+    assert torch.equal(got.latent_tokens, want.latent_tokens)
+    assert got.timings["handoff_bytes"] > 0  # the contexts really crossed
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    resp = post(two_stage_app, "/v1/images/edits", files={"image": ("in.png", buf.getvalue(), "image/png")},
+                data={"prompt": "Make it night.", "num_inference_steps": "5", "seed": "21"})
+    assert resp.status_code == 200, resp.text
+    assert np.array_equal(png_pixels(resp.json()["data"][0]["b64_json"]), np.asarray(want.image))
+
+
+def test_autoscaling_bounds_read_back_from_serve(two_stage_app):
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    deployments = details.applications[two_stage_app.name].deployments
+    for stage in ("thinker", "dit"):
+        config = deployments["Thinker" if stage == "thinker" else "DiT"].deployment_config
+        want = two_stage_app.args[stage]["autoscaling_config"]
+        got = config.autoscaling_config
+        got = got if isinstance(got, dict) else got.dict()
+        assert (got["min_replicas"], got["max_replicas"]) == (want["min_replicas"], want["max_replicas"])
+        assert config.max_ongoing_requests == two_stage_app.args[stage]["max_ongoing_requests"]
+        assert config.ray_actor_options.num_cpus == two_stage_app.args[stage]["ray_actor_options"]["num_cpus"]

@@ -6,8 +6,14 @@ per-modality official defaults apply (the help text reads them from there). Ever
 can be checked without the weights (prompts, image, sizes) is checked before the model loads;
 bad input ends with one `error: ...` line on stderr and exit code 2.
 
+`--worker-backend` picks where requests run: `process` loads `LocalPipeline` here; `ray`
+sends them through the handle of a Serve app (reused if running, else deployed from
+`--stage-configs-path` and removed at the end), several in flight at once. Both write the
+same results.jsonl and PNGs for the same flags.
+
     bagel-ray make-tiny-model DIR [--seed N]
     bagel-ray generate --model tiny --modality text2img --prompts "a red fox" --steps 8
+    bagel-ray generate --model tiny --worker-backend ray --prompts "a red fox" --steps 8
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from collections import deque
+from contextlib import closing
+from typing import Callable, Iterator, Protocol, Sequence
 
 from PIL import Image
 from tqdm import tqdm
@@ -35,10 +43,11 @@ from bagel_ray.engine.request import (
     GenerationRequest,
     GenerationResult,
 )
-from bagel_ray.model.config import BagelConfig
 from bagel_ray.model.loader import DEFAULT_MODEL, CheckpointError, read_config, resolve_model_path
 
 RESULTS_FILE = "results.jsonl"
+# The Serve config `--worker-backend ray` uses for `--model tiny` when none is given.
+TINY_APP_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "tiny.yaml"
 # Flags whose dest is a GenerationRequest field, passed through when given.
 REQUEST_FLAGS = (
     "seed", "steps", "height", "width", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
@@ -58,16 +67,121 @@ class UsageError(Exception):
 
 
 class Runner(Protocol):
-    def run(self, req: GenerationRequest, on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult: ...
+    """Where a job's requests run. Made from the flags (cheap checks, the model's limits),
+    then `start`ed (weights load) once the requests are checked against `max_image_side`."""
+
+    max_image_side: int
+
+    def start(self) -> None: ...
+
+    def results(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
+        """One result per request, in order; `timings["total_s"]` is its wall time."""
+        ...
+
+    def close(self) -> None: ...
 
 
-def _process_backend(model: Path, device: str, dtype: str) -> Runner:
-    """Thinker and DiT in this process (`LocalPipeline`)."""
-    return LocalPipeline.from_pretrained(model, device=device, dtype=dtype)
+class ProcessRunner:
+    """Thinker and DiT in this process (`LocalPipeline`), one request at a time, with a bar
+    over each image's denoising steps."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.device = resolve_device(args.device)
+        self.dtype = args.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+        self.folder = resolve_model_path(args.model or DEFAULT_MODEL)
+        self.max_image_side = read_config(self.folder).max_image_side
+        self.pipeline: LocalPipeline | None = None
+
+    def start(self) -> None:
+        self.pipeline = LocalPipeline.from_pretrained(self.folder, device=self.device, dtype=self.dtype)
+
+    def results(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
+        for req in requests:
+            start = time.perf_counter()
+            if req.outputs_image:
+                with StepBar() as on_step:
+                    result = self.pipeline.run(req, on_step)
+            else:
+                result = self.pipeline.run(req)
+            result.timings["total_s"] = time.perf_counter() - start
+            yield result
+
+    def close(self) -> None:
+        self.pipeline = None
 
 
-# --worker-backend choices: name -> loader(model folder, device, dtype). The Ray backend joins here.
-BACKENDS: dict[str, Callable[[Path, str, str], Runner]] = {"process": _process_backend}
+class RayRunner:
+    """Requests through the handle of a bagel-ray Serve app, up to `max_in_flight` at once
+    (so the Thinker batches text requests), collected in order. Denoising progress does not
+    come through the handle, so there is no step bar."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from bagel_ray.serve.deploy import AppSession, AppSpec
+
+        path = stage_configs_path(args)
+        spec = AppSpec.from_file(path)
+        settings = {key: getattr(args, flag) for key, flag in RAY_SETTINGS.items() if getattr(args, flag) is not None}
+        try:
+            spec = spec.with_settings(settings)
+        except ValueError as exc:
+            raise UsageError(f"--model/--dtype/--device do not fit the app config: {exc}") from exc
+        self.session = AppSession.open(spec, args.ray_address, pinned=frozenset(settings))
+        if self.session.drift:
+            print(f"warning: using the running Serve app {spec.name!r}, which differs from {path} "
+                  f"in {', '.join(self.session.drift)}", file=sys.stderr)
+        try:
+            self.max_image_side = self.session.handle.model_info.remote().result().max_image_side
+        except BaseException:
+            self.session.close()
+            raise
+
+    def start(self) -> None:
+        pass
+
+    def results(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationResult]:
+        handle, todo = self.session.handle, iter(requests)
+        in_flight: deque = deque()
+
+        def submit() -> None:
+            req = next(todo, None)
+            if req is not None:
+                in_flight.append((time.perf_counter(), handle.generate.remote(req)))
+
+        try:
+            for _ in range(self.session.max_in_flight):
+                submit()
+            while in_flight:
+                start, response = in_flight[0]
+                result = response.result()
+                in_flight.popleft()
+                result.timings["total_s"] = time.perf_counter() - start  # submission to collection
+                submit()
+                yield result
+        finally:
+            for _, response in in_flight:  # a failure or an interrupt: drop what is still queued
+                response.cancel()
+
+    def close(self) -> None:
+        self.session.close()
+
+
+# --worker-backend choices: name -> runner made from the parsed flags.
+BACKENDS: dict[str, Callable[[argparse.Namespace], Runner]] = {"process": ProcessRunner, "ray": RayRunner}
+# App config keys that --model/--dtype/--device set for the ray backend.
+RAY_SETTINGS = {"model": "model", "thinker.dtype": "dtype", "dit.dtype": "dtype", "thinker.device": "device",
+                "dit.device": "device"}
+RAY_ONLY_FLAGS = {"ray_address": "--ray-address", "stage_configs_path": "--stage-configs-path"}
+
+
+def stage_configs_path(args: argparse.Namespace) -> Path:
+    if args.stage_configs_path is not None:
+        return args.stage_configs_path
+    if args.model != "tiny":
+        raise UsageError("--worker-backend ray needs --stage-configs-path (a Serve config such as deployments/bagel.yaml) "
+                         "unless --model tiny")
+    if not TINY_APP_CONFIG.exists():
+        raise UsageError(f"the default Serve config {TINY_APP_CONFIG} is missing; pass --stage-configs-path")
+    return TINY_APP_CONFIG
 
 
 # -- argument parsing -----------------------------------------------------------------------
@@ -92,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default: 0, the embedded model's)")
 
     gen = sub.add_parser("generate", help="generate images or text for prompts (like vllm-omni end2end.py)")
-    gen.add_argument("--model", default=DEFAULT_MODEL,
-                     help=f"checkpoint folder, hub id, or 'tiny' for the embedded test model (default: {DEFAULT_MODEL})")
+    gen.add_argument("--model",
+                     help=f"checkpoint folder, hub id, or 'tiny' for the embedded test model (default: {DEFAULT_MODEL}; "
+                          "with --worker-backend ray, the Serve config's args.model)")
     gen.add_argument("--modality", choices=MODALITIES, default=MODALITIES[0], help=f"default: {MODALITIES[0]}")
     prompts = gen.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
@@ -121,11 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("--top-p", type=float, help=_request_default("top_p"))
 
     run = gen.add_argument_group("runtime")
-    run.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    run.add_argument("--device", help="default: cuda if available, else cpu")
-    run.add_argument("--worker-backend", choices=tuple(BACKENDS), default="process", help="default: process")
+    run.add_argument("--dtype", choices=tuple(DTYPES),
+                     help="default: bfloat16 on cuda, float32 on cpu (ray: both stages' dtype in the Serve config)")
+    run.add_argument("--device", help="default: cuda if available, else cpu (ray: auto, cuda or cpu; default: the Serve config's)")
+    run.add_argument("--worker-backend", choices=tuple(BACKENDS), default="process",
+                     help="process: LocalPipeline in this process; ray: the Serve app of --stage-configs-path (default: process)")
     run.add_argument("--output", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
-    run.add_argument("--enable-stats", action="store_true", help="print per-stage timings and record them in results.jsonl")
+    run.add_argument("--enable-stats", action="store_true",
+                     help="print per-stage timings (ray: with the KV handoff's bytes and seconds) and record them in results.jsonl")
+
+    ray = gen.add_argument_group("ray backend (--worker-backend ray)")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="if Ray is already initialized in this process, that connection is used; otherwise "
+                          "ray.init(address=ADDR): host:port or ray://host:port of a cluster, 'auto' for the one started "
+                          "on this machine (error if none), 'local' for a new local one. Default: RAY_ADDRESS or the "
+                          "cluster started on this machine, else a new local cluster. Ray is shut down at the end only "
+                          "if this command initialized it (a cluster it started stops; one it joined keeps running)")
+    ray.add_argument("--stage-configs-path", type=Path, metavar="FILE",
+                     help="Serve config of the app (like deployments/*.yaml: one application of "
+                          "bagel_ray.serve.app:build_app). If an app of its name is RUNNING it is used as is, and "
+                          "--model/--dtype/--device, when given, must match it (else exit 2); otherwise the app is "
+                          "deployed from FILE with those flags overriding args.model and both stages' dtype/device, and "
+                          "deleted at the end. Default: deployments/tiny.yaml with --model tiny; required otherwise")
     return parser
 
 
@@ -172,11 +304,11 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def fit_size(req: GenerationRequest, cfg: BagelConfig) -> GenerationRequest:
-    """Check text2img's size against the model and fill the default (1024, clamped to the model)."""
+def fit_size(req: GenerationRequest, limit: int) -> GenerationRequest:
+    """Check text2img's size against the model's largest image side and fill the default
+    (1024, clamped to the model)."""
     if req.modality != "text2img":
         return req
-    limit = cfg.max_image_side
     for name in ("height", "width"):
         value = getattr(req, name)
         if value is not None and value > limit:
@@ -230,7 +362,8 @@ def record(index: int, result: GenerationResult, folder: Path, stats: bool) -> d
 
 
 def format_timings(index: int, timings: dict[str, float]) -> str:
-    parts = " ".join(f"{k}={v:.0f}" if k == "tokens" else f"{k}={v:.3f}" for k, v in timings.items())
+    counts = lambda k: k == "tokens" or k.endswith("_bytes")  # noqa: E731
+    parts = " ".join(f"{k}={v:.0f}" if counts(k) else f"{k}={v:.3f}" for k, v in timings.items())
     return f"[{index:05d}] {parts}"
 
 
@@ -265,33 +398,39 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.worker_backend != "ray":
+        given = [flag for dest, flag in RAY_ONLY_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to --worker-backend ray")
     try:
         requests = build_requests(args)
-        device = resolve_device(args.device)
-        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        folder = resolve_model_path(args.model)
-        cfg = read_config(folder)
-        requests = [fit_size(req, cfg) for req in requests]
-        args.output.mkdir(parents=True, exist_ok=True)
-        runner = BACKENDS[args.worker_backend](folder, device, dtype)
+        runner = BACKENDS[args.worker_backend](args)
     except (CheckpointError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
+    try:
+        try:
+            requests = [fit_size(req, runner.max_image_side) for req in requests]
+            args.output.mkdir(parents=True, exist_ok=True)
+            runner.start()
+        except (CheckpointError, ValueError, OSError) as exc:
+            raise UsageError(str(exc)) from exc
+        done = write_results(args, runner, requests)
+    finally:
+        runner.close()
+    print(f"wrote {done} results to {args.output / RESULTS_FILE}")
+    return 0
 
+
+def write_results(args: argparse.Namespace, runner: Runner, requests: list[GenerationRequest]) -> int:
+    """Run the requests, writing results.jsonl and the PNGs; returns how many completed."""
     out = args.output
     final = out / RESULTS_FILE
     tmp = _temp_path(final)
     done = 0
     try:
-        with tmp.open("w", encoding="utf-8") as results:
-            for i, req in enumerate(tqdm(requests, desc="prompts", unit="prompt", file=sys.stderr)):
-                start = time.perf_counter()
-                if req.outputs_image:
-                    with StepBar() as on_step:
-                        result = runner.run(req, on_step)
-                else:
-                    result = runner.run(req)
+        with tmp.open("w", encoding="utf-8") as results, closing(runner.results(requests)) as produced:
+            for i, result in enumerate(tqdm(produced, total=len(requests), desc="prompts", unit="prompt", file=sys.stderr)):
                 if args.enable_stats:
-                    result.timings["total_s"] = time.perf_counter() - start
                     tqdm.write(format_timings(i, result.timings))
                 results.write(json.dumps(record(i, result, out, args.enable_stats), ensure_ascii=False) + "\n")
                 results.flush()
@@ -301,8 +440,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if done:
             os.replace(tmp, final)
         tmp.unlink(missing_ok=True)
-    print(f"wrote {done} results to {final}")
-    return 0
+    return done
 
 
 COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}

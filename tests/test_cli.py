@@ -137,6 +137,7 @@ BAD_INPUTS = {
     "bad model path": ["--prompts", "x", "--model", "{tmp}/no_such_model"],
     "not a checkpoint": ["--prompts", "x", "--model", "{tmp}/empty_model"],
     "bad device": ["--prompts", "x", "--device", "nonsense"],
+    "ray flag without the ray backend": ["--prompts", "x", "--stage-configs-path", "{tmp}/empty.txt"],
 }
 
 
@@ -160,7 +161,7 @@ def test_bad_input(case, tmp_path, input_png, capsys):
     ["--modality", "img2video", "--prompts", "x"],
     ["--prompts", "x", "--cfg-renorm-type", "none"],
     ["--prompts", "x", "--steps", "many"],
-    ["--prompts", "x", "--worker-backend", "ray"],
+    ["--prompts", "x", "--worker-backend", "thread"],
     ["--prompts", "x", "--txt-prompts", "p.txt"],
 ])
 def test_bad_flag_syntax(flags, tmp_path, capsys):

@@ -142,7 +142,7 @@ class DiT:
         schedule = make_schedule(params.num_timesteps, params.timestep_shift)
         pos_ids = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.model.device)
         branch_ctx = {name: contexts.branch(name) for name in BRANCHES}
-        x = noise.float()
+        x = noise.to(self.model.device, torch.float32)  # the latent state stays on the device, in fp32
         for i in range(len(schedule)):
             t, dt = schedule.timesteps[i], schedule.dts[i]
             on = cfg_active(t, params.cfg_interval)

@@ -142,7 +142,9 @@ class Thinker:
                 cache[i, 0, rows, lens] = k[:, 0]
                 cache[i, 1, rows, lens] = v[:, 0]
             logits = model.logits(hidden[:, -1])
-            nxt = sample(logits, params.temperature, params.top_p, generator) if params.do_sample else greedy(logits)
+            # Rows past the tokenizer are padding of the embedding table: never emit them.
+            choosable = logits[:, : tok.vocab_len]
+            nxt = sample(choosable, params.temperature, params.top_p, generator) if params.do_sample else greedy(choosable)
             emitted: list[int | None] = []
             stopped_now = [False] * B
             for b, t in enumerate(nxt.tolist()):

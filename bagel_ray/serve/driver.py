@@ -79,6 +79,10 @@ class Driver:
             self._info = await self.thinker.model_info.remote()
         return self._info
 
+    async def app_config(self) -> dict:
+        """The validated args this app runs with (a job reusing the app checks its flags against them)."""
+        return self.config.model_dump(mode="json")
+
     # -- composition (also the Python handle API) --------------------------------------
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:

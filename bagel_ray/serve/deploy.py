@@ -1,0 +1,213 @@
+"""Deploy-or-reuse of the bagel-ray Serve app for a job that sends its requests through a
+handle (`bagel-ray generate --worker-backend ray`).
+
+A job uses what is already there and tears down only what it started:
+
+- Ray already initialized in this process is used as is; otherwise `ray.init(address)`
+  connects (or starts a local cluster) and `close` shuts it down again.
+- An app of the config file's name that is RUNNING is used as is. The settings the job
+  pins (the CLI's explicit `--model`/`--dtype`/`--device`) must agree with it; other
+  differences from the file are reported, not fixed. Otherwise the app is deployed from
+  the file, like `serve run FILE`, and `close` deletes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from bagel_ray.serve.config import AppConfig
+
+log = logging.getLogger("bagel_ray.serve")
+
+IMPORT_PATH = "bagel_ray.serve.app:build_app"
+# Keys of a Serve config file this deploy path honours; any other would be silently dropped.
+FILE_KEYS = frozenset({"proxy_location", "http_options", "applications"})
+APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args"})
+UNBOUNDED_IN_FLIGHT = 256  # requests a job keeps in flight when neither stage bounds its queue
+
+
+class DeployError(ValueError):
+    """A config file, flag or running app this job cannot use; the message names the key."""
+
+
+def describe(exc: ValidationError, prefix: str = "") -> str:
+    """Pydantic errors as `key.path: message; ...` (one line)."""
+    return "; ".join(f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts as dotted keys -> leaf values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """One application of a Serve config file: what `serve run FILE` would deploy."""
+
+    name: str
+    route_prefix: str | None
+    config: AppConfig
+    proxy_location: str | None = None
+    http_options: dict[str, Any] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AppSpec":
+        """A Serve config file holding one application of this package's builder, or a file
+        holding only its `args` (then named `bagel`, at `/`)."""
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise DeployError(f"cannot read Serve config {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise DeployError(f"{path}: expected a mapping at the top level")
+        if "applications" not in raw:
+            return cls("bagel", "/", _validated(raw, path, "args."))
+        unknown = sorted(set(raw) - FILE_KEYS)
+        if unknown:
+            raise DeployError(f"{path}: unsupported key {', '.join(unknown)} (this deploy honours {', '.join(sorted(FILE_KEYS))})")
+        apps = raw["applications"]
+        if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
+            raise DeployError(f"{path}: applications must list exactly one application")
+        app = apps[0]
+        unknown = sorted(set(app) - APP_KEYS)
+        if unknown:
+            raise DeployError(f"{path}: unsupported key applications[0].{', '.join(unknown)} "
+                              f"(this deploy honours {', '.join(sorted(APP_KEYS))})")
+        if app.get("import_path") != IMPORT_PATH:
+            raise DeployError(f"{path}: applications[0].import_path must be {IMPORT_PATH}, got {app.get('import_path')!r}")
+        return cls(
+            name=str(app.get("name", "default")),
+            route_prefix=app.get("route_prefix", "/"),
+            config=_validated(app.get("args") or {}, path, "applications[0].args."),
+            proxy_location=raw.get("proxy_location"),
+            http_options=raw.get("http_options"),
+        )
+
+    def with_settings(self, settings: dict[str, Any]) -> "AppSpec":
+        """The spec with dotted config keys (`model`, `thinker.dtype`, ...) set and revalidated."""
+        raw = self.config.model_dump(mode="json")
+        for key, value in settings.items():
+            *parents, leaf = key.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        try:
+            config = AppConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise DeployError(describe(exc)) from None
+        return AppSpec(self.name, self.route_prefix, config, self.proxy_location, self.http_options)
+
+
+def _validated(args: Any, path: str | Path, prefix: str) -> AppConfig:
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as exc:
+        raise DeployError(f"{path}: {describe(exc, prefix)}") from None
+
+
+def connect(address: str | None) -> bool:
+    """Ray for this job: the in-process connection if there is one, else `ray.init(address)`.
+    Returns whether this call initialized Ray (and so should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        if address is not None:
+            log.info("Ray is already initialized in this process; using it, not %s", address)
+        return False
+    # Replica logs stay in the cluster's log folder instead of interleaving with progress bars.
+    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    return True
+
+
+@dataclass
+class AppSession:
+    """A handle on the app for one job. `open` reuses or deploys; `close` undoes only what
+    `open` started."""
+
+    handle: Any
+    name: str
+    config: AppConfig  # what the app runs with
+    deployed: bool
+    started_ray: bool
+    drift: list[str] = field(default_factory=list)  # keys where a reused app differs from the file
+
+    @classmethod
+    def open(cls, spec: AppSpec, address: str | None, pinned: frozenset[str] = frozenset()) -> "AppSession":
+        """`pinned`: dotted keys the caller set on purpose; a reused app must agree on them."""
+        started_ray = connect(address)
+        try:
+            return cls._attach(spec, pinned, started_ray)
+        except BaseException:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+            raise
+
+    @classmethod
+    def _attach(cls, spec: AppSpec, pinned: frozenset[str], started_ray: bool) -> "AppSession":
+        from ray import serve
+        from ray.serve.schema import ApplicationStatus
+
+        status = serve.status().applications.get(spec.name)
+        if status is None:
+            return cls(_deploy(spec), spec.name, spec.config, deployed=True, started_ray=started_ray)
+        if status.status != ApplicationStatus.RUNNING:
+            raise DeployError(f"Serve app {spec.name!r} exists but is {status.status.value}, not RUNNING; "
+                              f"wait for it, or remove it with `serve shutdown` / serve.delete({spec.name!r})")
+        handle = serve.get_app_handle(spec.name)
+        running = AppConfig.model_validate(handle.app_config.remote().result())
+        want, got = flatten(spec.config.model_dump(mode="json")), flatten(running.model_dump(mode="json"))
+        drift = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        conflicts = [k for k in drift if k in pinned]
+        if conflicts:
+            parts = ", ".join(f"{k}={got.get(k)!r} (asked {want.get(k)!r})" for k in conflicts)
+            raise DeployError(f"the running Serve app {spec.name!r} has {parts}; drop the flag to use it as it runs, "
+                              f"or deploy under another application name")
+        return cls(handle, spec.name, running, deployed=False, started_ray=started_ray, drift=drift)
+
+    def close(self) -> None:
+        try:
+            if self.deployed:
+                from ray import serve
+
+                serve.delete(self.name)
+        finally:
+            if self.started_ray:
+                import ray
+
+                ray.shutdown()
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests a job keeps in flight: as many as both stages queue without refusing any."""
+        bounds = [s.max_queued_requests for s in (self.config.thinker, self.config.dit) if s.max_queued_requests >= 0]
+        return max(1, min(bounds, default=UNBOUNDED_IN_FLIGHT))
+
+
+def _deploy(spec: AppSpec) -> Any:
+    from ray import serve
+
+    from bagel_ray.serve.app import build_app
+
+    serve.start(proxy_location=spec.proxy_location, http_options=spec.http_options)  # no-op if Serve runs
+    log.info("deploying Serve app %r", spec.name)
+    try:
+        return serve.run(build_app(spec.config.model_dump(mode="json")), name=spec.name, route_prefix=spec.route_prefix)
+    except BaseException:
+        # Leave no half-deployed app behind for the next job to trip over.
+        serve.delete(spec.name)
+        raise

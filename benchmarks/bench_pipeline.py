@@ -1,0 +1,157 @@
+"""Single-GPU benchmark of the engines at full size (random bf16 weights), one request at a time.
+
+    python -m benchmarks.bench_pipeline [--rows gemm,forward,t2i512,t2i1024,edit512,edit1024,decode] [--reps N] [--json FILE]
+
+Rows (issue targets in brackets):
+  gemm      bf16 8192^3 matmul: the GEMM ceiling measured in the same run
+  forward   one 1024^2 DiT forward (4098 query tokens, one branch) [>= 70% of gemm]
+  t2i512    text2img 512^2, 20 steps, cfg_text 4, cfg_img 1.5 [<= 1.0 s through Serve]
+  t2i1024   text2img 1024^2, 50 steps, notebook settings [<= 9.0 s]
+  edit512   img2img 512^2 input, 20 steps, edit defaults [<= 1.5 s]
+  edit1024  img2img 1024^2 input, 50 steps, edit defaults [<= 16 s]
+  decode    Thinker greedy decode, batch 1 and 32 [>= 180 tok/s, >= 2500 tok/s]
+Every timed region ends with a device synchronize; the median of --reps runs is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bagel_ray.engine.dit import DiT
+from bagel_ray.engine.kv_context import ImageContexts
+from bagel_ray.engine.pipeline import LocalPipeline
+from bagel_ray.engine.request import GenerationRequest
+from bagel_ray.engine.thinker import DecodeParams, Thinker
+from bagel_ray.model.config import BagelConfig
+from benchmarks.full_size import random_model, random_vae, tokenizer
+
+PROMPT = "A photo of a red fox sleeping under an old oak tree in autumn, soft morning light, shallow depth of field."
+EDIT_PROMPT = "Make the sky purple and add a few stars."
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def forward_flops(cfg: BagelConfig, n_query: int, n_context: int) -> float:
+    llm = cfg.llm
+    d, kv = llm.hidden_size, llm.num_key_value_heads * llm.head_dim
+    per_token = 2 * (2 * d * d + 2 * d * kv + 3 * d * llm.intermediate_size) * llm.num_hidden_layers
+    attention = 4 * d * (n_context + n_query) * n_query * llm.num_hidden_layers
+    return per_token * n_query + attention
+
+
+def gemm_row(reps: int) -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    seconds, _ = timed(lambda: [a @ b for _ in range(10)], reps)
+    return {"row": "gemm", "seconds": seconds / 10, "tflops": 2 * 8192**3 / (seconds / 10) / 1e12}
+
+
+def image(side: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="gemm,forward,t2i512,t2i1024,edit512,edit1024,decode")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")
+    args = parser.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    big, small = (128, 64) if args.smoke else (1024, 512)
+    rows = args.rows.split(",")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    results = []
+    device = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
+    print(f"device: {device}, torch {torch.__version__}", flush=True)
+    if "gemm" in rows and not args.smoke:
+        results.append(gemm_row(args.reps))
+        print(results[-1], flush=True)
+    t0 = time.perf_counter()
+    from bagel_ray.model.tiny import TINY_CONFIG
+
+    cfg = TINY_CONFIG if args.smoke else BagelConfig()
+    model = random_model(device=dev, dtype=torch.float32 if args.smoke else torch.bfloat16, cfg=cfg)
+    vae = random_vae(cfg, device=dev)
+    tok = tokenizer()
+    pipe = LocalPipeline(Thinker(model, tok, vae), DiT(model, tok, vae))
+    print(f"model built in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    if "forward" in rows:
+        th = pipe.thinker
+        ctx = th.append_text(th.empty(), PROMPT)
+        dit = pipe.dit
+        contexts = ImageContexts(ctx, ctx.cut, ctx.cut, big, big)
+        noise = dit.initial_noise(big, big, torch.Generator().manual_seed(0)).to(dev)
+        g = big // cfg.latent_downsample
+        pos = torch.arange(g * g, device=dev)
+        pos = (pos // g) * cfg.max_latent_size + pos % g
+        t = torch.tensor(0.5)
+        dit.velocities(noise, t, [contexts.gen], pos)
+        seconds, _ = timed(lambda: dit.velocities(noise, t, [contexts.gen], pos), args.reps * 2)
+        flops = forward_flops(cfg, g * g + 2, ctx.length)
+        results.append({"row": "forward", "seconds": seconds, "tflops": flops / seconds / 1e12, "flop": flops})
+        print(results[-1], flush=True)
+
+    cases = {
+        "t2i512": GenerationRequest("text2img", PROMPT, height=small, width=small, steps=20, cfg_img_scale=1.5),
+        "t2i1024": GenerationRequest("text2img", PROMPT, height=big, width=big, steps=50),
+        "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(small), steps=20),
+        "edit1024": GenerationRequest("img2img", EDIT_PROMPT, image=image(big), steps=50),
+    }
+    for name, req in cases.items():
+        if name not in rows:
+            continue
+        pipe.run(GenerationRequest(**{**req.__dict__, "steps": 3}))  # warm-up at this size
+        seconds, result = timed(lambda: pipe.run(req), args.reps)
+        results.append({"row": name, "seconds": seconds, **{k: round(v, 4) for k, v in result.timings.items()}})
+        print(results[-1], flush=True)
+
+    if "decode" in rows:
+        th = pipe.thinker
+        for batch in (1, 32):
+            contexts = [th.append_text(th.empty(), f"{PROMPT} ({i})") for i in range(batch)]
+            params = DecodeParams(max_new_tokens=128)
+            # random weights never predict <|im_end|> reliably; count what was generated
+            th.decode(contexts, DecodeParams(max_new_tokens=4))
+            seconds, outs = timed(lambda: th.decode(contexts, params), args.reps)
+            tokens = sum(len(o.token_ids) for o in outs)
+            results.append({"row": f"decode_b{batch}", "seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds})
+            print(results[-1], flush=True)
+
+    print(f"\n| row | seconds | figure |\n|---|---:|---|")
+    for r in results:
+        figure = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else "")
+        print(f"| {r['row']} | {r['seconds']:.3f} | {figure} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""`bagel-ray generate --worker-backend ray` against the session's tiny Serve app.
+
+The Ray backend must write the same results.jsonl and PNGs as the process backend for the
+same flags. The CLI reuses the running app and the in-process Ray: it neither redeploys
+nor removes them. An app it deploys itself is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from bagel_ray.cli import main
+from tests.conftest import REPO_ROOT
+
+TINY_YAML = REPO_ROOT / "deployments" / "tiny.yaml"
+FAST = ["--steps", "3", "--max-tokens", "5"]
+PROMPTS = ["a red fox", "a blue bird", "a green frog"]
+MODALITY_FLAGS = {
+    "text2text": [],
+    "img2text": ["--image-path", "{image}"],
+    "text2img": ["--height", "32", "--width", "32"],
+    "img2img": ["--image-path", "{image}"],
+}
+
+
+@pytest.fixture(scope="module")
+def input_png(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("inputs") / "input.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """The replicas' single intra-op thread (see the `local` fixture of test_app.py): the CPU
+    VAE's convolutions sum in a thread-count dependent order, and PNGs are compared exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def generate(backend: str, out: Path, *flags: str) -> int:
+    return main(["generate", "--model", "tiny", "--device", "cpu", "--worker-backend", backend, "--output", str(out), *flags])
+
+
+def read_results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as png:
+        return np.asarray(png.convert("RGB"))
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def assert_app_untouched(app) -> None:
+    import ray
+    from ray import serve
+
+    assert ray.is_initialized()
+    assert serve.status().applications[app.name].status == "RUNNING"
+
+
+def write_config(path: Path, edit) -> Path:
+    config = yaml.safe_load(TINY_YAML.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("modality", list(MODALITY_FLAGS))
+def test_ray_backend_matches_process(serve_app, modality, tmp_path, input_png, one_thread, capsys):
+    flags = ["--modality", modality, "--prompts", *PROMPTS, *FAST, "--seed", "9",
+             *(f.format(image=input_png) for f in MODALITY_FLAGS[modality])]
+    assert generate("process", tmp_path / "process", *flags) == 0
+    capsys.readouterr()
+    assert generate("ray", tmp_path / "ray", *flags) == 0  # no --stage-configs-path: tiny.yaml, the running app
+    captured = capsys.readouterr()
+    assert captured.out.strip().endswith(f"wrote 3 results to {tmp_path / 'ray' / 'results.jsonl'}")
+    assert "prompts" in captured.err and "denoise" not in captured.err  # the prompt bar only
+
+    got, want = read_results(tmp_path / "ray"), read_results(tmp_path / "process")
+    assert got == want  # prompts, text, token_ids, seeds, image names
+    assert [r["prompt"] for r in got] == PROMPTS
+    for r in got:
+        if r["image"] is None:
+            assert r["token_ids"]
+        else:
+            assert np.array_equal(pixels(tmp_path / "ray" / r["image"]), pixels(tmp_path / "process" / r["image"]))
+    assert_app_untouched(serve_app)
+
+
+def test_stats_carry_the_kv_handoff(serve_app, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert generate("ray", out, "--prompts", "a lighthouse", "--steps", "3", "--height", "32", "--width", "32",
+                    "--think", "--max-think-tokens", "4", "--enable-stats") == 0
+    stdout = capsys.readouterr().out
+    (record,) = read_results(out)
+    timings = record["timings"]
+    assert {"prefill_s", "denoise_s", "vae_decode_s", "handoff_send_s", "handoff_receive_s", "total_s"} <= set(timings)
+    assert timings["handoff_bytes"] > 0 and record["think_token_ids"]
+    assert f"handoff_bytes={timings['handoff_bytes']:.0f} " in stdout and "denoise_s=" in stdout
+
+
+def test_bad_stage_config_is_one_line(serve_app, tmp_path, capsys):
+    path = write_config(tmp_path / "bad.yaml", lambda c: c["applications"][0]["args"]["thinker"].update(bogus=1))
+    out = tmp_path / "out"
+    assert generate("ray", out, "--prompts", "x", "--stage-configs-path", str(path)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "thinker.bogus" in line and str(path) in line
+    assert not (out / "results.jsonl").exists()
+    assert_app_untouched(serve_app)
+
+
+def test_flags_must_match_a_reused_app(serve_app, tmp_path, capsys):
+    assert generate("ray", tmp_path / "out", "--prompts", "x", "--dtype", "bfloat16") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "thinker.dtype='float32'" in line and "bfloat16" in line
+    assert_app_untouched(serve_app)
+
+
+def test_needs_a_config_unless_tiny(serve_app, tmp_path, capsys):
+    assert main(["generate", "--worker-backend", "ray", "--prompts", "x", "--output", str(tmp_path)]) == 2
+    assert "--stage-configs-path" in one_error_line(capsys.readouterr().err)
+
+
+def test_deploys_an_app_it_does_not_find_and_removes_it(serve_app, tmp_path, capsys):
+    from ray import serve
+
+    def rename(config: dict) -> None:
+        app = config["applications"][0]
+        app["name"], app["route_prefix"] = "cli-deployed", "/cli-deployed"
+        app["args"]["thinker"]["max_batch_size"] = 2  # differs from the running app: a new deploy, not a reuse
+
+    path = write_config(tmp_path / "app.yaml", rename)
+    flags = ["--modality", "text2text", "--prompts", *PROMPTS, *FAST]
+    assert generate("ray", tmp_path / "deployed", *flags, "--stage-configs-path", str(path), "--dtype", "float32") == 0
+    assert "cli-deployed" not in serve.status().applications
+    assert_app_untouched(serve_app)
+    assert generate("ray", tmp_path / "reused", *flags) == 0
+    assert read_results(tmp_path / "deployed") == read_results(tmp_path / "reused")
+
+
+def test_as_a_process_joining_the_cluster(serve_app, ray_session, tmp_path):
+    """A separate `python -m bagel_ray` connects by address, uses the app, and leaves it running."""
+    address = ray_session.get_runtime_context().gcs_address
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bagel_ray", "generate", "--worker-backend", "ray", "--ray-address", address,
+         "--model", "tiny", "--modality", "text2img", "--prompts", "a cat", "--steps", "3", "--height", "32",
+         "--width", "48", "--seed", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "wrote 1 results to outputs/results.jsonl"
+    assert "prompts" in proc.stderr and "denoise" not in proc.stderr
+    (record,) = read_results(tmp_path / "outputs")
+    assert pixels(tmp_path / "outputs" / record["image"]).shape == (32, 48, 3)
+    assert_app_untouched(serve_app)

@@ -10,6 +10,8 @@ Rows (issue targets in brackets):
   edit512   img2img 512^2 input, 20 steps, edit defaults [<= 1.5 s]
   edit1024  img2img 1024^2 input, 50 steps, edit defaults [<= 16 s]
   decode    Thinker greedy decode, batch 1 and 32 [>= 180 tok/s, >= 2500 tok/s]
+  guard     the fused kernels and graphs against the eager reference ops: latent and pixel
+            differences of a 512^2 text2img, and decoded ids
 Every timed region ends with a device synchronize; the median of --reps runs is reported.
 """
 
@@ -29,8 +31,9 @@ from bagel_ray.engine.kv_context import ImageContexts
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.engine.thinker import DecodeParams, Thinker
+from bagel_ray.model import kernels
 from bagel_ray.model.config import BagelConfig
-from benchmarks.full_size import random_model, random_vae, tokenizer
+from bagel_ray.model.random_init import random_model, random_vae, tokenizer
 
 PROMPT = "A photo of a red fox sleeping under an old oak tree in autumn, soft morning light, shallow depth of field."
 EDIT_PROMPT = "Make the sky purple and add a few stars."
@@ -76,7 +79,7 @@ def image(side: int) -> Image.Image:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="gemm,forward,t2i512,t2i1024,edit512,edit1024,decode")
+    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")
@@ -130,6 +133,32 @@ def main() -> None:
         pipe.run(GenerationRequest(**{**req.__dict__, "steps": 3}))  # warm-up at this size
         seconds, result = timed(lambda: pipe.run(req), args.reps)
         results.append({"row": name, "seconds": seconds, **{k: round(v, 4) for k, v in result.timings.items()}})
+        print(results[-1], flush=True)
+
+    if "guard" in rows:
+        # the fused path against the eager reference ops (same engines, same seed)
+        req = GenerationRequest("text2img", PROMPT, height=small, width=small, steps=12, cfg_img_scale=1.5, seed=3)
+        fused = pipe.run(req)
+        with kernels.eager():
+            plain = pipe.run(req)
+            # the floor: how far the same eager path moves when its initial noise moves by
+            # one bf16 rounding (what any reordering of bf16 sums does to the trajectory)
+            noise = pipe.prepare_image(req).noise
+            nudged = pipe.run(GenerationRequest(**{**req.__dict__, "init_noise": noise.bfloat16().float()}))
+        a, b = fused.latent_tokens.float(), plain.latent_tokens.float()
+        floor = float((nudged.latent_tokens.float() - b).norm() / b.norm())
+        pixels = np.abs(np.asarray(fused.image, dtype=np.int16) - np.asarray(plain.image, dtype=np.int16))
+        th = pipe.thinker
+        ctx = [th.append_text(th.empty(), PROMPT)]
+        graphed = th.decode(ctx, DecodeParams(max_new_tokens=32))[0].token_ids
+        th.cuda_graphs = False
+        with kernels.eager():
+            eager_ids = th.decode(ctx, DecodeParams(max_new_tokens=32))[0].token_ids
+        th.cuda_graphs = True
+        results.append({"row": "guard", "seconds": 0.0, "latent_rel_l2": float((a - b).norm() / b.norm()), "floor_rel_l2": floor,
+                        "latent_max_abs": float((a - b).abs().max()), "pixel_max": int(pixels.max()),
+                        "pixel_mean": float(pixels.mean()), "decode_same_ids": graphed == eager_ids,
+                        "decode_first_diff": next((i for i, (p, q) in enumerate(zip(graphed, eager_ids)) if p != q), None)})
         print(results[-1], flush=True)
 
     if "decode" in rows:

@@ -14,7 +14,7 @@ from PIL import Image
 from bagel_ray.engine.kv_context import KVContext
 from bagel_ray.model.bagel import BagelModel
 from bagel_ray.model.image_transforms import grid_position_ids, latent_to_tokens, resize, to_rgb, to_tensor, vit_patchify
-from bagel_ray.model.llm import ForwardMode, attention_mask
+from bagel_ray.model.llm import ExpertRows, ForwardMode, PrefixKV, attention_mask
 from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.model.vae import AutoEncoder
 
@@ -33,22 +33,19 @@ def run_block(
     ctx: KVContext,
     embeds: torch.Tensor,
     positions: torch.Tensor,
-    gen_mask: torch.Tensor | None,
+    rows: ExpertRows | None,
     causal: bool,
     mode: ForwardMode,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """One LLM forward of a block of N rows over one context (batch 1). Returns the hidden
     states [N, D] and this block's per-layer K/V."""
     n = embeds.shape[0]
-    past = [ctx.layer(i) for i in range(ctx.kv.shape[0])] if ctx.length else None
-    past = None if past is None else [(k[None], v[None]) for k, v in past]
+    past = [(k[None], v[None]) for k, v in (ctx.layer(i) for i in range(ctx.kv.shape[0]))] if ctx.length else None
     mask = None
     if causal and n > 1:
         dev = embeds.device
         mask = attention_mask(torch.tensor([ctx.length], device=dev), ctx.length, torch.tensor([n], device=dev), n, causal=True)
-    hidden, new_kv = model.llm(
-        embeds[None], positions[None], None if gen_mask is None else gen_mask[None], past, mask, mode
-    )
+    hidden, new_kv = model.llm(embeds[None], positions[None], rows, PrefixKV(past, mask), mode)
     return hidden[0], new_kv
 
 
@@ -144,7 +141,6 @@ class ContextBuilder:
         tokens = latent_to_tokens(block.latent, self.cfg.latent_patch_size).to(self.device)
         t0 = torch.zeros(1, device=self.device)
         rows = self._marked(self.model.latent_embeds(tokens, t0, block.position_ids.to(self.device)))
-        gen_mask = torch.ones(rows.shape[0], dtype=torch.bool, device=self.device)
-        gen_mask[0] = gen_mask[-1] = False
-        _, new_kv = run_block(self.model, ctx, rows, self._positions(ctx.rope, rows.shape[0], True), gen_mask, False, ForwardMode(gen=True))
+        experts = ExpertRows.block_markers(1, rows.shape[0], self.device)
+        _, new_kv = run_block(self.model, ctx, rows, self._positions(ctx.rope, rows.shape[0], True), experts, False, ForwardMode(gen=True))
         return ctx.append(new_kv, 1)

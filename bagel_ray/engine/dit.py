@@ -23,7 +23,7 @@ from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.schedule import cfg_active, euler_step, make_schedule
 from bagel_ray.model.bagel import BagelModel
 from bagel_ray.model.image_transforms import decoded_to_pil, grid_position_ids, tokens_to_latent
-from bagel_ray.model.llm import ForwardMode, attention_mask
+from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV
 from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.model.vae import AutoEncoder
 
@@ -93,38 +93,24 @@ class DiT:
         h, w = self.latent_grid(height, width)
         return torch.randn(h * w, self.cfg.patch_latent_dim, generator=generator, dtype=torch.float32)
 
-    def _padded_caches(self, contexts: list[KVContext]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, torch.Tensor]:
-        """Per-layer keys and values [B, T_max, kv, hd] of several contexts, zero-padded, and
-        their lengths."""
-        lens = torch.tensor([c.length for c in contexts], device=self.model.device)
-        width = int(lens.max())
-        if width == 0:
-            return None, lens
-        ref = contexts[0].kv
-        stacked = torch.zeros(ref.shape[0], 2, len(contexts), width, *ref.shape[3:], dtype=ref.dtype, device=self.model.device)
-        for b, c in enumerate(contexts):
-            stacked[:, :, b, : c.length] = c.kv
-        return [(stacked[i, 0], stacked[i, 1]) for i in range(ref.shape[0])], lens
-
-    def _query_rows(self, x: torch.Tensor, t: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
+    def _markers(self) -> torch.Tensor:
         tok = self.tokenizer
-        markers = self.model.embed_tokens(torch.tensor([tok.start_of_image, tok.end_of_image], device=self.model.device))
-        latents = self.model.latent_embeds(x.to(self.model.device), t.to(self.model.device).expand(x.shape[0]), pos_ids)
-        return torch.cat((markers[:1], latents.to(markers.dtype), markers[1:]))
+        return self.model.embed_tokens(torch.tensor([tok.start_of_image, tok.end_of_image], device=self.model.device))
 
     @torch.inference_mode()
-    def velocities(self, x: torch.Tensor, t: torch.Tensor, contexts: list[KVContext], pos_ids: torch.Tensor) -> torch.Tensor:
-        """v for each context in one batched forward: [B, h*w, 64]."""
-        rows = self._query_rows(x, t, pos_ids)
-        n, B, dev = rows.shape[0], len(contexts), self.model.device
-        past, lens = self._padded_caches(contexts)
-        mask = None
-        if past is not None and bool((lens != lens.max()).any()):
-            mask = attention_mask(lens, past[0][0].shape[1], torch.full((B,), n, device=dev), n, causal=False)
+    def velocities(self, x: torch.Tensor, t: torch.Tensor, contexts: list[KVContext], pos_ids: torch.Tensor,
+                   markers: torch.Tensor | None = None) -> torch.Tensor:
+        """v for each context in one batched forward: [B, h*w, 64]. The linear layers run on
+        all branches' rows together; attention runs per branch over its own context."""
+        dev = self.model.device
+        markers = self._markers() if markers is None else markers
+        latents = self.model.latent_embeds(x.to(dev), t.to(dev).expand(x.shape[0]), pos_ids)
+        rows = torch.cat((markers[:1], latents.to(markers.dtype), markers[1:]))
+        n, B = rows.shape[0], len(contexts)
         positions = torch.tensor([c.rope for c in contexts], device=dev)[:, None].expand(B, n)
-        gen_mask = torch.ones(B, n, dtype=torch.bool, device=dev)
-        gen_mask[:, 0] = gen_mask[:, -1] = False
-        hidden, _ = self.model.llm(rows[None].expand(B, -1, -1), positions, gen_mask, past, mask, ForwardMode(gen=True))
+        past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
+        hidden, _ = self.model.llm(rows[None].expand(B, -1, -1), positions, ExpertRows.block_markers(B, n, dev),
+                                   RaggedKV(past), ForwardMode(gen=True))
         return self.model.velocity(hidden[:, 1:-1])
 
     @torch.inference_mode()
@@ -140,24 +126,28 @@ class DiT:
         if tuple(noise.shape) != (h * w, self.cfg.patch_latent_dim):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(h * w, self.cfg.patch_latent_dim)}")
         schedule = make_schedule(params.num_timesteps, params.timestep_shift)
-        pos_ids = grid_position_ids(h, w, self.cfg.max_latent_size).to(self.model.device)
+        dev = self.model.device
+        pos_ids = grid_position_ids(h, w, self.cfg.max_latent_size).to(dev)
         branch_ctx = {name: contexts.branch(name) for name in BRANCHES}
-        x = noise.to(self.model.device, torch.float32)  # the latent state stays on the device, in fp32
+        markers = self._markers()
+        # the schedule is read on the host (gating) and used on the device (no per-step copies)
+        timesteps_dev, dts_dev = schedule.timesteps.to(dev), schedule.dts.to(dev)
+        x = noise.to(dev, torch.float32)  # the latent state stays on the device, in fp32
         for i in range(len(schedule)):
-            t, dt = schedule.timesteps[i], schedule.dts[i]
+            t = schedule.timesteps[i]
             on = cfg_active(t, params.cfg_interval)
             s_t = params.cfg_text_scale if on else 1.0
             s_i = params.cfg_img_scale if on else 1.0
             wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
             run = [b for b in wanted if b == "cond" or not contexts.same_as_gen(b)]
-            out = self.velocities(x, t, [branch_ctx[b] for b in run], pos_ids)
+            out = self.velocities(x, timesteps_dev[i], [branch_ctx[b] for b in run], pos_ids, markers)
             v = {b: out[k] for k, b in enumerate(run)}
             for b in wanted:
                 v.setdefault(b, v["cond"])
             guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, params.cfg_renorm_type, params.cfg_renorm_min)
             if on_step is not None:
                 on_step(StepRecord(i, len(schedule), float(t), x, v, guided))
-            x = euler_step(x, guided.to(x.device), dt)
+            x = euler_step(x, guided, dts_dev[i])
         return x
 
     @torch.inference_mode()

@@ -2,12 +2,13 @@
 
 Every layer holds two experts with the same structure: `und` (plain official names: text,
 ViT tokens and image markers) and `gen` (`*_moe_gen` names: VAE latents). Which expert a
-token uses is an input (`gen_mask`), never learned. Attention is shared: all tokens attend
+token uses is an input (`ExpertRows`), never learned. Attention is shared: all tokens attend
 over one K/V sequence, whatever expert produced each row.
 
-The forward maps tensors to tensors. The caller passes the cached K/V of the context and an
-attention mask; the layer returns this call's K/V (post QK-norm and RoPE) for the caller to
-keep or drop. Sampling, scheduling and cache bookkeeping live in `bagel_ray.engine`.
+The forward maps tensors to tensors. How rows see the cached context is a small strategy
+object (`PrefixKV` for prefill, `RaggedKV` for the DiT's CFG branches, `CachedKV` for
+decoding into a preallocated cache); every call returns its own K/V (post QK-norm and RoPE)
+for the caller to keep or drop. Sampling, scheduling and cache bookkeeping live in `bagel_ray.engine`.
 
 Projections are fused (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`); the loader maps
 the official per-projection names onto them (`STACKED_PARAMS`).
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bagel_ray.model import kernels
 from bagel_ray.model.config import LLMConfig
 
 # (official name fragment, fused parameter fragment, shard index) for the loader.
@@ -46,9 +48,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return kernels.rms_norm(x, self.weight[None], None, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -62,9 +62,7 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+rotate_half = kernels.rotate_half
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,17 +71,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def route(x: torch.Tensor, gen_mask: torch.Tensor | None, und_fn, gen_fn, out_dim: int) -> torch.Tensor:
-    """Apply `und_fn` to und rows and `gen_fn` to gen rows of x [B, N, D] (MoT selection by
-    index). The output keeps the functions' dtype (gen-mode QK-norm returns fp32)."""
-    if gen_mask is None:
+@dataclass(frozen=True)
+class ExpertRows:
+    """Which rows of a [B, N] call use which expert (MoT selection by index, spec 3.1).
+
+    `experts[r]` is 0 (und) or 1 (gen) for each flattened row r; `und_index` lists the und
+    rows. The gen expert runs over every row and the und rows are then overwritten by the und
+    expert's output: gen rows are nearly all rows in gen calls (two image markers are und), so
+    nothing is gathered but those few rows, and nothing waits on the device."""
+
+    experts: torch.Tensor  # [B*N] int
+    und_index: torch.Tensor  # [U] long
+
+    @staticmethod
+    def from_mask(gen_mask: torch.Tensor) -> "ExpertRows":
+        """From a boolean [B, N] mask (True = gen); reads the mask once on the host."""
+        flat = gen_mask.reshape(-1)
+        return ExpertRows(flat.to(torch.int32), torch.nonzero(~flat).flatten())
+
+    @staticmethod
+    def block_markers(batch: int, n: int, device: torch.device | str) -> "ExpertRows":
+        """Image blocks: `[<|vision_start|>] + latents + [<|vision_end|>]` per sample, markers und."""
+        experts = torch.ones(batch, n, dtype=torch.int32, device=device)
+        experts[:, 0] = experts[:, -1] = 0
+        starts = torch.arange(batch, device=device) * n
+        return ExpertRows(experts.flatten(), torch.stack((starts, starts + n - 1), dim=1).flatten())
+
+
+def route(x: torch.Tensor, rows: ExpertRows | None, und_fn, gen_fn) -> torch.Tensor:
+    """Apply `und_fn` to und rows and `gen_fn` to gen rows of x [B, N, D] (row-wise functions)."""
+    if rows is None:
         return und_fn(x)
-    und_mask = ~gen_mask
-    und_out, gen_out = und_fn(x[und_mask]), gen_fn(x[gen_mask])
-    out = x.new_empty(*x.shape[:-1], out_dim, dtype=torch.promote_types(und_out.dtype, gen_out.dtype))
-    out[und_mask] = und_out.to(out.dtype)
-    out[gen_mask] = gen_out.to(out.dtype)
-    return out
+    flat = x.reshape(-1, x.shape[-1])
+    out = gen_fn(flat)
+    if rows.und_index.numel():
+        und_out = und_fn(flat.index_select(0, rows.und_index))
+        out = out.to(torch.promote_types(out.dtype, und_out.dtype))
+        out.index_copy_(0, rows.und_index, und_out.to(out.dtype))
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,69 @@ class ForwardMode:
     QK-norm and RoPE in fp32 for every row, `und` calls in the sequence dtype."""
 
     gen: bool = False
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | None) -> torch.Tensor:
+    """[B, Lq, H, hd] queries over [B, Lk, kv, hd] keys/values (GQA), mask [B, Lq, Lk] or None."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=None if mask is None else mask.unsqueeze(1), enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
+class PrefixKV:
+    """Attend over `[cached context ; this call's rows]`: prefill and single contexts. `past`
+    holds per-layer [B, T, kv, hd] keys and values (None: no context); `mask` [B, N, T+N] or
+    None (every row sees every key)."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None, mask: AttnMask | None = None) -> None:
+        self.past, self.mask = past, mask
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.past is not None:
+            k = torch.cat((self.past[layer][0], k), dim=1)
+            v = torch.cat((self.past[layer][1], v), dim=1)
+        return sdpa(q, k, v, self.mask)
+
+
+class RaggedKV:
+    """Each sample attends over its own context (of its own length) and its whole block,
+    without padding or a mask: the DiT's CFG branches. `past[b]` is sample b's per-layer
+    ([T_b, kv, hd], [T_b, kv, hd]) or None."""
+
+    def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None]) -> None:
+        self.past = past
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for b, past in enumerate(self.past):
+            kb, vb = k[b], v[b]
+            if past is not None and past[layer][0].shape[0]:
+                kb = torch.cat((past[layer][0], kb))
+                vb = torch.cat((past[layer][1], vb))
+            outs.append(sdpa(q[b : b + 1], kb[None], vb[None], None))
+        return torch.cat(outs)
+
+
+class CachedKV:
+    """Decoding into a preallocated cache: this call's K/V (one row per sample) are written in
+    place at `write_at` [B], then the query attends over the cache rows `mask` [B, 1, W]
+    allows. Static shapes and no host reads, so a step can be captured in a CUDA graph.
+    `cache` is [layers, 2, B, W, kv, hd]."""
+
+    def __init__(self, cache: torch.Tensor, write_at: torch.Tensor, mask: AttnMask) -> None:
+        self.cache, self.write_at, self.mask = cache, write_at, mask
+        self.rows = torch.arange(cache.shape[2], device=cache.device)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.cache[layer, 0], self.cache[layer, 1]
+        keys.index_put_((self.rows, self.write_at), k[:, 0])
+        values.index_put_((self.rows, self.write_at), v[:, 0])
+        return sdpa(q, keys, values, self.mask)
+
+
+KVAttention = PrefixKV | RaggedKV | CachedKV
 
 
 class Expert(nn.Module):
@@ -112,8 +200,12 @@ class Expert(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+
+
+def _weights(rows: ExpertRows | None, und: RMSNorm, gen: RMSNorm | None) -> torch.Tensor:
+    """[E, D] norm weights for per-row selection: und only, or und and gen."""
+    return und.weight[None] if rows is None else torch.stack((und.weight, gen.weight))
 
 
 class DecoderLayer(nn.Module):
@@ -121,9 +213,10 @@ class DecoderLayer(nn.Module):
     (`self_attn.q_proj`, `mlp.gate_proj`, ...) and `gen` weights carry `_moe_gen`; the loader
     translates (see `bagel_ray.model.loader`). `with_gen=False` builds a Thinker-only layer."""
 
-    def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
+    def __init__(self, cfg: LLMConfig, with_gen: bool, index: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.index = index
         self.und = Expert(cfg)
         self.gen = Expert(cfg) if with_gen else None
 
@@ -132,57 +225,33 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        gen_mask: torch.Tensor | None,
-        past_kv: tuple[torch.Tensor, torch.Tensor] | None,
-        attn_mask: AttnMask | None,
+        rows: ExpertRows | None,
+        attention: KVAttention,
         mode: ForwardMode,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.cfg
         B, N, _ = x.shape
         hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        if gen_mask is not None and self.gen is None:
+        if rows is not None and self.gen is None:
             raise RuntimeError("this model was loaded without the generation expert")
         und, gen = self.und, self.gen
-        qkv_dim = und.q_size + 2 * und.kv_size
+        experts = None if rows is None else rows.experts
+        eps = cfg.rms_norm_eps
 
-        def qkv(expert: Expert):
-            def fn(rows: torch.Tensor) -> torch.Tensor:
-                h = expert.qkv_proj(expert.input_layernorm(rows))
-                q, k, v = h.split((expert.q_size, expert.kv_size, expert.kv_size), dim=-1)
-                q = q.unflatten(-1, (nq, hd))
-                k = k.unflatten(-1, (nkv, hd))
-                if mode.gen:
-                    q, k = q.float(), k.float()
-                q, k = expert.q_norm(q), expert.k_norm(k)
-                return torch.cat((q.flatten(-2), k.flatten(-2), v.to(q.dtype)), dim=-1)
-
-            return fn
-
-        residual = x
-        h = route(x, gen_mask, qkv(und), qkv(gen) if gen is not None else None, qkv_dim)
+        h = kernels.rms_norm(x, _weights(rows, und.input_layernorm, gen and gen.input_layernorm), experts, eps)
+        h = route(h, rows, und.qkv_proj, gen.qkv_proj if gen is not None else None)
         q, k, v = h.split((und.q_size, und.kv_size, und.kv_size), dim=-1)
-        q = apply_rope(q.unflatten(-1, (nq, hd)), cos, sin).to(x.dtype)
-        k = apply_rope(k.unflatten(-1, (nkv, hd)), cos, sin).to(x.dtype)
-        v = v.unflatten(-1, (nkv, hd)).to(x.dtype)
-        new_kv = (k, v)
-        if past_kv is not None:
-            k = torch.cat((past_kv[0], k), dim=1)
-            v = torch.cat((past_kv[1], v), dim=1)
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=None if attn_mask is None else attn_mask.unsqueeze(1),
-            enable_gqa=True,
-        )
-        attn = attn.transpose(1, 2).reshape(B, N, nq * hd)
-        x = residual + route(attn, gen_mask, und.o_proj, gen.o_proj if gen is not None else None, cfg.hidden_size)
+        q = kernels.qk_norm_rope(q.unflatten(-1, (nq, hd)), _weights(rows, und.q_norm, gen and gen.q_norm), experts,
+                                 cos, sin, eps, mode.gen)
+        k = kernels.qk_norm_rope(k.unflatten(-1, (nkv, hd)), _weights(rows, und.k_norm, gen and gen.k_norm), experts,
+                                 cos, sin, eps, mode.gen)
+        v = v.unflatten(-1, (nkv, hd))
+        attn = attention(self.index, q, k, v).reshape(B, N, nq * hd)
+        x = x + route(attn, rows, und.o_proj, gen.o_proj if gen is not None else None)
 
-        def mlp(expert: Expert):
-            return lambda rows: expert.mlp(expert.post_attention_layernorm(rows))
-
-        x = x + route(x, gen_mask, mlp(und), mlp(gen) if gen is not None else None, cfg.hidden_size)
-        return x, new_kv
+        h = kernels.rms_norm(x, _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm), experts, eps)
+        x = x + route(h, rows, und.mlp, gen.mlp if gen is not None else None)
+        return x, (k, v)
 
 
 class MoTLanguageModel(nn.Module):
@@ -193,7 +262,7 @@ class MoTLanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, with_gen) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, with_gen, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if with_gen else None
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
@@ -202,23 +271,22 @@ class MoTLanguageModel(nn.Module):
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        gen_mask: torch.Tensor | None = None,
-        past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        attn_mask: AttnMask | None = None,
+        rows: ExpertRows | None = None,
+        attention: KVAttention | None = None,
         mode: ForwardMode = ForwardMode(),
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """embeds [B, N, D], positions [B, N], gen_mask [B, N] bool or None (all und),
-        past_kv per layer ([B, T, kv, hd] keys and values) or None, attn_mask [B, N, T+N] bool
-        or None (every query sees every key). Returns the final-normed hidden states and this
-        call's per-layer K/V."""
+        """embeds [B, N, D], positions [B, N], rows: the expert of each row (None: all und),
+        attention: how rows see the context (default: only each other). Returns the final-normed
+        hidden states and this call's per-layer K/V ([B, N, kv, hd] each, post QK-norm/RoPE)."""
+        attention = attention if attention is not None else PrefixKV()
         cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
         x = embeds
         new_kv = []
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, gen_mask, None if past_kv is None else past_kv[i], attn_mask, mode)
+        for layer in self.layers:
+            x, kv = layer(x, cos, sin, rows, attention, mode)
             new_kv.append(kv)
-        norm_gen = self.norm_moe_gen.forward if self.norm_moe_gen is not None else None
-        x = route(x, gen_mask, self.norm.forward, norm_gen, self.cfg.hidden_size)
+        weights = _weights(rows, self.norm, self.norm_moe_gen)
+        x = kernels.rms_norm(x, weights, None if rows is None else rows.experts, self.cfg.rms_norm_eps)
         return x, new_kv
 
 

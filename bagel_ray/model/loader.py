@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 EMA_FILE = "ema.safetensors"
 AE_FILE = "ae.safetensors"
 DEFAULT_MODEL = "ByteDance-Seed/BAGEL-7B-MoT"
+RANDOM_MODEL = "random-7b"  # the full-size shapes with random weights (benchmarks)
 _LAYER_KEY = re.compile(
     r"language_model\.model\.layers\.(\d+)\."
     r"(?:(self_attn)\.(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)(_moe_gen)?"
@@ -258,7 +259,14 @@ def resolve_model_path(model: str | Path) -> Path:
 
 def load_checkpoint(model: str | Path, parts: frozenset[str] = ALL_PARTS, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
-    """Model, tokenizer and (if `vae` is among the parts) the VAE of one stage."""
+    """Model, tokenizer and (if `vae` is among the parts) the VAE of one stage. `random-7b`
+    builds the full-size shapes with random weights instead of reading a checkpoint."""
+    if str(model) == RANDOM_MODEL:
+        from bagel_ray.model import random_init
+
+        net = random_init.random_model(parts, str(device), dtype)
+        vae = random_init.random_vae(net.cfg, str(device), vae_dtype) if "vae" in parts else None
+        return LoadedCheckpoint(Path(str(model)), net.cfg, net, random_init.tokenizer(), vae)
     folder = resolve_model_path(model)
     net = load_model(folder, parts, device, dtype)
     vae = load_vae(folder / AE_FILE, net.cfg.vae, device, vae_dtype) if "vae" in parts else None

@@ -13,7 +13,17 @@ from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.engine.thinker import DecodeParams
 from bagel_ray.model.image_transforms import grid_position_ids
-from bagel_ray.model.llm import RMSNorm, apply_rope, attention_mask, rope_cos_sin, rope_inv_freq, rotate_half, route
+from bagel_ray.model.llm import (
+    ExpertRows,
+    PrefixKV,
+    RMSNorm,
+    apply_rope,
+    attention_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate_half,
+    route,
+)
 from bagel_ray.model.tiny import make_tiny_model
 
 
@@ -218,19 +228,29 @@ def test_route_sends_rows_to_their_expert():
     x = torch.randn(2, 4, 6, generator=g)
     gen_mask = torch.tensor([[False, True, True, False], [True, False, False, False]])
     with torch.no_grad():
-        out = route(x, gen_mask, und, gen, 3)
+        out = route(x, ExpertRows.from_mask(gen_mask), und, gen)
         for b in range(2):
             for n in range(4):
                 expert = gen if gen_mask[b, n] else und
                 torch.testing.assert_close(out[b, n], expert(x[b, n]), rtol=1e-6, atol=1e-6)
-        assert torch.equal(route(x, None, und, gen, 3), und(x))
-        assert torch.equal(route(x, torch.zeros(2, 4, dtype=torch.bool), und, gen, 3), und(x))
+        assert torch.equal(route(x, None, und, gen), und(x))
+        torch.testing.assert_close(route(x, ExpertRows.from_mask(torch.zeros(2, 4, dtype=torch.bool)), und, gen), und(x))
+
+
+def test_block_markers_layout():
+    """Image blocks: the first and last row of each sample are und, the rest gen."""
+    rows = ExpertRows.block_markers(2, 5, "cpu")
+    want = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 0]])
+    assert torch.equal(rows.experts.view(2, 5), want.to(rows.experts.dtype))
+    assert rows.und_index.tolist() == [0, 4, 5, 9]
+    from_mask = ExpertRows.from_mask(want.bool())
+    assert torch.equal(from_mask.und_index, rows.und_index)
 
 
 def test_route_promotes_to_the_wider_dtype():
     """gen-mode QK-norm returns fp32 for gen rows while und rows stay bf16: the output is fp32."""
     x = torch.randn(1, 3, 4).to(torch.bfloat16)
-    out = route(x, torch.tensor([[False, True, False]]), lambda r: r * 2, lambda r: r.float() / 3, 4)
+    out = route(x, ExpertRows.from_mask(torch.tensor([[False, True, False]])), lambda r: r * 2, lambda r: r.float() / 3)
     assert out.dtype == torch.float32
     assert torch.equal(out[0, 0], (x[0, 0] * 2).float())
     assert torch.equal(out[0, 1], x[0, 1].float() / 3)
@@ -293,12 +313,12 @@ def test_batched_llm_forward_equals_separate(pipeline, image):
     positions = torch.stack([torch.arange(c.rope, c.rope + N) for c in (a, b)])
     mask = attention_mask(torch.tensor([a.length, b.length]), width, torch.tensor([4, 2]), N, causal=True)
     with torch.inference_mode():
-        hidden, kv = model.llm(embeds, positions, None, past, mask)
+        hidden, kv = model.llm(embeds, positions, None, PrefixKV(past, mask))
         for j, c in enumerate((a, b)):
             n = new[j].shape[0]
             single_mask = attention_mask(torch.tensor([c.length]), c.length, torch.tensor([n]), n, causal=True)
             single_past = [(k[None], v[None]) for k, v in (c.layer(i) for i in range(len(past)))]
-            h1, kv1 = model.llm(new[j][None], positions[j : j + 1, :n], None, single_past, single_mask)
+            h1, kv1 = model.llm(new[j][None], positions[j : j + 1, :n], None, PrefixKV(single_past, single_mask))
             torch.testing.assert_close(hidden[j, :n], h1[0], rtol=0, atol=1e-5)
             for (kb, vb), (k1, v1) in zip(kv, kv1):
                 torch.testing.assert_close(kb[j, :n], k1[0], rtol=0, atol=1e-5)

@@ -1,6 +1,9 @@
-"""Full-size BAGEL-7B-MoT with random weights on a GPU (same speed as the real weights), for
-the benchmarks. Built on the meta device in the target dtype, then filled in place on the
-device, so the 29 GB of bf16 weights are allocated once and never in fp32.
+"""BAGEL-7B-MoT shapes with random weights (same speed as the real ones), for benchmarks and
+capacity tests without the 29 GB checkpoint: `--model random-7b` / `model: random-7b`.
+
+Built on the meta device in the target dtype, then filled in place on the device, so the
+weights are allocated once and never in fp32. The tokenizer is the tiny byte-level one (its
+ids fit the 7B vocabulary; speed does not depend on which ids a text maps to).
 """
 
 from __future__ import annotations
@@ -54,8 +57,6 @@ def random_vae(cfg: BagelConfig | None = None, device: str = "cuda", dtype: torc
 
 
 def tokenizer() -> BagelTokenizer:
-    """The tiny byte-level tokenizer: its ids fit the 7B vocabulary, and speed does not depend
-    on which ids the text maps to."""
     folder = Path(tempfile.mkdtemp(prefix="bagel-tok-"))
     write_tiny_tokenizer(folder)
     return BagelTokenizer.from_folder(folder)

@@ -1,0 +1,125 @@
+"""End-to-end benchmark through Ray Serve on one GPU: both stages as replicas sharing the card,
+full-size random weights (`model: random-7b`), real HTTP.
+
+    python -m benchmarks.bench_serve [--json FILE]
+
+Rows: time to ready; text2img 512^2 / 20 steps / cfg_text 4 / cfg_img 1.5, one request at a time
+[<= 1.0 s]; the same with 8 concurrent clients [>= 1.5 images/s]; img2img 512^2 / 20 steps
+[<= 1.5 s]; chat decoding of 128 tokens, one stream and 32 concurrent [>= 180 / >= 2500 tok/s].
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import requests
+from PIL import Image
+
+PORT = 8000
+URL = f"http://127.0.0.1:{PORT}"
+PROMPT = "A photo of a red fox sleeping under an old oak tree in autumn, soft morning light, shallow depth of field."
+
+APP_ARGS = {
+    "model": "random-7b",
+    "edit_contexts_on": "dit",
+    "request_timeout_s": 600,
+    "ingress": {"num_replicas": 1, "max_ongoing_requests": 512, "ray_actor_options": {"num_cpus": 1}},
+    "thinker": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256, "max_batch_size": 32,
+                "batch_wait_timeout_s": 0.01, "gpu_memory_utilization": 0.3, "dtype": "bfloat16",
+                "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.4}},
+    "dit": {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "gpu_memory_utilization": 0.65,
+            "dtype": "bfloat16", "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.6}},
+}
+
+
+def t2i(seed: int) -> float:
+    t0 = time.perf_counter()
+    r = requests.post(URL + "/v1/images/generations", json={"prompt": PROMPT, "size": "512x512", "num_inference_steps": 20,
+                                                            "cfg_text_scale": 4.0, "cfg_img_scale": 1.5, "seed": seed}, timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def edit(seed: int, png: bytes) -> float:
+    t0 = time.perf_counter()
+    r = requests.post(URL + "/v1/images/edits", files={"image": ("in.png", png, "image/png")},
+                      data={"prompt": "Make the sky purple.", "num_inference_steps": "20", "seed": str(seed)}, timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def chat(i: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    r = requests.post(URL + "/v1/chat/completions", json={"messages": [{"role": "user", "content": f"{PROMPT} ({i})"}],
+                                                          "max_tokens": 128}, timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    import ray
+    from ray import serve
+
+    from bagel_ray.serve.app import build_app
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    t0 = time.perf_counter()
+    serve.run(build_app(APP_ARGS), name="bagel", route_prefix="/")
+    rows = [{"row": "ready_random_weights", "seconds": time.perf_counter() - t0}]
+    print(rows[-1], flush=True)
+
+    t2i(0)  # warm-up
+    lat = [t2i(s) for s in range(1, 4)]
+    rows.append({"row": "t2i512_serve", "seconds": statistics.median(lat), "all": lat})
+    print(rows[-1], flush=True)
+
+    with ThreadPoolExecutor(8) as pool:
+        t0 = time.perf_counter()
+        lat8 = list(pool.map(t2i, range(100, 116)))
+        wall = time.perf_counter() - t0
+    rows.append({"row": "t2i512_8clients", "seconds": wall, "images_per_s": 16 / wall, "median_latency": statistics.median(lat8)})
+    print(rows[-1], flush=True)
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(buf, format="PNG")
+    edit(0, buf.getvalue())
+    lat = [edit(s, buf.getvalue()) for s in range(1, 4)]
+    rows.append({"row": "edit512_serve", "seconds": statistics.median(lat), "all": lat})
+    print(rows[-1], flush=True)
+
+    chat(0)
+    secs, toks = chat(1)
+    rows.append({"row": "decode_b1_serve", "seconds": secs, "tokens": toks, "tok_per_s": toks / secs})
+    print(rows[-1], flush=True)
+    with ThreadPoolExecutor(32) as pool:
+        t0 = time.perf_counter()
+        out = list(pool.map(chat, range(32)))
+        wall = time.perf_counter() - t0
+    toks = sum(n for _, n in out)
+    rows.append({"row": "decode_32streams_serve", "seconds": wall, "tokens": toks, "tok_per_s": toks / wall})
+    print(rows[-1], flush=True)
+
+    print("\n| row | seconds | figure |\n|---|---:|---|")
+    for r in rows:
+        fig = f"{r['images_per_s']:.2f} images/s" if "images_per_s" in r else (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else "")
+        print(f"| {r['row']} | {r['seconds']:.3f} | {fig} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=2)
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

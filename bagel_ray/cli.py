@@ -19,7 +19,6 @@ same results.jsonl and PNGs for the same flags.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -29,41 +28,18 @@ from collections import deque
 from contextlib import closing
 from typing import Callable, Iterator, Protocol, Sequence
 
-from PIL import Image
 from tqdm import tqdm
 
-from bagel_ray.engine.cfg import RENORM_TYPES
+from bagel_ray.atomic import save_png, temp_path
 from bagel_ray.engine.dit import StepRecord
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline
-from bagel_ray.engine.request import (
-    DEFAULT_SIZE,
-    IMAGE_INPUT,
-    MODALITIES,
-    SAMPLER_DEFAULTS,
-    GenerationRequest,
-    GenerationResult,
-)
+from bagel_ray.engine.request import IMAGE_INPUT, MODALITIES, GenerationRequest, GenerationResult
+from bagel_ray.flags import UsageError, add_request_flags, default_dtype, fit_size, read_image, request_fields
 from bagel_ray.model.loader import DEFAULT_MODEL, CheckpointError, read_config, resolve_model_path
 
 RESULTS_FILE = "results.jsonl"
 # The Serve config `--worker-backend ray` uses for `--model tiny` when none is given.
 TINY_APP_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "tiny.yaml"
-# Flags whose dest is a GenerationRequest field, passed through when given.
-REQUEST_FLAGS = (
-    "seed", "steps", "height", "width", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
-    "cfg_renorm_type", "cfg_renorm_min", "timestep_shift", "think", "max_think_tokens",
-    "max_tokens", "do_sample", "temperature", "top_p",
-)
-# DenoiseParams field behind each sampler flag (for the per-modality defaults in --help).
-SAMPLER_FIELDS = {
-    "steps": "num_timesteps", "cfg_text_scale": "cfg_text_scale", "cfg_img_scale": "cfg_img_scale",
-    "cfg_interval": "cfg_interval", "cfg_renorm_type": "cfg_renorm_type",
-    "cfg_renorm_min": "cfg_renorm_min", "timestep_shift": "timestep_shift",
-}
-
-
-class UsageError(Exception):
-    """Bad input found by the CLI itself; reported as one line, exit code 2."""
 
 
 class Runner(Protocol):
@@ -87,7 +63,7 @@ class ProcessRunner:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.device = resolve_device(args.device)
-        self.dtype = args.dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+        self.dtype = args.dtype or default_dtype(self.device)
         self.folder = resolve_model_path(args.model or DEFAULT_MODEL)
         self.max_image_side = read_config(self.folder).max_image_side
         self.pipeline: LocalPipeline | None = None
@@ -187,16 +163,6 @@ def stage_configs_path(args: argparse.Namespace) -> Path:
 # -- argument parsing -----------------------------------------------------------------------
 
 
-def _request_default(name: str) -> str:
-    return f"default: {GenerationRequest.__dataclass_fields__[name].default}"
-
-
-def _sampler_default(flag: str) -> str:
-    field = SAMPLER_FIELDS[flag]
-    per_modality = ", ".join(f"{getattr(params, field)} for {m}" for m, params in SAMPLER_DEFAULTS.items())
-    return f"default: {per_modality}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bagel-ray", description="Run BAGEL-7B-MoT (or the tiny test model) locally.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -215,25 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--txt-prompts", type=Path, metavar="FILE", help="a text file with one prompt a line (blank lines skipped)")
     gen.add_argument("--image-path", type=Path, help=f"input image ({', '.join(IMAGE_INPUT)})")
 
-    req = gen.add_argument_group("request (unset flags take the request model's official defaults)")
-    req.add_argument("--seed", type=int, help=_request_default("seed"))
-    req.add_argument("--steps", type=int,
-                     help=f"num_timesteps; N steps run N-1 model evaluations ({_sampler_default('steps')})")
-    req.add_argument("--height", type=int,
-                     help=f"text2img only, a multiple of 16 (default: {DEFAULT_SIZE}, or the model's largest side if smaller)")
-    req.add_argument("--width", type=int, help="as --height")
-    req.add_argument("--cfg-text-scale", type=float, help=_sampler_default("cfg_text_scale"))
-    req.add_argument("--cfg-img-scale", type=float, help=_sampler_default("cfg_img_scale"))
-    req.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help=_sampler_default("cfg_interval"))
-    req.add_argument("--cfg-renorm-type", choices=RENORM_TYPES, help=_sampler_default("cfg_renorm_type"))
-    req.add_argument("--cfg-renorm-min", type=float, help=_sampler_default("cfg_renorm_min"))
-    req.add_argument("--timestep-shift", type=float, help=_sampler_default("timestep_shift"))
-    req.add_argument("--think", action="store_true", default=None, help="decode a <think> plan first")
-    req.add_argument("--max-think-tokens", type=int, help=_request_default("max_think_tokens"))
-    req.add_argument("--max-tokens", type=int, help=f"new text tokens ({_request_default('max_tokens')})")
-    req.add_argument("--do-sample", action="store_true", default=None, help="sample text instead of greedy decoding")
-    req.add_argument("--temperature", type=float, help=_request_default("temperature"))
-    req.add_argument("--top-p", type=float, help=_request_default("top_p"))
+    add_request_flags(gen, "request (unset flags take the request model's official defaults)")
 
     run = gen.add_argument_group("runtime")
     run.add_argument("--dtype", choices=tuple(DTYPES),
@@ -279,17 +227,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return list(args.prompts)
 
 
-def read_image(path: Path | None) -> Image.Image | None:
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except OSError as exc:  # a missing file, or one PIL cannot decode (UnidentifiedImageError)
-        raise UsageError(f"cannot read image {path}: {exc}") from exc
-
-
 def resolve_device(device: str | None) -> str:
     import torch
 
@@ -304,43 +241,14 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def fit_size(req: GenerationRequest, limit: int) -> GenerationRequest:
-    """Check text2img's size against the model's largest image side and fill the default
-    (1024, clamped to the model)."""
-    if req.modality != "text2img":
-        return req
-    for name in ("height", "width"):
-        value = getattr(req, name)
-        if value is not None and value > limit:
-            raise UsageError(f"{name} {value} is larger than this model's largest image side {limit}")
-    default = min(DEFAULT_SIZE, limit)
-    return dataclasses.replace(req, height=req.height or default, width=req.width or default)
-
-
 def build_requests(args: argparse.Namespace) -> list[GenerationRequest]:
     prompts = read_prompts(args)
     image = read_image(args.image_path)
-    given = {name: getattr(args, name) for name in REQUEST_FLAGS if getattr(args, name) is not None}
-    if "cfg_interval" in given:
-        given["cfg_interval"] = tuple(given["cfg_interval"])
+    given = request_fields(vars(args))
     return [GenerationRequest(args.modality, prompt, image=image, **given) for prompt in prompts]
 
 
 # -- output ---------------------------------------------------------------------------------
-
-
-def _temp_path(final: Path) -> Path:
-    """A hidden sibling of `final` for writing before an atomic `os.replace`."""
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    tmp = _temp_path(path)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def record(index: int, result: GenerationResult, folder: Path, stats: bool) -> dict:
@@ -425,7 +333,7 @@ def write_results(args: argparse.Namespace, runner: Runner, requests: list[Gener
     """Run the requests, writing results.jsonl and the PNGs; returns how many completed."""
     out = args.output
     final = out / RESULTS_FILE
-    tmp = _temp_path(final)
+    tmp = temp_path(final)
     done = 0
     try:
         with tmp.open("w", encoding="utf-8") as results, closing(runner.results(requests)) as produced:

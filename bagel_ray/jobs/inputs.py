@@ -1,0 +1,248 @@
+"""The input of a bulk job: a prompts file read as a stream, never held whole in memory.
+
+- `.txt`: one prompt a line (blank lines skipped), all of the job's `--modality`; an item's
+  id is its line number, zero-padded (`00000042`), so it stays the same across reruns.
+- `.jsonl`: one JSON object a line with `id` (letters, digits, `.`, `_`, `-`; at most 128),
+  `prompt`, optional `modality` (default: the job's `--modality`), optional `image` (a path
+  relative to the input file's folder) and optional request parameters named as the CLI's
+  flags (`steps`, `seed`, `height`, `width`, `max_tokens`, `think`, `cfg_text_scale`, ...),
+  which override the job's flags for that item.
+
+`scan` reads the file once before anything runs: it counts the items, checks that every line
+is a JSON object with a valid, unique id (else the job stops before loading anything, naming
+the line), and cuts the lines still to do into byte ranges (`Chunk`s). `read_chunk` reads
+one range back, wherever it runs. Problems of one item (an unknown field, a value of the wrong
+type or out of range, an unreadable image) surface in `build_request` and fail that item only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from bagel_ray.engine.request import DEFAULT_SEED, IMAGE_INPUT, GenerationRequest
+from bagel_ray.flags import REQUEST_FLAGS, UsageError, read_image, request_fields
+from bagel_ray.jobs.store import Outcome
+
+KINDS = (".txt", ".jsonl")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ITEM_KEYS = frozenset({"id", "modality", "prompt", "image", *REQUEST_FLAGS})
+CHUNK_ITEMS = 16  # items a chunk holds at most: the unit one reader task parses
+
+
+class ItemError(ValueError):
+    """One item cannot run; it is recorded as failed with this message."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A byte range of the input holding consecutive items still to do (and maybe blank
+    lines), starting at line `first_line` (1-based)."""
+
+    offset: int
+    length: int
+    first_line: int
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the input, as read: `fields` is the JSON object, or {"prompt": line}."""
+
+    id: str
+    line: int
+    fields: dict[str, Any]
+
+
+@dataclass
+class Scan:
+    total: int = 0  # items in the input
+    ok: int = 0  # already recorded ok, skipped
+    failed: int = 0  # already recorded failed, skipped
+    chunks: list[Chunk] = field(default_factory=list)
+    modalities: Counter = field(default_factory=Counter)  # of the items to do
+
+    @property
+    def todo(self) -> int:
+        return sum(self.modalities.values())
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """What every reader needs to turn a line into a request; picklable, shipped to workers.
+    Paths are as the readers see them: relative to the job's working directory when inside
+    it (the same on every node of a `ray job submit --working-dir` job), else absolute."""
+
+    path: str
+    modality: str  # of .txt items, and of .jsonl items without one
+    defaults: dict[str, Any]  # request fields set on the command line
+    image: str | None = None  # --image-path: the input image of image-input items without one
+
+    @property
+    def kind(self) -> str:
+        return Path(self.path).suffix
+
+    def image_path(self, given: str) -> str:
+        """A .jsonl `image`, relative to the input file's folder."""
+        return str(Path(self.path).parent / given)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"input {self.path} must be a .txt (one prompt a line) or a .jsonl file")
+
+
+def _item(kind: str, text: str, line: int) -> Item:
+    """The item of one non-blank line; UsageError if the line has no usable id."""
+    if kind == ".txt":
+        return Item(f"{line:08d}", line, {"prompt": text.strip()})
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"line {line} is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"line {line} is not a JSON object")
+    item_id = fields.get("id")
+    if isinstance(item_id, int) and not isinstance(item_id, bool):
+        item_id = str(item_id)
+    if not isinstance(item_id, str) or not ID_PATTERN.fullmatch(item_id):
+        raise UsageError(f"line {line}: id must be 1-128 letters, digits, '.', '_' or '-' (not starting with one "
+                         f"of the last three), got {fields.get('id')!r}")
+    return Item(item_id, line, fields)
+
+
+def _lines(data: Iterator[bytes], first_line: int, where: str) -> Iterator[tuple[int, int, str]]:
+    """(line number, length in bytes, text) of each line."""
+    for line, raw in enumerate(data, first_line):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{where} line {line} is not UTF-8: {exc}") from None
+        yield line, len(raw), text
+
+
+def scan(path: str | Path, modality: str, done: Mapping[str, bool]) -> Scan:
+    """Count the items, check ids, and chunk the items not in `done` (id -> recorded ok)."""
+    path = Path(path)
+    result, seen = Scan(), set()
+    offset = start = first_line = items = 0
+
+    def close(end: int) -> None:
+        nonlocal items
+        if items:
+            result.chunks.append(Chunk(start, end - start, first_line))
+        items = 0
+
+    try:
+        with open(path, "rb") as f:
+            for line, size, text in _lines(f, 1, str(path)):
+                if text.strip():
+                    try:
+                        item = _item(path.suffix, text, line)
+                    except UsageError as exc:
+                        raise UsageError(f"{path}: {exc}") from None
+                    if item.id in seen:
+                        raise UsageError(f"{path}: line {line}: duplicate id {item.id!r}")
+                    seen.add(item.id)
+                    result.total += 1
+                    if item.id in done:
+                        close(offset)
+                        result.ok += done[item.id]
+                        result.failed += not done[item.id]
+                    else:
+                        if not items:
+                            start, first_line = offset, line
+                        items += 1
+                        wanted = item.fields.get("modality", modality)
+                        result.modalities[wanted if isinstance(wanted, str) else repr(wanted)] += 1
+                offset += size
+                if items == CHUNK_ITEMS:
+                    close(offset)
+            close(offset)
+    except OSError as exc:
+        raise UsageError(f"cannot read input {path}: {exc}") from exc
+    if not result.total:
+        raise UsageError(f"input {path} has no items")
+    return result
+
+
+def read_chunk(job: JobInput, chunk: Chunk) -> Iterator[Item]:
+    """The items of one chunk (the input must not have changed since `scan`)."""
+    with open(job.path, "rb") as f:
+        f.seek(chunk.offset)
+        data = f.read(chunk.length)
+    for line, _, text in _lines(io.BytesIO(data), chunk.first_line, job.path):  # split as `scan` does
+        if text.strip():
+            yield _item(job.kind, text, line)
+
+
+# -- one item -> one request ------------------------------------------------------------------
+
+_HINTS = typing.get_type_hints(GenerationRequest)
+
+
+def _check_type(name: str, value: Any) -> None:
+    """A JSON value against the request field's type (the CLI's flag type)."""
+    hint = _HINTS[name]
+    kinds = set(typing.get_args(hint)) - {type(None)} or {hint}
+    if value is None:
+        return
+    if bool in kinds:
+        ok = isinstance(value, bool)
+    elif int in kinds:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif float in kinds:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif str in kinds:
+        ok = isinstance(value, str)
+    else:  # cfg_interval: two numbers
+        ok = (isinstance(value, list) and len(value) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        expected = next((want[k] for k in (bool, int, float, str) if k in kinds), "a list of two numbers")
+        raise ItemError(f"{name} must be {expected}, got {json.dumps(value)}")
+
+
+def build_request(item: Item, job: JobInput) -> GenerationRequest:
+    """The item's request: the job's flags, overridden by the item's own fields. Reads the
+    input image. Raises ItemError naming the problem."""
+    fields = item.fields
+    unknown = sorted(set(fields) - ITEM_KEYS)
+    if unknown:
+        raise ItemError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(ITEM_KEYS))})")
+    modality, prompt, image_path = fields.get("modality", job.modality), fields.get("prompt"), fields.get("image")
+    if not isinstance(modality, str):
+        raise ItemError(f"modality must be a string, got {json.dumps(modality)}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ItemError("prompt must be a non-empty string")
+    if image_path is not None and not isinstance(image_path, str):
+        raise ItemError(f"image must be a path, got {json.dumps(image_path)}")
+    for name in REQUEST_FLAGS:
+        if name in fields:
+            _check_type(name, fields[name])
+    given = dict(job.defaults)
+    given.update(request_fields(fields))
+    if image_path is not None:
+        image_path = job.image_path(image_path)
+    elif modality in IMAGE_INPUT:
+        image_path = job.image
+    try:
+        image = read_image(image_path)
+        return GenerationRequest(modality, prompt, image=image, **given)
+    except (UsageError, ValueError) as exc:
+        raise ItemError(str(exc)) from None
+
+
+
+def failed_outcome(item: Item, job: JobInput, error: str) -> Outcome:
+    """The record of an item that cannot run, with its modality and seed as asked (where valid)."""
+    modality = item.fields.get("modality", job.modality)
+    seed = item.fields.get("seed", job.defaults.get("seed", DEFAULT_SEED))
+    return Outcome.failed(item.id, error, modality if isinstance(modality, str) else None,
+                          seed if isinstance(seed, int) and not isinstance(seed, bool) else None)

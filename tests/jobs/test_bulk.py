@@ -1,0 +1,72 @@
+"""`python -m bagel_ray.jobs.bulk` checks its flags and input before anything loads (one
+`error:` line, exit 2), and a rerun with nothing left to do ends at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bagel_ray.jobs.bulk import main
+from tests.conftest import REPO_ROOT
+from tests.jobs.reference import write_jsonl
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red fox\na blue boat\n")
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-in-flight", "4"], "--max-in-flight only applies with --app"),
+    (["--app", "bagel", "--thinker-replicas", "2", "--device", "cpu"], "--device, --thinker-replicas only apply without --app"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--height", "20"], "height must be a positive multiple of 16"),
+    (["--image-path", "x.png"], "--image-path does not apply to text2img"),
+    (["--modality", "img2img"], "img2img needs an input image"),
+    (["--modality", "img2img", "--image-path", "missing.png"], "cannot read image"),
+    (["--progress-interval", "0"], "--progress-interval must be > 0"),
+])
+def test_bad_flags(prompts, tmp_path, capsys, extra, message):
+    assert main(["--model", "tiny", "--input", str(prompts), "--output", str(tmp_path / "out"), *extra]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_bad_input(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["--input", str(tmp_path / "missing.jsonl"), "--output", out]) == 2
+    assert "is not a file" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "in.csv").write_text("a,b\n")
+    assert main(["--input", str(tmp_path / "in.csv"), "--output", out]) == 2
+    assert "must be a .txt" in one_error_line(capsys.readouterr().err)
+    bad = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "p"}, {"id": "a", "prompt": "q"}])
+    assert main(["--input", str(bad), "--output", out]) == 2
+    assert "line 2: duplicate id 'a'" in one_error_line(capsys.readouterr().err)
+
+
+def test_nothing_left_to_do_needs_no_cluster(tmp_path, capsys):
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "p"}, {"id": "b", "prompt": "q"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    records = [{"id": "a", "status": "ok", "error": None, "output": "a.png"}, {"id": "b", "status": "failed", "error": "x"}]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["--model", "/nonexistent", "--input", str(inputs), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 items in" in printed and "1 ok and 1 failed in earlier runs, 0 to run" in printed
+    assert "bulk: finished: 2/2 done, 1 failed; this run 0 items" in printed
+
+
+def test_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "bagel_ray.jobs.bulk", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--thinker-replicas" in done.stdout and "--app NAME" in done.stdout

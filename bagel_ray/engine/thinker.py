@@ -10,16 +10,17 @@ the longest, and each step writes one row per sequence in place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
+from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.context import ContextBuilder
 from bagel_ray.engine.kv_context import KVContext
 from bagel_ray.engine.sampling import greedy, sample
 from bagel_ray.model.bagel import BagelModel
-from bagel_ray.model.llm import ForwardMode
+from bagel_ray.model.llm import CachedKV, ForwardMode
 from bagel_ray.model.tokenizer import BagelTokenizer, clean_generated_text
 from bagel_ray.model.vae import AutoEncoder
 
@@ -51,7 +52,7 @@ class DecodeStep:
 
     tokens: list[int | None]
     stopped: list[bool]
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the steps were read back in a chunk
 
 
 @dataclass
@@ -66,8 +67,10 @@ class Thinker:
     """Understanding side of BAGEL. Needs the `und`, `lm_head` and `vit` parts; with `gen`,
     `gen_heads` and a VAE it can also prefill VAE blocks (edits on the Thinker)."""
 
-    def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder | None = None) -> None:
+    def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.model = model
+        self.cuda_graphs = cuda_graphs
         self.tokenizer = tokenizer
         self.builder = ContextBuilder(model, tokenizer, vae)
 
@@ -89,13 +92,17 @@ class Thinker:
         params: DecodeParams,
         generator: torch.Generator | None = None,
         keep_logits: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[DecodeOutput]:
-        """Decode one continuation per context, all in one batch."""
+        """Decode one continuation per context, all in one batch. `should_stop` is asked
+        after each step (on the host); when it says yes, `Cancelled` is raised."""
         tok = self.tokenizer
         generated: list[list[int]] = [[] for _ in contexts]
         logits_kept: list[list[torch.Tensor]] = [[] for _ in contexts]
         stopped = [False] * len(contexts)
-        for step in self.decode_steps(contexts, params, generator):
+        for step in self.decode_steps(contexts, params, generator, keep_logits):
+            if should_stop is not None and should_stop():
+                raise Cancelled("decoding stopped: the request was cancelled")
             for b, t in enumerate(step.tokens):
                 if t is not None:
                     generated[b].append(t)
@@ -112,52 +119,96 @@ class Thinker:
 
     @torch.inference_mode()
     def decode_steps(
-        self, contexts: list[KVContext], params: DecodeParams, generator: torch.Generator | None = None
+        self, contexts: list[KVContext], params: DecodeParams, generator: torch.Generator | None = None,
+        keep_logits: bool = False,
     ) -> Iterator[DecodeStep]:
-        """The decoding loop, one yield per step (what streaming and `decode` consume)."""
+        """The decoding loop, one yield per step (what streaming and `decode` consume).
+
+        The contexts are copied once into a cache [layers, 2, B, W, kv, hd] sized for the
+        longest context plus the new tokens. A step runs the forward, picks the next tokens
+        and advances the lengths and positions, all on the device, and records the tokens in a
+        history buffer that the host reads every few steps (no wait on the device per token).
+        On a GPU, greedy steps replay a CUDA graph of the whole step. Sequences that stopped
+        keep computing until the chunk ends; what they produce after their stop is dropped."""
         model, tok = self.model, self.tokenizer
-        if not contexts:
+        if not contexts or params.max_new_tokens == 0:
             return
         device, B, steps = model.device, len(contexts), params.max_new_tokens
-        layers = contexts[0].kv.shape[0]
         width = max(c.length for c in contexts) + steps
-        kv_heads, head_dim = contexts[0].kv.shape[3], contexts[0].kv.shape[4]
-        cache = torch.zeros(layers, 2, B, width, kv_heads, head_dim, dtype=contexts[0].kv.dtype, device=device)
+        ref = contexts[0].kv
+        cache = torch.zeros(ref.shape[0], 2, B, width, *ref.shape[3:], dtype=ref.dtype, device=device)
         for b, c in enumerate(contexts):
             cache[:, :, b, : c.length] = c.kv
         lens = torch.tensor([c.length for c in contexts], device=device)
         positions = torch.tensor([c.rope for c in contexts], device=device)
         tokens = torch.full((B,), tok.bos_id, dtype=torch.long, device=device)
-        rows = torch.arange(B, device=device)
-        done = [False] * B
-        for _ in range(steps):
-            # Keys visible to each query: its valid cache rows, then its own new row.
-            mask = torch.cat(
-                (torch.arange(width, device=device)[None, :] < lens[:, None], torch.ones(B, 1, dtype=torch.bool, device=device)),
-                dim=-1,
-            )[:, None, :]
-            past = [(cache[i, 0], cache[i, 1]) for i in range(layers)]
-            hidden, new_kv = model.llm(model.embed_tokens(tokens)[:, None], positions[:, None], None, past, mask, ForwardMode(gen=False))
-            for i, (k, v) in enumerate(new_kv):
-                cache[i, 0, rows, lens] = k[:, 0]
-                cache[i, 1, rows, lens] = v[:, 0]
+        key_index = torch.arange(width, device=device)
+        history = torch.zeros(steps, B, dtype=torch.long, device=device)
+        counter = torch.zeros(1, dtype=torch.long, device=device)
+
+        def step() -> torch.Tensor:
+            mask = (key_index[None, :] <= lens[:, None])[:, None, :]  # its cache rows and itself
+            hidden, _ = model.llm(model.embed_tokens(tokens)[:, None], positions[:, None], None,
+                                  CachedKV(cache, lens, mask), ForwardMode(gen=False))
             logits = model.logits(hidden[:, -1])
             # Rows past the tokenizer are padding of the embedding table: never emit them.
             choosable = logits[:, : tok.vocab_len]
             nxt = sample(choosable, params.temperature, params.top_p, generator) if params.do_sample else greedy(choosable)
-            emitted: list[int | None] = []
-            stopped_now = [False] * B
-            for b, t in enumerate(nxt.tolist()):
-                if done[b]:
-                    emitted.append(None)
-                elif t == tok.eos_id:
-                    done[b] = stopped_now[b] = True
-                    emitted.append(None)
-                else:
-                    emitted.append(t)
-            yield DecodeStep(emitted, stopped_now, logits)
-            if all(done):
-                return
-            lens = lens + 1
-            positions = positions + 1
-            tokens = nxt
+            history.index_copy_(0, counter, nxt[None])
+            tokens.copy_(nxt)
+            lens.add_(1)
+            positions.add_(1)
+            counter.add_(1)
+            return logits
+
+        graphed = self.cuda_graphs and device.type == "cuda" and not params.do_sample and steps > 1
+        run = _graphed(step, (cache, lens, positions, tokens, history, counter)) if graphed else step
+        chunk = 1 if keep_logits or not graphed else 8
+        done = [False] * B
+        taken = 0
+        while taken < steps:
+            n = min(chunk, steps - taken)
+            for _ in range(n):
+                logits = run()
+            rows = history[taken : taken + n].tolist()
+            for row in rows:
+                emitted: list[int | None] = []
+                stopped_now = [False] * B
+                for b, t in enumerate(row):
+                    if done[b]:
+                        emitted.append(None)
+                    elif t == tok.eos_id:
+                        done[b] = stopped_now[b] = True
+                        emitted.append(None)
+                    else:
+                        emitted.append(t)
+                yield DecodeStep(emitted, stopped_now, logits if chunk == 1 else None)
+                if all(done):
+                    return
+            taken += n
+
+
+def _graphed(step, state: tuple[torch.Tensor, ...]):
+    """Capture `step` (which reads and updates only tensors that stay in place) in a CUDA
+    graph; returns a function that replays it and gives the step's logits. Capturing runs
+    the step once for warm-up; `state` is restored afterwards, so the first replay is the
+    first real step."""
+    saved = [t.clone() for t in state[1:]]  # the cache (state[0]) only gains a row the replay rewrites
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, s in zip(state[1:], saved):
+        t.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+    for t, s in zip(state[1:], saved):
+        t.copy_(s)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return logits
+
+    return replay

@@ -161,6 +161,19 @@ def main() -> None:
                         "decode_first_diff": next((i for i, (p, q) in enumerate(zip(graphed, eager_ids)) if p != q), None)})
         print(results[-1], flush=True)
 
+    if "vae_bf16" in rows:
+        # the VAE in bf16 against the fp32 one, on the same latents (a lever of issue 6)
+        dit = pipe.dit
+        tokens = torch.randn((big // 16) ** 2, 64, device=dev, generator=torch.Generator(device=dev).manual_seed(5))
+        fp32_s, (raw32, img32) = timed(lambda: dit.decode_image(tokens, big, big), args.reps)
+        dit.vae = dit.vae.to(torch.bfloat16)
+        bf16_s, (raw16, img16) = timed(lambda: dit.decode_image(tokens, big, big), args.reps)
+        dit.vae = dit.vae.to(torch.float32)
+        pixels = np.abs(np.asarray(img32, dtype=np.int16) - np.asarray(img16, dtype=np.int16))
+        results.append({"row": "vae_bf16", "seconds": bf16_s, "fp32_seconds": fp32_s, "pixel_max": int(pixels.max()),
+                        "pixel_mean": float(pixels.mean()), "raw_max_abs": float((raw32.float() - raw16.float()).abs().max())})
+        print(results[-1], flush=True)
+
     if "decode" in rows:
         th = pipe.thinker
         for batch in (1, 32):

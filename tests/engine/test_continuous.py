@@ -1,0 +1,62 @@
+"""Continuous batching gives each sequence the tokens it gets decoded alone, whatever joins or
+leaves the batch around it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bagel_ray.engine.continuous import ContinuousDecoder
+from bagel_ray.engine.pipeline import LocalPipeline
+from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.model.tiny import make_tiny_model
+
+PROMPTS = ["Tell me a fun fact about the moon.", "hi", "What is a fox?", "Write a long poem about the sea and the sky.", "ok"]
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    return LocalPipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny")), dtype="float32").thinker
+
+
+def test_staggered_admission_matches_decoding_alone(thinker):
+    budgets = [12, 5, 20, 9, 3]
+    contexts = [thinker.append_text(thinker.empty(), p) for p in PROMPTS]
+    alone = [thinker.decode([c], DecodeParams(max_new_tokens=n))[0] for c, n in zip(contexts, budgets)]
+    decoder = ContinuousDecoder(thinker, slots=2, width=64, chunk=4)
+    pending = list(range(len(PROMPTS)))
+    finished = {}
+    rounds = 0
+    while pending or any(s is not None for s in decoder.active):
+        while pending and decoder.free_slots:
+            i = pending.pop(0)
+            decoder.admit(i, contexts[i], budgets[i])
+        for seq in decoder.run():
+            finished[seq.key] = seq
+        rounds += 1
+        assert rounds < 100
+    assert sorted(finished) == list(range(len(PROMPTS)))
+    for i, out in enumerate(alone):
+        assert finished[i].token_ids == out.token_ids, PROMPTS[i]
+        assert finished[i].stopped_on_eos == out.stopped_on_eos
+
+
+def test_cancel_frees_the_slot(thinker):
+    ctx = thinker.append_text(thinker.empty(), "hello")
+    decoder = ContinuousDecoder(thinker, slots=1, width=32, chunk=2)
+    decoder.admit("a", ctx, 10)
+    assert decoder.free_slots == 0
+    decoder.cancel("a")
+    assert decoder.free_slots == 1
+    decoder.admit("b", ctx, 4)
+    done = []
+    while not done:
+        done = decoder.run()
+    assert done[0].key == "b" and done[0].token_ids == thinker.decode([ctx], DecodeParams(max_new_tokens=4))[0].token_ids
+
+
+def test_admit_checks_the_width(thinker):
+    ctx = thinker.append_text(thinker.empty(), "hello there")
+    decoder = ContinuousDecoder(thinker, slots=1, width=ctx.length + 4)
+    assert not decoder.fits(ctx, 4) and decoder.fits(ctx, 3)
+    with pytest.raises(ValueError):
+        decoder.admit("x", ctx, 4)

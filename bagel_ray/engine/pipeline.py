@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
+from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.dit import DiT, StepRecord
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
@@ -110,10 +111,12 @@ class LocalPipeline:
                                finish_reason="stop" if stopped else "length",
                                timings={"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": float(len(ids))})
 
-    def understand_batch(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+    def understand_batch(self, reqs: list[GenerationRequest],
+                         should_stop: Callable[[int], bool] | None = None) -> list[GenerationResult | None]:
         """Several text requests. Greedy requests with the same decoding settings share one
         batched decode; sampled ones decode alone, so a seed gives the same text whatever
-        else is in the batch."""
+        else is in the batch. `should_stop(i)` says request i no longer wants its result: a
+        group all of whose requests say so stops at its next step and gets None results."""
         th = self.thinker_engine
         results: list[GenerationResult | None] = [None] * len(reqs)
         groups: dict[object, list[int]] = {}
@@ -121,11 +124,17 @@ class LocalPipeline:
             key = ("sampled", i) if req.do_sample else req.decode_params()
             groups.setdefault(key, []).append(i)
         for members in groups.values():
+            stop = None if should_stop is None else (lambda members=members: all(should_stop(i) for i in members))
+            if stop is not None and stop():
+                continue
             t0 = time.perf_counter()
             contexts = [self.understanding_context(reqs[i]) for i in members]
             t1 = time.perf_counter()
             first = reqs[members[0]]
-            outs = th.decode(contexts, first.decode_params(), _seeded(first.seed))
+            try:
+                outs = th.decode(contexts, first.decode_params(), _seeded(first.seed), should_stop=stop)
+            except Cancelled:
+                continue
             t2 = time.perf_counter()
             for i, out in zip(members, outs):
                 req = reqs[i]
@@ -136,8 +145,10 @@ class LocalPipeline:
                 )
         return results
 
-    def build_contexts(self, req: GenerationRequest, generator: torch.Generator) -> tuple[ImageContexts, str | None, list[int] | None]:
-        """The three CFG contexts of text2img / img2img (spec 6.1 table), think text included."""
+    def build_contexts(self, req: GenerationRequest, generator: torch.Generator,
+                       should_stop: Callable[[], bool] | None = None) -> tuple[ImageContexts, str | None, list[int] | None]:
+        """The three CFG contexts of text2img / img2img (spec 6.1 table), think text included
+        (its decoding raises `Cancelled` when `should_stop` says yes)."""
         th = self.thinker_engine
         gen, cfg_img = th.empty(), th.empty()
         if req.think:
@@ -156,17 +167,17 @@ class LocalPipeline:
         cfg_img = gen.cut if req.modality == "text2img" else th.append_text(cfg_img, req.prompt)
         think_text = think_ids = None
         if req.think:
-            out = th.decode([gen], req.decode_params(think=True), _seeded(req.seed))[0]
+            out = th.decode([gen], req.decode_params(think=True), _seeded(req.seed), should_stop=should_stop)[0]
             think_text, think_ids = out.text, out.token_ids
             gen = th.append_text(gen, think_text)
         return ImageContexts(gen, cfg_text, cfg_img, height, width), think_text, think_ids
 
-    def prepare_image(self, req: GenerationRequest) -> PreparedImage:
+    def prepare_image(self, req: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> PreparedImage:
         """Contexts and initial noise. The seeded CPU generator gives the VAE posterior draw
         first (edits), then the noise, as the official order (spec 11.8)."""
         t0 = time.perf_counter()
         generator = _seeded(req.seed)
-        contexts, think_text, think_ids = self.build_contexts(req, generator)
+        contexts, think_text, think_ids = self.build_contexts(req, generator, should_stop)
         if req.init_noise is not None:
             noise = req.init_noise
         else:

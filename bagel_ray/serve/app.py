@@ -19,6 +19,12 @@ from bagel_ray.serve.stages import DiTServer, ThinkerServer
 def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
     raw = cfg.model_dump(mode="json")
-    thinker = ThinkerServer.options(**cfg.thinker.serve_options("Thinker")).bind(raw)
-    dit = DiTServer.options(**cfg.dit.serve_options("DiT")).bind(raw)
-    return Driver.options(**cfg.ingress.serve_options("Driver")).bind(thinker, dit, raw)
+    retry = cfg.retry_after_s
+    # The driver admits text requests against the Thinker's limit and image requests against
+    # the DiT's; an image request also makes one Thinker call (its prefill), and the driver one
+    # more, once (its fetch of the model info and tokenizer).
+    text, image = cfg.thinker.admission_limit(), cfg.dit.admission_limit()
+    thinker_queue = None if text is None or image is None else text + image + 1
+    thinker = ThinkerServer.options(**cfg.thinker.serve_options("Thinker", retry, thinker_queue)).bind(raw)
+    dit = DiTServer.options(**cfg.dit.serve_options("DiT", retry, image)).bind(raw)
+    return Driver.options(**cfg.ingress.serve_options("Driver", retry)).bind(thinker, dit, raw)

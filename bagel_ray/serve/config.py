@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bagel_ray.serve.schemas import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from bagel_ray.transport.base import TRANSPORT_NAMES
 
 
@@ -62,7 +63,9 @@ class StageConfig(StrictModel):
     num_replicas: int | None = Field(None, ge=1, description="fixed replica count; leave unset to autoscale")
     autoscaling_config: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     max_ongoing_requests: int = Field(4, ge=1, description="requests a replica takes at once; the rest queue")
-    max_queued_requests: int = Field(64, ge=-1, description="queued requests per deployment before 503; -1 unbounded")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="requests waiting for a replica, per ingress replica, before a 503; -1 unbounded"
+    )
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -72,11 +75,25 @@ class StageConfig(StrictModel):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
 
-    def serve_options(self, name: str) -> dict[str, Any]:
+    def admission_limit(self) -> int | None:
+        """Requests of this stage that one ingress replica lets in at once (running plus
+        queued): max_ongoing_requests a replica (of num_replicas, or of max_replicas when
+        autoscaled) plus max_queued_requests. None: unbounded."""
+        if self.max_queued_requests < 0:
+            return None
+        replicas = self.num_replicas if self.num_replicas is not None else self.autoscaling_config.max_replicas
+        return self.max_ongoing_requests * replicas + self.max_queued_requests
+
+    def serve_options(self, name: str, retry_after_s: int, queue_bound: int | None) -> dict[str, Any]:
+        """`queue_bound`: Serve's own max_queued_requests for this deployment. The driver
+        enforces the admission limits exactly; Serve's bound, set at or above what the driver
+        lets through, only guards callers that bypass it (Serve counts a request as queued
+        until a replica's slot is seen free, which lags, so its bound alone refuses early)."""
         options: dict[str, Any] = {
             "name": name,
             "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_queued_requests": -1 if queue_bound is None else queue_bound,
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
             "ray_actor_options": self.ray_actor_options.to_ray(),
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
@@ -114,14 +131,34 @@ class IngressConfig(StrictModel):
     max_queued_requests: int = Field(1024, ge=-1)
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.5))
 
-    def serve_options(self, name: str) -> dict[str, Any]:
+    def serve_options(self, name: str, retry_after_s: int) -> dict[str, Any]:
         return {
             "name": name,
             "num_replicas": self.num_replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
             "ray_actor_options": self.ray_actor_options.to_ray(),
         }
+
+
+class AccessConfig(StrictModel):
+    """API keys for the HTTP API. Keys come from here and, comma-separated, from the
+    environment variable `BAGEL_RAY_API_KEYS` of the ingress replicas (the better place: it
+    keeps them out of config files and Serve's stored config). With no key anywhere the API
+    is open."""
+
+    api_keys: list[str] = Field(default_factory=list, repr=False, description="accepted keys (Authorization: Bearer KEY)")
+    public_paths: list[Literal["/health", "/v1/models"]] = Field(
+        default_factory=lambda: ["/health"], description="GET paths answered without a key when keys are set"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _nonempty(cls, keys: list[str]) -> list[str]:
+        if any(not key.strip() or key != key.strip() or "," in key for key in keys):
+            raise ValueError("API keys must be non-empty, without surrounding spaces or commas")
+        return keys
 
 
 class AppConfig(StrictModel):
@@ -135,10 +172,20 @@ class AppConfig(StrictModel):
         "also loads the ViT and lm_head) or the Thinker (which then also loads the generation expert and VAE)",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline; past it the request gets a 504")
-    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest HTTP body accepted")
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest HTTP body accepted (413 past it)")
+    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1024, description="largest encoded input image (413 past it)")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=256, description="most pixels of a decoded input image (413 past it)")
+    retry_after_s: int = Field(5, ge=0, description="Retry-After of a 503 (at capacity, or a replica failed twice)")
+    access: AccessConfig = Field(default_factory=AccessConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     thinker: ThinkerConfig = Field(default_factory=ThinkerConfig)
     dit: DiTConfig = Field(default_factory=DiTConfig)
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON with each API key replaced by `***`: what may be shown or logged."""
+        raw = self.model_dump(mode="json")
+        raw["access"]["api_keys"] = ["***"] * len(self.access.api_keys)
+        return raw
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AppConfig":

@@ -170,7 +170,8 @@ class AppSession:
                               f"wait for it, or remove it with `serve shutdown` / serve.delete({spec.name!r})")
         handle = serve.get_app_handle(spec.name)
         running = AppConfig.model_validate(handle.app_config.remote().result())
-        want, got = flatten(spec.config.model_dump(mode="json")), flatten(running.model_dump(mode="json"))
+        # the running app reports its API keys masked: compare the masked forms
+        want, got = flatten(spec.config.public_dump()), flatten(running.model_dump(mode="json"))
         drift = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
         conflicts = [k for k in drift if k in pinned]
         if conflicts:

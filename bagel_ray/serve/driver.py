@@ -5,32 +5,45 @@ think decoding) -> KV handoff -> DiT; img2img runs on the DiT alone or, when the
 so, like text2img. The driver passes the Thinker's DeploymentResponse straight into the DiT
 call, so KV contexts go from replica to replica through the object store, never through
 the driver. `generate` is also what Python clients call through a Serve handle.
+
+What the service promises under bad input, overload, deadlines, replica failure and
+out-of-memory is decided here (`failure` maps each error to its status) and listed in the
+README ("What the service promises").
 """
 
 
 import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator
+from contextlib import contextmanager
+from typing import Any, AsyncIterator, Awaitable, Iterable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from bagel_ray.engine.cancel import Cancelled
+from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.request import DEFAULT_SIZE, GenerationRequest, GenerationResult
+from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.serve import metrics
+from bagel_ray.serve.access import AccessControl
 from bagel_ray.serve.config import AppConfig
 from bagel_ray.serve.schemas import (
+    ALLOWED_IMAGE_FORMATS,
     BagelKnobs,
     ChatCompletionRequest,
+    ErrorResponse,
     ImageEditRequest,
     ImageGenerationRequest,
     InputError,
@@ -39,30 +52,187 @@ from bagel_ray.serve.schemas import (
     parse_size,
     png_base64,
 )
+from bagel_ray.serve.stages import EngineOutOfMemory, ModelInfo
 
 log = logging.getLogger("bagel_ray.serve")
-api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)")
+api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")
+# A replica that died mid-request: the request is run once more (seeded, so identically).
 RETRYABLE = (ActorDiedError, ActorUnavailableError)
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def replica_died(exc: BaseException) -> bool:
+    """A stage replica died under this request: directly, or (Serve wraps it) the Thinker
+    replica whose result the DiT call was waiting for."""
+    return isinstance(exc, RETRYABLE) or (isinstance(exc, RayServeException) and isinstance(exc.__cause__, RETRYABLE))
 
 
-def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+# -- admission ---------------------------------------------------------------------------
+
+
+class Overloaded(Exception):
+    """A stage already has its limit of requests from this ingress replica."""
+
+
+class Gate:
+    """Requests this ingress replica has in one stage at once (running or queued there),
+    refused past `limit` at once. Text requests count against the Thinker, image requests
+    against the DiT. It is exact: the driver's event loop is the only place that counts."""
+
+    def __init__(self, stage: str, limit: int | None) -> None:
+        self.stage = stage
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.limit is not None and self.in_flight >= self.limit:
+            raise Overloaded(f"the {self.stage} stage is at its limit of {self.limit} requests in flight")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None,
+                   code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(error_body(message, kind, param), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
+
+
+def _names_a_field(part: str | int) -> bool:
+    """Pydantic's error locations also hold union branch tags ('str', 'list[...]', 'TextPart')."""
+    return isinstance(part, int) or not ("[" in part or part[:1].isupper() or part in ("body", "str", "int", "float", "bool"))
+
+
+def validation_param(exc: ValidationError | RequestValidationError) -> tuple[str | None, str]:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"] if _names_a_field(p)) or None
+    return param, f"{param}: {first['msg']}" if param else first["msg"]
+
+
+def failure(exc: BaseException, timeout_s: float, retry_after_s: int) -> tuple[int, str, str | None, dict[str, str] | None]:
+    """(status, message, param, headers) of an error raised while serving a request. Errors
+    raised in a replica arrive as `RayTaskError`s that are also instances of their cause."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(cause, InputError):
+        return cause.status, str(cause), cause.param, None
+    if isinstance(cause, ValidationError):
+        param, message = validation_param(cause)
+        return 422, message, param, None
+    if isinstance(cause, Overloaded):
+        return 503, f"the service is at capacity ({cause}); retry later", None, retry
+    if isinstance(cause, BackPressureError):
+        after = cause.retry_after_s if cause.retry_after_s is not None else retry_after_s
+        return 503, f"the service is at capacity ({cause.message}); retry later", None, {"Retry-After": str(int(after))}
+    if isinstance(cause, DeploymentUnavailableError):
+        return 503, f"the service is unavailable: {cause.message}", None, retry
+    if isinstance(cause, asyncio.TimeoutError):
+        return 504, f"the request did not finish within its deadline of {timeout_s}s; its work was stopped", None, None
+    if isinstance(cause, EngineOutOfMemory):
+        return 507, str(cause), None, None
+    if replica_died(cause):
+        return 503, f"a replica died during the request and again on its retry ({type(cause).__name__})", None, retry
+    if isinstance(cause, Cancelled):
+        return 503, "the request was cancelled inside the service", None, retry
+    log.error("request failed", exc_info=exc)
+    return 500, f"internal error ({type(cause).__name__}); the request failed, the service goes on", None, None
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"] if p != "body")
-    return error_response(422, f"{param}: {first['msg']}", param)
+    param, message = validation_param(exc)
+    return error_response(422, message, param)
 
 
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes, whether or not it
+    declared its length. Starlette's form and JSON parsers then read it from the cache."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise InputError(f"invalid Content-Length header {length!r}")
+        if int(length) > limit:
+            raise InputError(f"request body of {length} bytes exceeds the limit of {limit}", None, 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError(f"request body exceeds the limit of {limit} bytes", None, 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001  (Starlette's body cache, read by request.form())
+    return body
+
+
+async def all_or_nothing(coros: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Run concurrently; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+# -- OpenAPI: the routes read raw requests, so their bodies are declared here ---------------
+
+_REF = "#/components/schemas/{model}"
+_EDIT_FORM = "ImageEditForm"
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Malformed body or image", 401: "Missing or invalid API key", 404: "Unknown model",
+        413: "Body or image over the limits", 422: "A field out of range or unknown",
+        503: "At capacity or a replica failed (see Retry-After)", 504: "Deadline passed",
+        507: "Out of accelerator memory",
+    }.items()
+}
+
+
+def _body(schema_name: str, media_type: str = "application/json") -> dict:
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": {"$ref": _REF.format(model=schema_name)}}}}}
+
+
+def _edit_form_schema() -> dict:
+    """ImageEditRequest's fields as multipart form fields, plus the image file."""
+    schema = ImageEditRequest.model_json_schema(ref_template=_REF)
+    schema["title"] = _EDIT_FORM
+    image = {"type": "string", "format": "binary", "description": f"the input image ({', '.join(ALLOWED_IMAGE_FORMATS)})"}
+    schema["properties"] = {"image": image, **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
+    return schema
+
+
+def openapi() -> dict:
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        bodies = {m.__name__: m.model_json_schema(ref_template=_REF) for m in (ChatCompletionRequest, ImageGenerationRequest)}
+        bodies[_EDIT_FORM] = _edit_form_schema()
+        for name, body in bodies.items():
+            components.update(body.pop("$defs", {}))
+            components[name] = body
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = openapi
 
 
 @serve.deployment(name="Driver")
@@ -72,93 +242,179 @@ class Driver:
         self.thinker = thinker
         self.dit = dit
         self.config = AppConfig.model_validate(app_config)
-        self._info = None
+        self.access = AccessControl.from_config(self.config.access, os.environ)
+        self.gates = {"thinker": Gate("Thinker", self.config.thinker.admission_limit()),
+                      "dit": Gate("DiT", self.config.dit.admission_limit())}
+        self._model: asyncio.Future | None = None
+        log.info("Driver ready; %s", self.access)
 
-    async def model_info(self):
-        if self._info is None:
-            self._info = await self.thinker.model_info.remote()
-        return self._info
+    async def _model_facts(self) -> tuple[ModelInfo, BagelTokenizer]:
+        """What requests are validated against, fetched from the Thinker once (one call in
+        flight however many requests wait for it; a failed fetch is tried again later)."""
+        if self._model is None:
+            async def fetch() -> tuple[ModelInfo, BagelTokenizer]:
+                return await self.thinker.model_info.remote(), await self.thinker.tokenizer.remote()
+
+            self._model = asyncio.ensure_future(fetch())
+        fetching = self._model
+        try:
+            return await asyncio.shield(fetching)
+        except Exception:
+            if self._model is fetching:
+                self._model = None
+            raise
+
+    async def model_info(self) -> ModelInfo:
+        return (await self._model_facts())[0]
 
     async def app_config(self) -> dict:
-        """The validated args this app runs with (a job reusing the app checks its flags against them)."""
-        return self.config.model_dump(mode="json")
+        """The validated args this app runs with, API keys masked (a job reusing the app
+        checks its flags against them)."""
+        return self.config.public_dump()
 
     # -- composition (also the Python handle API) --------------------------------------
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
-        """One request through the stage graph, with the deadline and one retry on a replica
-        that died mid-request (generation is seeded, so the retry gives the same output)."""
+        """One request through the stage graph, within the deadline, retried once on a
+        replica that died mid-request (generation is seeded, so the retry gives the same
+        output). A prompt too long for `max_model_len` raises `InputError`."""
+        await self.check_length(req, "prompt")
+        return await self._generate(req)
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
+        """Text deltas (text modalities) or progress events (image modalities), then the
+        result. Not retried: a failure after the first item ends the stream with it."""
+        await self.check_length(req, "prompt")
+        async for item in self._stream(req):
+            yield item
+
+    async def check_length(self, req: GenerationRequest, param: str) -> None:
+        """The prompt (with the think system prompt when thinking) plus the new tokens it may
+        decode must fit in `thinker.max_model_len`. Input images are not counted: their
+        token count is bounded by the model's image resize."""
+        tokenizer = (await self._model_facts())[1]
+        limit = self.config.thinker.max_model_len
+        text = req.prompt
+        if req.think:
+            text = (GEN_THINK_SYSTEM_PROMPT if req.outputs_image else VLM_THINK_SYSTEM_PROMPT) + text
+        prompt_tokens = len(await asyncio.to_thread(tokenizer.encode, text))
+        if req.outputs_image:
+            new_field, new_tokens = ("max_think_tokens", req.max_think_tokens) if req.think else (None, 0)
+        else:
+            new_field, new_tokens = "max_tokens", req.max_tokens
+        if prompt_tokens > limit:
+            raise InputError(f"the prompt is {prompt_tokens} tokens, more than max_model_len ({limit})", param, 422)
+        if prompt_tokens + new_tokens > limit:
+            raise InputError(f"the prompt ({prompt_tokens} tokens) plus {new_field}={new_tokens} exceeds max_model_len "
+                             f"({limit}); lower {new_field} to at most {limit - prompt_tokens}", new_field, 422)
+
+    def _gate(self, req: GenerationRequest) -> Gate:
+        return self.gates["dit" if req.outputs_image else "thinker"]
+
+    async def _generate(self, req: GenerationRequest) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout_s  # one deadline for both attempts
         t0 = time.perf_counter()
         status = "ok"
         try:
-            for attempt in (1, 2):
-                try:
-                    return await asyncio.wait_for(self._compose(req), self.config.request_timeout_s)
-                except RETRYABLE:
-                    if attempt == 2:
-                        raise
-                    log.warning("a replica died during a %s request; retrying once", req.modality)
+            with self._gate(req).slot():
+                return await self._attempts(req, loop, deadline)
         except BaseException as exc:
             status = type(exc).__name__
             raise
         finally:
             metrics.count_request(req.modality, status, time.perf_counter() - t0)
+
+    async def _attempts(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, deadline: float) -> GenerationResult:
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(self._compose(req), max(0.0, deadline - loop.time()))
+            except Exception as exc:
+                if attempt == 2 or not replica_died(exc):
+                    raise
+                log.warning("a replica died during a %s request (%s); retrying once", req.modality, type(exc).__name__)
         raise AssertionError("unreachable")
 
     async def _compose(self, req: GenerationRequest) -> GenerationResult:
-        if not req.outputs_image:
-            return await self.thinker.understand.remote(req)
-        if req.modality == "img2img" and self.config.edit_contexts_on == "dit":
-            return await self.dit.generate.remote(req)
-        return await self.dit.render.remote(req, self.thinker.prepare_image.remote(req))
+        """The stage calls of one attempt. If this attempt ends early (deadline, client gone,
+        a failed stage) its calls are cancelled, and the replicas stop their work."""
+        calls: list[DeploymentResponse] = []
+        try:
+            if not req.outputs_image:
+                calls.append(self.thinker.understand.remote(req))
+            elif req.modality == "img2img" and self.config.edit_contexts_on == "dit":
+                calls.append(self.dit.generate.remote(req))
+            else:
+                calls.append(self.thinker.prepare_image.remote(req))
+                calls.append(self.dit.render.remote(req, calls[0]))
+            return await calls[-1]
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
-        """Text deltas (text modalities) or progress events (image modalities), then the result."""
+    async def _stream(self, req: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
+        with self._gate(req).slot():
+            async for item in self._stream_calls(req):
+                yield item
+
+    async def _stream_calls(self, req: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
+        upstream: list[DeploymentResponse] = []
         if not req.outputs_image:
             gen = self.thinker.options(stream=True).understand_stream.remote(req)
         elif req.modality == "img2img" and self.config.edit_contexts_on == "dit":
             gen = self.dit.options(stream=True).render_stream.remote(req, None)
         else:
-            gen = self.dit.options(stream=True).render_stream.remote(req, self.thinker.prepare_image.remote(req))
-        async for item in gen:
-            yield item
+            upstream.append(self.thinker.prepare_image.remote(req))
+            gen = self.dit.options(stream=True).render_stream.remote(req, upstream[0])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout_s
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                yield item
+        finally:
+            if not finished:  # deadline, consumer gone or a failure: stop the replicas' work
+                gen.cancel()
+                for call in upstream:
+                    call.cancel()
 
     # -- HTTP ---------------------------------------------------------------------------
 
-    async def _guard(self, request: Request, body_model, handler):
-        """Body-size limit, validation and error mapping shared by the POST routes."""
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > self.config.max_request_bytes:
-            return error_response(413, f"request body of {length} bytes exceeds {self.config.max_request_bytes}")
+    def _failure_response(self, exc: BaseException) -> JSONResponse:
+        status, message, param, headers = failure(exc, self.config.request_timeout_s, self.config.retry_after_s)
+        return error_response(status, message, param, headers)
+
+    def _denied(self, request: Request, route: str) -> JSONResponse | None:
+        if self.access.allows(route, request.headers.get("authorization")):
+            return None
+        return error_response(401, "a valid API key is required (Authorization: Bearer KEY)",
+                              headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+
+    async def _guard(self, request: Request, route: str, body_model, handler):
+        """Access, body-size limit, validation and error mapping shared by the POST routes."""
+        denied = self._denied(request, route)
+        if denied is not None:
+            return denied
         try:
+            raw = await read_body(request, self.config.max_request_bytes)
+            body = None
             if body_model is not None:
-                raw = await request.body()
-                if len(raw) > self.config.max_request_bytes:
-                    return error_response(413, f"request body exceeds {self.config.max_request_bytes} bytes")
                 try:
                     payload = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    return error_response(400, f"body is not valid JSON: {exc}")
+                except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                    raise InputError(f"body is not valid JSON: {exc}") from None
                 body = body_model.model_validate(payload)
-            else:
-                body = None
-            if body is not None and body.model not in (None, self.config.model_name):
-                return error_response(404, f"model {body.model!r} is not served here (this is {self.config.model_name!r})", "model")
+                if body.model not in (None, self.config.model_name):
+                    raise InputError(f"model {body.model!r} is not served here (this is {self.config.model_name!r})", "model", 404)
             return await handler(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"])
-            return error_response(422, f"{param}: {first['msg']}", param)
-        except InputError as exc:
-            return error_response(exc.status, str(exc), exc.param)
-        except BackPressureError:
-            return error_response(503, "the service is at capacity; retry later", headers={"Retry-After": "5"})
-        except asyncio.TimeoutError:
-            return error_response(504, f"the request did not finish within {self.config.request_timeout_s}s")
-        except ValueError as exc:
-            return error_response(422, str(exc))
-        except RETRYABLE as exc:
-            return error_response(503, f"a replica failed twice: {exc}", headers={"Retry-After": "5"})
+        except Exception as exc:
+            return self._failure_response(exc)
 
     def _seed(self, knobs: BagelKnobs) -> int:
         return knobs.seed if knobs.seed is not None else secrets.randbelow(2**31)
@@ -170,21 +426,26 @@ class Driver:
     async def _default_size(self) -> int:
         return min(DEFAULT_SIZE, (await self.model_info()).max_image_side)
 
-    @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    @api.get("/health", responses={401: _ERRORS[401]})
+    async def health(self, request: Request):
+        return self._denied(request, "/health") or {"status": "ok"}
 
-    @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "owned_by": "bagel-ray", "created": 0}]}
+    @api.get("/v1/models", responses={401: _ERRORS[401]})
+    async def models(self, request: Request):
+        return self._denied(request, "/v1/models") or {
+            "object": "list",
+            "data": [{"id": self.config.model_name, "object": "model", "owned_by": "bagel-ray", "created": 0}],
+        }
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"), responses=_ERRORS)
     async def chat_completions(self, request: Request):
-        return await self._guard(request, ChatCompletionRequest, self._chat)
+        return await self._guard(request, "/v1/chat/completions", ChatCompletionRequest, self._chat)
 
     async def _chat(self, body: ChatCompletionRequest):
         prompt, image_url = body.prompt_and_image()
-        image = decode_data_url(image_url, "messages") if image_url else None
+        image = None
+        if image_url:
+            image = decode_data_url(image_url, "messages", self.config.max_image_bytes, self.config.max_image_pixels)
         wants_image = body.modalities == ["image"]
         if wants_image:
             modality = "img2img" if image is not None else "text2img"
@@ -198,10 +459,19 @@ class Driver:
         if modality == "text2img" and height is None:
             height = width = await self._default_size()
         req = body.request(modality, prompt, image, self._seed(body), height, width)
+        await self.check_length(req, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return StreamingResponse(self._chat_stream(req, rid, created), media_type="text/event-stream")
-        result = await self.generate(req)
+            # The first item is awaited before answering, so that a request refused at once
+            # (capacity, a dead stage) still gets its status code instead of a 200 stream.
+            items = self._stream(req)
+            try:
+                first = await anext(items)
+            except BaseException:
+                await items.aclose()
+                raise
+            return StreamingResponse(self._chat_stream(req, rid, created, first, items), media_type="text/event-stream")
+        result = await self._generate(req)
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": self._content(result)},
@@ -217,15 +487,21 @@ class Driver:
         parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_base64(result.image)}"}})
         return parts
 
-    async def _chat_stream(self, req: GenerationRequest, rid: str, created: int) -> AsyncIterator[str]:
+    async def _chat_stream(self, req: GenerationRequest, rid: str, created: int, first: Any,
+                           rest: AsyncIterator[str | dict | GenerationResult]) -> AsyncIterator[str]:
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
 
+        async def items():
+            yield first
+            async for item in rest:
+                yield item
+
         t0, status = time.perf_counter(), "ok"
         yield chunk({"role": "assistant"})
         try:
-            async for item in self.stream(req):
+            async for item in items():
                 if isinstance(item, str):
                     yield chunk({"content": item})
                 elif isinstance(item, dict):
@@ -233,17 +509,18 @@ class Driver:
                 else:
                     final = {} if item.image is None else {"content": self._content(item)}
                     yield chunk(final, item.finish_reason or "stop", seed=req.seed)
-        except Exception as exc:  # the stream has started: report in-band
+        except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__
-            log.exception("stream failed")
-            yield sse(error_body(str(exc), "server_error"))
+            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s)
+            yield sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
         finally:
+            await rest.aclose()  # on a disconnect too: cancels the replicas' work
             metrics.count_request(req.modality, status, time.perf_counter() - t0)
         yield "data: [DONE]\n\n"
 
-    @api.post("/v1/images/generations")
+    @api.post("/v1/images/generations", openapi_extra=_body("ImageGenerationRequest"), responses=_ERRORS)
     async def image_generations(self, request: Request):
-        return await self._guard(request, ImageGenerationRequest, self._images)
+        return await self._guard(request, "/v1/images/generations", ImageGenerationRequest, self._images)
 
     async def _images(self, body: ImageGenerationRequest):
         height, width = await self._size(body.size)
@@ -251,7 +528,8 @@ class Driver:
             height = width = await self._default_size()
         seed = self._seed(body)
         reqs = [body.request("text2img", body.prompt, None, seed + i, height, width) for i in range(body.n)]
-        return self._image_list(await asyncio.gather(*(self.generate(r) for r in reqs)))
+        await self.check_length(reqs[0], "prompt")
+        return self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
 
     def _image_list(self, results: list[GenerationResult]) -> dict:
         data = []
@@ -262,25 +540,36 @@ class Driver:
             data.append(item)
         return {"created": int(time.time()), "data": data}
 
-    @api.post("/v1/images/edits")
+    @api.post("/v1/images/edits", openapi_extra=_body(_EDIT_FORM, "multipart/form-data"), responses=_ERRORS)
     async def image_edits(self, request: Request):
-        async def handler(_):
-            try:
-                form = await request.form()
-            except Exception as exc:  # malformed multipart
-                raise InputError(f"expected a multipart/form-data body: {exc}") from exc
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise InputError("an image file is required", "image")
-            fields = {k: v for k, v in form.multi_items() if k != "image"}
-            if "cfg_interval" in fields:
-                fields["cfg_interval"] = json.loads(fields["cfg_interval"]) if fields["cfg_interval"].startswith("[") else fields["cfg_interval"].split(",")
-            body = ImageEditRequest.model_validate(fields)
-            if body.model not in (None, self.config.model_name):
-                raise InputError(f"model {body.model!r} is not served here", "model", 404)
-            image = decode_image(await upload.read(), "image")
-            seed = self._seed(body)
-            reqs = [body.request("img2img", body.prompt, image, seed + i) for i in range(body.n)]
-            return self._image_list(await asyncio.gather(*(self.generate(r) for r in reqs)))
+        return await self._guard(request, "/v1/images/edits", None, lambda _: self._edits(request))
 
-        return await self._guard(request, None, handler)
+    async def _edits(self, request: Request):
+        try:
+            form = await request.form()
+        except Exception as exc:  # malformed multipart
+            raise InputError(f"expected a multipart/form-data body: {exc}") from None
+        uploads = form.getlist("image")
+        if len(uploads) != 1 or isinstance(uploads[0], str):
+            raise InputError("exactly one image file is required", "image")
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key == "image":
+                continue
+            if not isinstance(value, str):
+                raise InputError(f"{key} must be a form field, not a file", key, 422)
+            fields[key] = value
+        if "cfg_interval" in fields:
+            text = fields["cfg_interval"].strip()
+            try:
+                fields["cfg_interval"] = json.loads(text) if text.startswith("[") else text.split(",")
+            except ValueError:
+                raise InputError("cfg_interval must be 'lo,hi' or '[lo, hi]'", "cfg_interval", 422) from None
+        body = ImageEditRequest.model_validate(fields)
+        if body.model not in (None, self.config.model_name):
+            raise InputError(f"model {body.model!r} is not served here", "model", 404)
+        image = decode_image(await uploads[0].read(), "image", self.config.max_image_bytes, self.config.max_image_pixels)
+        seed = self._seed(body)
+        reqs = [body.request("img2img", body.prompt, image, seed + i) for i in range(body.n)]
+        await self.check_length(reqs[0], "prompt")
+        return self._image_list(await all_or_nothing(self._generate(r) for r in reqs))

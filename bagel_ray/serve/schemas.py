@@ -12,10 +12,10 @@ import base64
 import binascii
 import io
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from PIL import Image, UnidentifiedImageError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from bagel_ray.engine.request import DEFAULT_MAX_THINK_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, GenerationRequest
 
@@ -33,6 +33,18 @@ class InputError(ValueError):
         super().__init__(message)
         self.param = param
         self.status = status
+
+
+def _encodable(text: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text ({exc.reason} at position {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class Strict(BaseModel):
@@ -85,7 +97,7 @@ class ImageURL(Strict):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(Strict):
@@ -95,7 +107,7 @@ class ImagePart(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
+    content: Text | list[TextPart | ImagePart]
 
 
 class ChatCompletionRequest(BagelKnobs):
@@ -122,7 +134,7 @@ class ChatCompletionRequest(BagelKnobs):
 
 
 class ImageGenerationRequest(BagelKnobs):
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=8, description="images generated with seeds seed, seed+1, ...")
     size: str | None = None
@@ -134,11 +146,24 @@ class ImageEditRequest(BagelKnobs):
     """Form fields of /v1/images/edits besides the image file. The output has the input's
     (VAE-resized) size, so there is no size field."""
 
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=8)
     response_format: Literal["b64_json"] = "b64_json"
     user: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = Field(None, description="the field the error concerns, when there is one")
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer of the API (OpenAI's error shape)."""
+
+    error: ErrorDetail
 
 
 def parse_size(size: str | None, max_side: int, stride: int) -> tuple[int | None, int | None]:
@@ -155,34 +180,40 @@ def parse_size(size: str | None, max_side: int, stride: int) -> tuple[int | None
     return height, width
 
 
-def decode_image(data: bytes, param: str) -> Image.Image:
-    """Bytes of an uploaded image -> a fully decoded PIL image, within the limits."""
-    if len(data) > MAX_IMAGE_BYTES:
-        raise InputError(f"image is {len(data)} bytes, the limit is {MAX_IMAGE_BYTES}", param, 413)
+def decode_image(data: bytes, param: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Bytes of an uploaded image -> a fully decoded PIL image, within the limits. The pixel
+    count is checked from the header, before anything is decompressed."""
+    if len(data) > max_bytes:
+        raise InputError(f"image is {len(data)} bytes, the limit is {max_bytes}", param, 413)
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in ALLOWED_IMAGE_FORMATS:
-            raise InputError(f"image format {image.format} is not accepted ({', '.join(ALLOWED_IMAGE_FORMATS)})", param)
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise InputError(f"image has {image.width * image.height} pixels, the limit is {MAX_IMAGE_PIXELS}", param, 413)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)  # no other decoder is even tried
+    except UnidentifiedImageError:
+        raise InputError(f"not an image in an accepted format ({', '.join(ALLOWED_IMAGE_FORMATS)})", param) from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image is too large: {exc}", param, 413) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"cannot decode the image: {exc}", param) from None
+    if image.width * image.height > max_pixels:
+        raise InputError(f"image has {image.width * image.height} pixels, the limit is {max_pixels}", param, 413)
+    try:
         image.load()
-    except InputError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot decode the image: {exc}", param) from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot decode the image: {exc}", param) from None
     return image
 
 
-def decode_data_url(url: str, param: str) -> Image.Image:
+def decode_data_url(url: str, param: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Images come inline only: no server-side paths and no fetching of remote URLs."""
     m = _DATA_URL.match(url)
     if not m:
         raise InputError("images must be data URLs (data:image/png;base64,...); remote URLs and paths are not fetched", param)
+    if len(m.group("data")) > (max_bytes + 2) // 3 * 4 + 4:
+        raise InputError(f"the image data URL is larger than {max_bytes} bytes decoded", param, 413)
     try:
         data = base64.b64decode(m.group("data"), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"invalid base64 in the image data URL: {exc}", param) from exc
-    return decode_image(data, param)
+    return decode_image(data, param, max_bytes, max_pixels)
 
 
 def png_base64(image: Image.Image) -> str:

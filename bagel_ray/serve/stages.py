@@ -5,28 +5,33 @@ image requests); `DiTServer` holds the denoiser and the VAE. They validate nothi
 the model and do no tensor math: they load the engines, call them one request at a time
 (one lock per replica), and map results. KV contexts leave the Thinker through the
 configured transport and reach the DiT without passing through the driver.
+
+A call whose caller goes away (deadline, client disconnect) stops at the engine's next
+step. CUDA out-of-memory fails only the request that caused it (`EngineOutOfMemory`; a
+batch of text requests is first split and retried), and the replica keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 from ray import serve
 
-from bagel_ray.engine.dit import DiT
+from bagel_ray.engine.cancel import Cancelled
+from bagel_ray.engine.dit import DiT, StepRecord
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline, PreparedImage
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
 from bagel_ray.model.bagel import ALL_PARTS, THINKER_PARTS
 from bagel_ray.model.loader import load_checkpoint
+from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.serve import metrics
 from bagel_ray.serve.config import AppConfig, StageConfig
 from bagel_ray.transport.base import make_transport
@@ -76,9 +81,31 @@ def dit_parts(app: AppConfig) -> frozenset[str]:
     return ALL_PARTS if app.edit_contexts_on == "dit" else DIT_ONLY_PARTS
 
 
+class EngineOutOfMemory(RuntimeError):
+    """The accelerator ran out of memory for one request on its own. The replica has given
+    the cached memory back and keeps serving; the driver answers 507."""
+
+
+def release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def out_of_memory(what: str, exc: BaseException) -> EngineOutOfMemory:
+    release_memory()
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    log.warning("out of accelerator memory in %s: %s", what, first_line)
+    return EngineOutOfMemory(f"{what} ran out of accelerator memory ({first_line}); try a smaller size or fewer tokens")
+
+
 class EngineLock:
-    """One request at a time per replica on the model; waiting happens off the event loop
-    and is recorded as queue wait."""
+    """One request at a time per replica on the model, run in a worker thread; waiting
+    happens off the event loop and is recorded as queue wait.
+
+    Each call carries a cancel flag. When the caller's task is cancelled (Serve cancels a
+    replica call when the driver's deadline passes or the HTTP client disconnects) the flag
+    is set, and the engine, which asks it once per step, stops with `Cancelled`; a call
+    still waiting for the lock never starts. CUDA out-of-memory becomes `EngineOutOfMemory`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -90,12 +117,66 @@ class EngineLock:
             metrics.observe_queue_wait(time.perf_counter() - t0)
             yield
 
-    async def run(self, fn, *args):
-        def locked():
-            with self.hold():
-                return fn(*args)
+    def _locked(self, what: str, fn: Callable[[Callable[[], bool]], Any], cancel: threading.Event) -> Any:
+        with self.hold():
+            if cancel.is_set():
+                raise Cancelled(f"{what}: cancelled before it started")
+            try:
+                return fn(cancel.is_set)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise out_of_memory(what, exc) from None
+            except Cancelled:
+                log.info("%s: cancelled; its work stopped", what)
+                raise
 
-        return await asyncio.to_thread(locked)
+    async def run(self, what: str, fn: Callable[[Callable[[], bool]], Any]) -> Any:
+        """`fn(should_stop)` under the lock, in a worker thread."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._locked, what, fn, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    async def stream(self, what: str, produce: Callable[[Callable[[Any], None], Callable[[], bool]], None]) -> AsyncIterator[Any]:
+        """Items that `produce(emit, should_stop)` emits under the lock in a worker thread, as
+        they come. When the consumer goes away (the stream is closed or cancelled) the
+        worker's `should_stop` turns true."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        end = object()
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                cancel.set()
+
+        def work() -> None:
+            try:
+                self._locked(what, lambda stop: produce(emit, stop), cancel)
+                emit(end)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                emit(exc)
+
+        threading.Thread(target=work, name=f"engine-{what}", daemon=True).start()
+        try:
+            while (item := await items.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+
+
+@dataclass
+class TextJob:
+    """A text request waiting in the Thinker's batch, with the flag its caller sets when it
+    goes away."""
+
+    req: GenerationRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 @serve.deployment(name="Thinker")
@@ -116,29 +197,59 @@ class ThinkerServer:
         cfg = self.pipeline.cfg
         return ModelInfo(cfg.max_image_side, cfg.latent_downsample, self.config.thinker.max_model_len)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.pipeline.thinker_engine.tokenizer.encode(text))
+    def tokenizer(self) -> BagelTokenizer:
+        """The tokenizer, for the driver's prompt-length checks."""
+        return self.pipeline.thinker_engine.tokenizer
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def understand_batched(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
-        return await self.lock.run(self.pipeline.understand_batch, reqs)
+    async def understand_batched(self, jobs: list[TextJob]) -> list[GenerationResult | Exception]:
+        return await self.lock.run("understand", lambda _stop: self._understand(jobs))
+
+    def _understand(self, jobs: list[TextJob]) -> list[GenerationResult | Exception]:
+        """Decode a batch. On CUDA out-of-memory the batch is split in halves and each is
+        retried; a request that runs out of memory alone gets `EngineOutOfMemory`. Requests
+        whose callers went away stop with their group and get `Cancelled`."""
+        try:
+            results = self.pipeline.understand_batch([j.req for j in jobs], lambda i: jobs[i].cancel.is_set())
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(jobs) == 1:
+                return [out_of_memory("understand", exc)]
+            release_memory()
+            half = len(jobs) // 2
+            log.warning("out of accelerator memory decoding a batch of %d; retrying as %d + %d", len(jobs), half, len(jobs) - half)
+            return self._understand(jobs[:half]) + self._understand(jobs[half:])
+        return [Cancelled("understand: cancelled") if r is None else r for r in results]
 
     async def understand(self, req: GenerationRequest) -> GenerationResult:
         """text2text / img2text; concurrent calls are decoded together in batches."""
         t0 = time.perf_counter()
-        result = await self.understand_batched(req)
+        job = TextJob(req)
+        try:
+            outcome = await self.understand_batched(job)
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+        if isinstance(outcome, Exception):
+            raise outcome
         metrics.observe_stage("thinker", time.perf_counter() - t0)
-        return result
+        return outcome
 
-    def understand_stream(self, req: GenerationRequest) -> Iterator[str | GenerationResult]:
-        """Text deltas, then the result (streaming bypasses batching)."""
-        with self.lock.hold():
-            yield from self.pipeline.understand_stream(req)
+    async def understand_stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        """Text deltas, then the result (streaming bypasses batching). Decoding stops at the
+        next token once the consumer goes away."""
+        def produce(emit, should_stop) -> None:
+            for item in self.pipeline.understand_stream(req):
+                if should_stop():
+                    raise Cancelled("understand_stream: the consumer went away")
+                emit(item)
+
+        async for item in self.lock.stream("understand_stream", produce):
+            yield item
 
     async def prepare_image(self, req: GenerationRequest) -> Handoff:
         """Contexts (and think text) of a text2img / img2img request, packed for the DiT."""
         t0 = time.perf_counter()
-        prepared: PreparedImage = await self.lock.run(self.pipeline.prepare_image, req)
+        prepared: PreparedImage = await self.lock.run("prepare_image", lambda stop: self.pipeline.prepare_image(req, stop))
         payload = self.transport.send(prepared.contexts)
         metrics.observe_stage("thinker", time.perf_counter() - t0)
         return Handoff(payload, prepared.noise, prepared.think_text, prepared.think_token_ids, prepared.timings)
@@ -169,50 +280,46 @@ class DiTServer:
                        handoff_receive_s=stats.receive_s)
         return PreparedImage(contexts, handoff.noise, handoff.think_text, handoff.think_token_ids, timings)
 
-    def _render(self, req: GenerationRequest, prepared: PreparedImage, on_step=None) -> GenerationResult:
-        def step(record) -> None:
+    def _render(self, req: GenerationRequest, prepared: PreparedImage, should_stop: Callable[[], bool],
+                on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:
+        def step(record: StepRecord) -> None:
             metrics.count_step()
+            if should_stop():  # a host-side flag: no device sync
+                raise Cancelled(f"denoising stopped at step {record.index + 1} of {record.total}: the request was cancelled")
             if on_step is not None:
                 on_step(record)
 
         return self.pipeline.render(req, prepared, step)
 
+    def _whole(self, req: GenerationRequest, handoff: Handoff | None, should_stop: Callable[[], bool],
+               on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:
+        """Over contexts the Thinker prepared, or (no handoff) built here."""
+        prepared = self.pipeline.prepare_image(req, should_stop) if handoff is None else self._received(handoff)
+        return self._render(req, prepared, should_stop, on_step)
+
     async def render(self, req: GenerationRequest, handoff: Handoff) -> GenerationResult:
         """Denoise and decode over contexts the Thinker prepared."""
         t0 = time.perf_counter()
-        result = await self.lock.run(lambda: self._render(req, self._received(handoff)))
+        result = await self.lock.run("render", lambda stop: self._whole(req, handoff, stop))
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """A whole image request on this replica (img2img when the DiT builds edit contexts)."""
         t0 = time.perf_counter()
-        result = await self.lock.run(self.pipeline.run, req)
+        result = await self.lock.run("generate", lambda stop: self._whole(req, None, stop))
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
-    def render_stream(self, req: GenerationRequest, handoff: Handoff | None) -> Iterator[dict | GenerationResult]:
+    async def render_stream(self, req: GenerationRequest, handoff: Handoff | None) -> AsyncIterator[dict | GenerationResult]:
         """Progress events `{"step", "total", "t"}` while denoising, then the result.
         With no handoff the request runs whole on this replica."""
-        events: queue.Queue = queue.Queue()
+        def produce(emit, should_stop) -> None:
+            progress = lambda r: emit({"step": r.index + 1, "total": r.total, "t": r.t})  # noqa: E731
+            emit(self._whole(req, handoff, should_stop, progress))
 
-        def work() -> None:
-            try:
-                with self.lock.hold():
-                    prepared = self.pipeline.prepare_image(req) if handoff is None else self._received(handoff)
-                    on_step = lambda r: events.put({"step": r.index + 1, "total": r.total, "t": r.t})  # noqa: E731
-                    events.put(self._render(req, prepared, on_step))
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                events.put(exc)
-
-        threading.Thread(target=work, daemon=True).start()
-        while True:
-            item = events.get()
-            if isinstance(item, BaseException):
-                raise item
+        async for item in self.lock.stream("render_stream", produce):
             yield item
-            if isinstance(item, GenerationResult):
-                return
 
     def check_health(self) -> None:
         if self.pipeline.dit is None:

@@ -77,3 +77,33 @@ def two_stage_app(serve_app) -> ServeApp:
         args[stage]["autoscaling_config"] = {"min_replicas": bounds[0], "max_replicas": bounds[1], "target_ongoing_requests": 2}
     handle = serve.run(build_app(args), name="two-stage", route_prefix="/two-stage")
     return ServeApp(handle, serve_app.url + "/two-stage", "two-stage", args)
+
+
+def deploy_variant(base: ServeApp, name: str, changes: dict) -> ServeApp:
+    """Another app on the session cluster, at /name: the tiny app's args with `changes`
+    (dotted keys -> values, e.g. {"dit.max_queued_requests": 1}) applied. The caller deletes
+    it with `serve.delete(name)` when done."""
+    import copy
+
+    from ray import serve
+
+    from bagel_ray.serve.app import build_app
+
+    args = copy.deepcopy(base.args)
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = args
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    handle = serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    return ServeApp(handle, f"{base.url}/{name}", name, args)
+
+
+def replica_actor_names(app: str, deployment: str) -> list[str]:
+    """Names of the live replica actors of one deployment (Serve names them
+    SERVE_REPLICA::<app>#<deployment>#<id> in the `serve` namespace)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))

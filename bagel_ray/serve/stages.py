@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from contextlib import contextmanager
@@ -25,13 +26,14 @@ import torch
 from ray import serve
 
 from bagel_ray.engine.cancel import Cancelled
+from bagel_ray.engine.continuous import ContinuousDecoder
 from bagel_ray.engine.dit import DiT, StepRecord
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline, PreparedImage
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
 from bagel_ray.model.bagel import ALL_PARTS, THINKER_PARTS
 from bagel_ray.model.loader import load_checkpoint
-from bagel_ray.model.tokenizer import BagelTokenizer
+from bagel_ray.model.tokenizer import BagelTokenizer, clean_generated_text
 from bagel_ray.serve import metrics
 from bagel_ray.serve.config import AppConfig, StageConfig
 from bagel_ray.transport.base import make_transport
@@ -173,10 +175,112 @@ class EngineLock:
 @dataclass
 class TextJob:
     """A text request waiting in the Thinker's batch, with the flag its caller sets when it
-    goes away."""
+    goes away, and (for the continuous decoder) the future its result goes to."""
 
     req: GenerationRequest
     cancel: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future | None = None
+    started: float = field(default_factory=time.perf_counter)
+    prefilled_s: float = 0.0
+
+    def deliver(self, outcome: GenerationResult | BaseException) -> None:
+        """Hand the outcome to the waiting caller (from the decode thread)."""
+        fut = self.future
+
+        def settle() -> None:
+            if not fut.done():
+                (fut.set_exception if isinstance(outcome, BaseException) else fut.set_result)(outcome)
+
+        fut.get_loop().call_soon_threadsafe(settle)
+
+
+class DecodeWorker:
+    """The Thinker's continuous batching: one thread that prefills arriving greedy requests,
+    admits them into the running `ContinuousDecoder` batch between chunks of steps, and hands
+    each result back as soon as its sequence ends. A new request never waits for a running
+    batch to finish; it waits at most one chunk (8 steps). The model is used under the
+    replica's engine lock, chunk by chunk, so image prefills interleave with decoding.
+    Requests that do not fit the decoder's rows decode on their own (`fallback`)."""
+
+    def __init__(self, pipeline: LocalPipeline, lock: EngineLock, slots: int, width: int,
+                 fallback: Callable[[list[TextJob]], list[GenerationResult | Exception]]) -> None:
+        self.pipeline, self.lock, self.fallback = pipeline, lock, fallback
+        self.slots, self.width = slots, width
+        self.decoder: ContinuousDecoder | None = None
+        self.inbox: queue.Queue[TextJob] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.guard = threading.Lock()
+
+    def submit(self, job: TextJob) -> None:
+        with self.guard:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="thinker-decode", daemon=True)
+                self.thread.start()
+        self.inbox.put(job)
+
+    def _admit(self, job: TextJob) -> None:
+        if job.cancel.is_set():
+            job.deliver(Cancelled("understand: cancelled before it started"))
+            return
+        with self.lock.hold():
+            if self.decoder is None:
+                self.decoder = ContinuousDecoder(self.pipeline.thinker_engine, self.slots, self.width)
+            job.prefilled_s = time.perf_counter()
+            ctx = self.pipeline.understanding_context(job.req)
+            if self.decoder.fits(ctx, job.req.max_tokens):
+                self.decoder.admit(job, ctx, job.req.max_tokens)
+                return
+        job.deliver(self.fallback([job])[0])
+
+    def _finish(self, seq) -> None:
+        job: TextJob = seq.key
+        tok = self.pipeline.thinker_engine.tokenizer
+        now = time.perf_counter()
+        req = job.req
+        job.deliver(GenerationResult(
+            req.modality, req.prompt, req.seed, text=clean_generated_text(tok.decode([tok.bos_id] + seq.token_ids)),
+            token_ids=seq.token_ids, finish_reason="stop" if seq.stopped_on_eos else "length",
+            timings={"queue_and_prefill_s": job.prefilled_s - job.started, "decode_s": now - job.prefilled_s,
+                     "tokens": float(len(seq.token_ids))},
+        ))
+
+    def _loop(self) -> None:
+        waiting: list[TextJob] = []
+        while True:
+            decoder = self.decoder
+            busy = decoder is not None and decoder.free_slots < decoder.slots
+            try:
+                # block only when nothing is decoding
+                waiting.append(self.inbox.get(block=not busy and not waiting, timeout=None))
+                while True:
+                    waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            while waiting and (self.decoder is None or self.decoder.free_slots):
+                job = waiting.pop(0)
+                try:
+                    self._admit(job)
+                except BaseException as exc:  # a bad request fails alone
+                    job.deliver(out_of_memory("understand", exc) if isinstance(exc, torch.cuda.OutOfMemoryError) else exc)
+            decoder = self.decoder
+            if decoder is None or decoder.free_slots == decoder.slots:
+                continue
+            for seq in list(decoder.active):
+                if seq is not None and seq.key.cancel.is_set():
+                    decoder.cancel(seq.key)
+                    seq.key.deliver(Cancelled("understand: cancelled"))
+            try:
+                with self.lock.hold():
+                    finished = decoder.run() if decoder.free_slots < decoder.slots else []
+            except torch.cuda.OutOfMemoryError as exc:
+                error = out_of_memory("understand", exc)
+                for seq in decoder.active:
+                    if seq is not None:
+                        seq.key.deliver(error)
+                self.decoder = None  # rebuilt (and its cache reallocated) for the next request
+                continue
+            for seq in finished:
+                self._finish(seq)
 
 
 @serve.deployment(name="Thinker")
@@ -191,6 +295,8 @@ class ThinkerServer:
         self.lock = EngineLock()
         self.understand_batched.set_max_batch_size(self.config.thinker.max_batch_size)
         self.understand_batched.set_batch_wait_timeout_s(self.config.thinker.batch_wait_timeout_s)
+        self.decode_worker = DecodeWorker(self.pipeline, self.lock, self.config.thinker.max_batch_size,
+                                          self.config.thinker.max_decode_len, self._understand)
         log.info("Thinker ready in %.1fs on %s (%s), transport %s", time.perf_counter() - t0, device, dtype, self.transport.name)
 
     def model_info(self) -> ModelInfo:
@@ -221,11 +327,17 @@ class ThinkerServer:
         return [Cancelled("understand: cancelled") if r is None else r for r in results]
 
     async def understand(self, req: GenerationRequest) -> GenerationResult:
-        """text2text / img2text; concurrent calls are decoded together in batches."""
+        """text2text / img2text. Greedy requests join the continuous decoding batch; sampled
+        ones are decoded together in batches of their own (each with its own generator)."""
         t0 = time.perf_counter()
         job = TextJob(req)
         try:
-            outcome = await self.understand_batched(job)
+            if req.do_sample:
+                outcome = await self.understand_batched(job)
+            else:
+                job.future = asyncio.get_running_loop().create_future()
+                self.decode_worker.submit(job)
+                outcome = await asyncio.shield(job.future)
         except asyncio.CancelledError:
             job.cancel.set()
             raise

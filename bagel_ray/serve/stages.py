@@ -14,6 +14,7 @@ batch of text requests is first split and retried), and the replica keeps servin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -361,8 +362,14 @@ class ThinkerServer:
     async def prepare_image(self, req: GenerationRequest) -> Handoff:
         """Contexts (and think text) of a text2img / img2img request, packed for the DiT."""
         t0 = time.perf_counter()
-        prepared: PreparedImage = await self.lock.run("prepare_image", lambda stop: self.pipeline.prepare_image(req, stop))
-        payload = self.transport.send(prepared.contexts)
+
+        def prepare(stop: Callable[[], bool]) -> tuple[PreparedImage, Any]:
+            # Sent under the engine lock, in its thread: packing never blocks the event loop,
+            # and no other request's CUDA-graph capture runs in this process meanwhile.
+            prepared = self.pipeline.prepare_image(req, stop)
+            return prepared, self.transport.send(prepared.contexts)
+
+        prepared, payload = await self.lock.run("prepare_image", prepare)
         metrics.observe_stage("thinker", time.perf_counter() - t0)
         return Handoff(payload, prepared.noise, prepared.think_text, prepared.think_token_ids, prepared.timings)
 
@@ -383,14 +390,26 @@ class DiTServer:
         self.device = torch.device(device)
         self.transport = make_transport(self.config.dit.transport)
         self.lock = EngineLock()
+        # Contexts held here at once: the request denoising, and the next one, received (off
+        # the engine lock) while the first denoises.
+        self.handoff_slots = asyncio.Semaphore(2)
         log.info("DiT ready in %.1fs on %s (%s)", time.perf_counter() - t0, device, dtype)
 
     def _received(self, handoff: Handoff) -> PreparedImage:
         contexts, stats = self.transport.receive(handoff.payload, self.device)
         metrics.observe_handoff(stats)
         timings = dict(handoff.timings, handoff_bytes=float(stats.nbytes), handoff_send_s=stats.send_s,
-                       handoff_receive_s=stats.receive_s)
+                       handoff_receive_s=stats.receive_s, **{f"handoff_via_{stats.route}": 1.0})
         return PreparedImage(contexts, handoff.noise, handoff.think_text, handoff.think_token_ids, timings)
+
+    async def _receive(self, handoff: Handoff | None) -> PreparedImage | None:
+        """The handoff's contexts, received in a worker thread outside the engine lock."""
+        if handoff is None:
+            return None
+        try:
+            return await asyncio.to_thread(self._received, handoff)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory("receive", exc) from None
 
     def _render(self, req: GenerationRequest, prepared: PreparedImage, should_stop: Callable[[], bool],
                 on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:
@@ -403,16 +422,18 @@ class DiTServer:
 
         return self.pipeline.render(req, prepared, step)
 
-    def _whole(self, req: GenerationRequest, handoff: Handoff | None, should_stop: Callable[[], bool],
+    def _whole(self, req: GenerationRequest, prepared: PreparedImage | None, should_stop: Callable[[], bool],
                on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:
-        """Over contexts the Thinker prepared, or (no handoff) built here."""
-        prepared = self.pipeline.prepare_image(req, should_stop) if handoff is None else self._received(handoff)
+        """Over contexts received from the Thinker, or (none) built here."""
+        prepared = self.pipeline.prepare_image(req, should_stop) if prepared is None else prepared
         return self._render(req, prepared, should_stop, on_step)
 
     async def render(self, req: GenerationRequest, handoff: Handoff) -> GenerationResult:
         """Denoise and decode over contexts the Thinker prepared."""
         t0 = time.perf_counter()
-        result = await self.lock.run("render", lambda stop: self._whole(req, handoff, stop))
+        async with self.handoff_slots:
+            prepared = await self._receive(handoff)
+            result = await self.lock.run("render", lambda stop: self._whole(req, prepared, stop))
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
@@ -426,12 +447,15 @@ class DiTServer:
     async def render_stream(self, req: GenerationRequest, handoff: Handoff | None) -> AsyncIterator[dict | GenerationResult]:
         """Progress events `{"step", "total", "t"}` while denoising, then the result.
         With no handoff the request runs whole on this replica."""
-        def produce(emit, should_stop) -> None:
-            progress = lambda r: emit({"step": r.index + 1, "total": r.total, "t": r.t})  # noqa: E731
-            emit(self._whole(req, handoff, should_stop, progress))
+        async with self.handoff_slots if handoff is not None else contextlib.nullcontext():
+            prepared = await self._receive(handoff)
 
-        async for item in self.lock.stream("render_stream", produce):
-            yield item
+            def produce(emit, should_stop) -> None:
+                progress = lambda r: emit({"step": r.index + 1, "total": r.total, "t": r.t})  # noqa: E731
+                emit(self._whole(req, prepared, should_stop, progress))
+
+            async for item in self.lock.stream("render_stream", produce):
+                yield item
 
     def check_health(self) -> None:
         if self.pipeline.dit is None:

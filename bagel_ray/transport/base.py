@@ -3,7 +3,15 @@
 A transport turns contexts into a picklable payload on the sending side (`send`) and back
 into tensors on the receiving side (`receive`). It knows the KV layout, never the model.
 Backends declare what they can do as class attributes; `make_transport` picks one by name
-from a lazy registry and logs any fallback.
+from a lazy registry and logs when a backend cannot do its job in this process.
+
+Backends:
+- `local`: same process, the contexts object itself.
+- `object_store`: one packed host buffer through the Ray object store (any two processes).
+- `cuda_ipc`, `nccl`, `auto` (`direct.py`): GPU-direct. The sender keeps its GPU tensors and
+  sends only their layout and its identity; the receiver maps them (CUDA IPC, same GPU) or
+  pulls them over NCCL (another GPU, any node), and pulls them through the object store
+  when neither works for the pair. `auto` picks the fastest that works for each handoff.
 """
 
 from __future__ import annotations
@@ -22,11 +30,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TransferStats:
-    """Bytes and seconds of one handoff (the sending and the receiving halves)."""
+    """Bytes and seconds of one handoff (the sending and the receiving halves), and the
+    route the bytes took (`local`, `object_store`, `cuda_ipc`, `nccl`, or `fetch`: pulled
+    through the object store from the sender)."""
 
     nbytes: int
     send_s: float
     receive_s: float = 0.0
+    route: str = ""
 
 
 class KVTransport:
@@ -41,25 +52,29 @@ class KVTransport:
     def receive(self, payload: Any, device: torch.device) -> tuple[ImageContexts, TransferStats]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Give back what the transport holds (communicators, contexts waiting to be pulled)."""
 
-# name -> "module:Class"; imported on first use so the CPU path never imports cupy or Ray.
+
+# name -> "module:Class"; imported on first use so the CPU path never imports NCCL or Ray.
 REGISTRY: dict[str, str] = {
     "local": "bagel_ray.transport.local:LocalTransport",
     "object_store": "bagel_ray.transport.object_store:ObjectStoreTransport",
+    "auto": "bagel_ray.transport.direct:AutoTransport",
+    "cuda_ipc": "bagel_ray.transport.direct:CudaIpcTransport",
+    "nccl": "bagel_ray.transport.direct:NcclTransport",
 }
 TRANSPORT_NAMES = ("auto", "object_store", "cuda_ipc", "nccl")
 
 
 def make_transport(name: str) -> KVTransport:
-    """The backend called `name`. `auto` and backends not available here fall back to the
-    object store, with a warning that says why."""
-    if name == "auto":
-        name = "object_store"
+    """The backend called `name`. A backend that needs CUDA still works in a process without
+    it (its contexts go through the object store), with a warning that says so."""
     if name not in REGISTRY:
-        if name in TRANSPORT_NAMES:
-            log.warning("KV transport %r is not available in this build; falling back to 'object_store'", name)
-            name = "object_store"
-        else:
-            raise ValueError(f"unknown KV transport {name!r}; choose from {', '.join(TRANSPORT_NAMES)}")
-    module, _, cls = REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+        raise ValueError(f"unknown KV transport {name!r}; choose from {', '.join(TRANSPORT_NAMES)}")
+    module, _, cls_name = REGISTRY[name].partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    if cls.needs_cuda and not torch.cuda.is_available():
+        log.warning("KV transport %r needs CUDA, which this process lacks: the contexts it sends and receives "
+                    "go through the object store", name)
+    return cls()

@@ -17,4 +17,4 @@ class LocalTransport(KVTransport):
     def receive(self, payload: ImageContexts, device: torch.device) -> tuple[ImageContexts, TransferStats]:
         if payload.gen.kv.device != torch.device(device):
             raise ValueError(f"local transport cannot move contexts from {payload.gen.kv.device} to {device}")
-        return payload, TransferStats(payload.nbytes, 0.0)
+        return payload, TransferStats(payload.nbytes, 0.0, 0.0, self.name)

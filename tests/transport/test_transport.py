@@ -4,7 +4,12 @@ Every backend in the registry must hand the receiver the same contexts, bit for 
 branch's K/V, length and next RoPE position, and the image size, for text2img (cfg_img a cut of
 gen) and img2img (cfg_img its own context), in bfloat16 and float32. Backends that cross
 processes are also carried the way Ray carries them: pickle protocol 5 with out-of-band buffers,
-and a real `ray.put` / `ray.get`.
+and a real `ray.put` / `ray.get`. The GPU-direct backends (`auto`, `cuda_ipc`, `nccl`) run the
+contract twice on CPU: pushing host contexts through the object store (what they do with a CPU
+Thinker), and keeping them in the sender's outbox for the receiver to pull (the path of GPU
+contexts; here sender and receiver share a process, so the pull takes the `local` route).
+Routes between processes, with a real Ray actor as the sender, are in test_direct.py; the GPU
+routes themselves in test_gpu.py.
 """
 
 from __future__ import annotations
@@ -20,46 +25,12 @@ import torch
 
 from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
 from bagel_ray.transport.base import REGISTRY, KVTransport, TransferStats, make_transport
-from bagel_ray.transport.object_store import ObjectStoreTransport
+from bagel_ray.transport.direct import AutoTransport, DirectPayload, DirectTransport
+from bagel_ray.transport.object_store import ObjectStoreTransport, PackedContexts
+from tests.transport.peers import make_contexts
 
-LAYERS, KV_HEADS, HEAD_DIM = 3, 4, 64  # ~110 KB+ per context: above Ray's inline-object limit
 CPU = torch.device("cpu")
 BRANCHES = ("cond", "cfg_text", "cfg_img")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """A small local Ray, or the session's one (tests/serve/conftest.py) when it is already up;
-    only a cluster started here is shut down here."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def kv(length: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random K/V with the bit patterns a careless cast or copy would change: NaN, ±inf, -0."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(LAYERS, 2, length, KV_HEADS, HEAD_DIM, generator=g).to(dtype)
-    t[0, 0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0], dtype=dtype)
-    return t
-
-
-def make_contexts(case: str, dtype: torch.dtype) -> ImageContexts:
-    # rope != length: an image block takes one position for many rows.
-    gen = KVContext(kv(41, dtype, seed=0), rope=27)
-    if case == "text2img":  # cfg_img equals gen (no think): a cut
-        return ImageContexts(gen, cfg_text=Cut(6, 6), cfg_img=gen.cut, height=512, width=384)
-    if case == "text2img_think":  # cfg_img a shorter prefix of gen
-        return ImageContexts(gen, cfg_text=Cut(6, 6), cfg_img=Cut(33, 19), height=256, width=768)
-    if case == "img2img":  # cfg_img its own context, prompt at other positions
-        return ImageContexts(gen, cfg_text=Cut(30, 16), cfg_img=KVContext(kv(23, dtype, seed=1), rope=9), height=1024, width=1024)
-    raise ValueError(case)
 
 
 def carry_direct(payload: Any, ray: Any) -> Any:
@@ -67,11 +38,14 @@ def carry_direct(payload: Any, ray: Any) -> Any:
 
 
 def carry_pickle5(payload: Any, ray: Any) -> Any:
-    """Pickle protocol 5 as Ray does it: the KV travels out of band as one buffer, and the
-    in-band pickle is only metadata."""
+    """Pickle protocol 5 as Ray does it: packed KV travels out of band as one buffer, a
+    GPU-direct payload carries no KV at all, and the in-band pickle is only metadata."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-    assert len(buffers) == 1, "the KV should travel as one contiguous out-of-band buffer"
+    if isinstance(payload, PackedContexts):
+        assert len(buffers) == 1, "the KV should travel as one contiguous out-of-band buffer"
+    else:
+        assert isinstance(payload, DirectPayload) and not buffers, "a GPU-direct payload carries no KV"
     assert len(data) < 4096, f"{len(data)} bytes of in-band pickle: KV went in band"
     return pickle.loads(data, buffers=buffers)
 
@@ -85,11 +59,12 @@ CARRIERS: dict[str, Callable[[Any, Any], Any]] = {"direct": carry_direct, "pickl
 
 def contract_cases():
     for backend in sorted(REGISTRY):
-        crosses = make_transport(backend).crosses_processes
-        for carrier in CARRIERS:
-            if carrier != "direct" and not crosses:
-                continue
-            yield pytest.param(backend, carrier, id=f"{backend}-{carrier}")
+        transport = make_transport(backend)
+        for pull in (False, True) if isinstance(transport, DirectTransport) else (False,):
+            for carrier in CARRIERS:
+                if carrier != "direct" and not transport.crosses_processes:
+                    continue
+                yield pytest.param(backend, carrier, pull, id=f"{backend}{'-pull' if pull else ''}-{carrier}")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -112,11 +87,13 @@ def assert_same_contexts(got: ImageContexts, sent: ImageContexts) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", ["text2img", "text2img_think", "img2img"])
-@pytest.mark.parametrize("backend, carrier", list(contract_cases()))
-def test_send_receive_is_bit_identical(backend, carrier, case, dtype, request):
+@pytest.mark.parametrize("backend, carrier, pull", list(contract_cases()))
+def test_send_receive_is_bit_identical(backend, carrier, pull, case, dtype, request):
     ray = request.getfixturevalue("ray_local") if carrier == "ray" else None
     transport = make_transport(backend)
     assert isinstance(transport, KVTransport) and transport.name == backend
+    if pull:
+        transport.pull_host_contexts = True
     sent = make_contexts(case, dtype)
     expected = {name: bits(sent.branch(name).kv).clone() for name in BRANCHES}
 
@@ -127,6 +104,7 @@ def test_send_receive_is_bit_identical(backend, carrier, case, dtype, request):
     assert isinstance(stats, TransferStats)
     assert stats.nbytes == sent.nbytes == sum(c.nbytes for c in (sent.gen, sent.cfg_img) if isinstance(c, KVContext))
     assert stats.send_s >= 0 and stats.receive_s >= 0
+    assert stats.route == ("local" if backend == "local" or pull else "object_store")
     # Sending did not touch the sender's tensors.
     for name in BRANCHES:
         assert torch.equal(bits(sent.branch(name).kv), expected[name]), name
@@ -153,21 +131,40 @@ def test_object_store_receive_is_zero_copy_after_ray_get(ray_local, case):
     assert own[0].data_ptr() == lo
 
 
-def test_make_transport_auto_is_object_store():
-    assert isinstance(make_transport("auto"), ObjectStoreTransport)
-    assert isinstance(make_transport("object_store"), ObjectStoreTransport)
+def test_a_pulled_handoff_is_taken_once():
+    transport = AutoTransport(pull_host_contexts=True)
+    payload = transport.send(make_contexts("img2img", torch.float32))
+    assert len(transport.outbox) == 1
+    transport.receive(payload, CPU)
+    assert len(transport.outbox) == 0
+    from ray.exceptions import ActorUnavailableError
+
+    with pytest.raises(ActorUnavailableError, match="gone"):  # HandoffGone: the driver retries the request
+        transport.receive(payload, CPU)
 
 
 @pytest.mark.parametrize("name", ["cuda_ipc", "nccl"])
-def test_unbuilt_backends_fall_back_with_warning(name, caplog):
-    if name in REGISTRY:
-        pytest.skip(f"{name} is built now; it no longer falls back")
+def test_gpu_backends_without_cuda_warn_and_use_the_object_store(name, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this process has CUDA")
     with caplog.at_level(logging.WARNING, logger="bagel_ray.transport.base"):
         transport = make_transport(name)
-    assert isinstance(transport, ObjectStoreTransport)
+    assert transport.name == name and transport.needs_cuda
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "bagel_ray.transport.base"]
     assert len(warnings) == 1
-    assert name in warnings[0].getMessage() and "object_store" in warnings[0].getMessage()
+    assert name in warnings[0].getMessage() and "object store" in warnings[0].getMessage()
+    payload = transport.send(make_contexts("text2img", torch.float32))
+    assert isinstance(payload, PackedContexts)  # host contexts are pushed, as object_store does
+    _, stats = transport.receive(payload, CPU)
+    assert stats.route == "object_store"
+
+
+def test_auto_needs_nothing_and_does_not_warn(caplog):
+    with caplog.at_level(logging.WARNING):
+        transport = make_transport("auto")
+    assert transport.name == "auto" and not transport.needs_cuda
+    assert transport.routes == frozenset({"cuda_ipc", "nccl"})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_unknown_transport_raises():

@@ -1,0 +1,72 @@
+"""The layout of `ImageContexts` without their tensors: what every transport sends ahead of
+(or instead of) the K/V bytes so the receiver can rebuild the contexts.
+
+A handoff carries one tensor per context, each [layers, 2, T, kv_heads, head_dim] with every
+layer in it: `gen`, and `cfg_img` when it is a context of its own (img2img). The prefix CFG
+branches (`cfg_text` always, `cfg_img` in text2img) travel as cut points, never as copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
+
+DTYPES = {str(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
+
+
+@dataclass(frozen=True)
+class ContextsLayout:
+    dtype: str
+    shapes: tuple[tuple[int, ...], ...]  # gen's, then cfg_img's when it is its own context
+    gen_rope: int
+    cfg_text: Cut
+    cfg_img: Cut | int  # a cut of gen, or the next RoPE position of cfg_img's own context
+    height: int
+    width: int
+
+    @staticmethod
+    def of(contexts: ImageContexts) -> "ContextsLayout":
+        own = isinstance(contexts.cfg_img, KVContext)
+        shapes = (tuple(contexts.gen.kv.shape),) + ((tuple(contexts.cfg_img.kv.shape),) if own else ())
+        cfg_img = contexts.cfg_img.rope if own else contexts.cfg_img
+        return ContextsLayout(str(contexts.gen.kv.dtype), shapes, contexts.gen.rope, contexts.cfg_text, cfg_img,
+                              contexts.height, contexts.width)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Bytes of each context tensor."""
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return tuple(math.prod(shape) * itemsize for shape in self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+    @staticmethod
+    def tensors(contexts: ImageContexts) -> list[torch.Tensor]:
+        """The context tensors in layout order, each contiguous (a view of the context's own
+        tensor when it already is, as the engines make them)."""
+        own = [contexts.gen.kv] + ([contexts.cfg_img.kv] if isinstance(contexts.cfg_img, KVContext) else [])
+        return [t.contiguous() for t in own]
+
+    def empty(self, device: torch.device) -> list[torch.Tensor]:
+        return [torch.empty(shape, dtype=self.torch_dtype, device=device) for shape in self.shapes]
+
+    def assemble(self, tensors: list[torch.Tensor]) -> ImageContexts:
+        """The contexts over `tensors` (in layout order), without copying them."""
+        if len(tensors) != len(self.shapes):
+            raise ValueError(f"{len(tensors)} tensors for a layout of {len(self.shapes)} contexts")
+        for t, shape in zip(tensors, self.shapes):
+            if tuple(t.shape) != shape or t.dtype != self.torch_dtype:
+                raise ValueError(f"tensor {tuple(t.shape)} {t.dtype} does not match the layout's {shape} {self.dtype}")
+        gen = KVContext(tensors[0], self.gen_rope)
+        cfg_img = self.cfg_img if isinstance(self.cfg_img, Cut) else KVContext(tensors[1], self.cfg_img)
+        return ImageContexts(gen, self.cfg_text, cfg_img, self.height, self.width)

@@ -1,0 +1,153 @@
+"""The GPU routes, for real: the NCCL binding (init, send/recv, deadline and abort) and
+handoffs between Ray actors that play the Thinker and the DiT, CUDA IPC on one GPU and NCCL
+across two. Skipped without CUDA; the two-GPU ones without two GPUs. On a GPU machine:
+
+    python -m pytest -q tests/transport/test_gpu.py
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from bagel_ray.transport.nccl import NcclComms, TransferTimeout, await_progress
+from tests.transport.peers import digest, make_contexts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+CASES = ["text2img", "text2img_think", "img2img"]
+
+
+# -- the binding, in this process ----------------------------------------------------------
+
+
+def test_nccl_loads():
+    comms = NcclComms()
+    assert comms.available, comms.unavailable_reason
+    assert len(comms.unique_id()) == 128
+
+
+def test_an_nccl_init_without_its_peer_times_out_and_aborts():
+    comms = NcclComms()
+    comm = comms.open(comms.unique_id(), 2, 1, torch.device("cuda", 0))  # rank 0 never comes
+    t0 = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        await_progress(comm, t0 + 1.0, what="NCCL connect")
+    comm.abort()
+    assert time.monotonic() - t0 < 15
+
+
+def two_ranks(comms: NcclComms) -> list:
+    uid = comms.unique_id()
+    ranks: list = [None, None]
+
+    def open_rank(rank: int) -> None:
+        ranks[rank] = comms.open(uid, 2, rank, torch.device("cuda", rank))
+        await_progress(ranks[rank], time.monotonic() + 60, what="NCCL connect")
+
+    threads = [threading.Thread(target=open_rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert all(ranks), "the two ranks did not connect"
+    return ranks
+
+
+@two_gpus
+def test_nccl_send_recv_between_two_gpus_then_a_stalled_recv_aborts():
+    comms = NcclComms()
+    sender, receiver = two_ranks(comms)
+    data = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8, device="cuda:0")
+    out = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:1")
+    sender.send(data, 1)
+    receiver.recv(out, 0)
+    deadline = time.monotonic() + 30
+    await_progress(sender, deadline)
+    await_progress(receiver, deadline)
+    assert torch.equal(out.cpu(), data.cpu())
+
+    receiver.recv(out, 0)  # nobody sends
+    t0 = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        await_progress(receiver, t0 + 1.0)
+    receiver.abort()
+    sender.abort()
+    assert time.monotonic() - t0 < 15
+
+
+# -- handoffs between actors ----------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_peers(ray_local):
+    """Makes GpuPeer actors, killed after each test so the next test finds its GPUs free."""
+    from tests.transport.peers import GpuPeer
+
+    made = []
+
+    def make(transport: str, num_gpus: float, **options):
+        made.append(GpuPeer.options(num_gpus=num_gpus).remote(transport, **options))
+        return made[-1]
+
+    yield make
+    for actor in made:
+        ray_local.kill(actor)
+
+
+def pair(gpu_peers, ray, transport: str, same_gpu: bool, **options):
+    sender = gpu_peers(transport, 0.5 if same_gpu else 1)
+    receiver = gpu_peers(transport, 0.5 if same_gpu else 1, **options)
+    a, b = ray.get([sender.gpu.remote(), receiver.gpu.remote()])
+    if (a == b) != same_gpu:
+        pytest.skip(f"Ray placed the two actors on {'different GPUs' if same_gpu else 'one GPU'}")
+    return sender, receiver
+
+
+def handoff(ray, sender, receiver, case: str) -> str:
+    route, got, _ = ray.get(receiver.receive.remote(sender.send.remote(case)))
+    assert got == digest(make_contexts(case, torch.bfloat16)), f"{case} via {route}: contexts differ"
+    return route
+
+
+@pytest.mark.parametrize("transport", ["cuda_ipc", "auto"])
+def test_cuda_ipc_on_one_gpu(gpu_peers, ray_local, transport):
+    sender, receiver = pair(gpu_peers, ray_local, transport, same_gpu=True)
+    for case in CASES:
+        assert handoff(ray_local, sender, receiver, case) == "cuda_ipc"
+
+
+@two_gpus
+@pytest.mark.parametrize("transport", ["nccl", "auto"])
+def test_nccl_across_two_gpus_one_communicator_per_pair(gpu_peers, ray_local, transport):
+    sender, receiver = pair(gpu_peers, ray_local, transport, same_gpu=False)
+    for case in CASES + CASES:
+        assert handoff(ray_local, sender, receiver, case) == "nccl"
+    assert ray_local.get(receiver.links.remote()) == (1, 0)
+    assert ray_local.get(sender.links.remote()) == (0, 1)
+
+
+@pytest.mark.parametrize("transport, same_gpu, route", [
+    ("object_store", True, "object_store"),
+    ("nccl", True, "fetch"),  # NCCL cannot connect a GPU to itself
+    pytest.param("cuda_ipc", False, "fetch", marks=two_gpus),  # Ray hides the other GPU
+    pytest.param("object_store", False, "object_store", marks=two_gpus),
+])
+def test_routes_without_a_gpu_path_still_deliver(gpu_peers, ray_local, transport, same_gpu, route):
+    sender, receiver = pair(gpu_peers, ray_local, transport, same_gpu)
+    for case in CASES:
+        assert handoff(ray_local, sender, receiver, case) == route
+
+
+@two_gpus
+def test_a_stalled_nccl_handoff_falls_back_and_the_next_reconnects(gpu_peers, ray_local):
+    sender, receiver = pair(gpu_peers, ray_local, "nccl", same_gpu=False, transfer_timeout_s=1.0)
+    assert handoff(ray_local, sender, receiver, "text2img") == "nccl"  # the pair is connected
+    ray_local.get(sender.hold_pair.remote(ray_local.get(receiver.key.remote()), 4.0))
+    t0 = time.monotonic()
+    assert handoff(ray_local, sender, receiver, "img2img") == "fetch"  # recv posted, aborted at 1 s
+    assert time.monotonic() - t0 < 10
+    assert handoff(ray_local, sender, receiver, "img2img") == "nccl"  # a new communicator

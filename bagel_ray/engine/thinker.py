@@ -202,7 +202,8 @@ def _graphed(step, state: tuple[torch.Tensor, ...]):
     for t, s in zip(state[1:], saved):
         t.copy_(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: CUDA calls of other threads (a transport sending) may not break the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         logits = step()
     for t, s in zip(state[1:], saved):
         t.copy_(s)

@@ -32,3 +32,21 @@ def manifest(golden_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def golden_model_dir(golden_dir: Path) -> Path:
     return golden_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The embedded tiny model in float32 on the CPU, in one process (shared by the unit tests)."""
+    from bagel_ray.engine.pipeline import LocalPipeline
+    from bagel_ray.model.tiny import make_tiny_model
+
+    return LocalPipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny")), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def image():
+    """A 80x64 random picture (an input for ViT and VAE blocks)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 80, 3), dtype=np.uint8))

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
-from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.model.tiny import make_tiny_model
 
 LAYERS, KV_HEADS, HEAD_DIM = 3, 2, 4
 
@@ -117,17 +113,6 @@ def test_img2img_branches():
 
 
 # -- contexts built by the pipeline on the tiny model -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> LocalPipeline:
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny"))
-    return LocalPipeline.from_pretrained(folder, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def image() -> Image.Image:
-    return Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 80, 3), dtype=np.uint8))
 
 
 def test_edit_prefix_property(pipeline, image):

@@ -6,10 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.engine.thinker import DecodeParams
 from bagel_ray.model.image_transforms import grid_position_ids
@@ -24,18 +22,6 @@ from bagel_ray.model.llm import (
     rotate_half,
     route,
 )
-from bagel_ray.model.tiny import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> LocalPipeline:
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny"))
-    return LocalPipeline.from_pretrained(folder, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def image() -> Image.Image:
-    return Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 80, 3), dtype=np.uint8))
 
 
 # -- RoPE positions of mixed contexts ---------------------------------------------------------

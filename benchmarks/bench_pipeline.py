@@ -186,7 +186,7 @@ def main() -> None:
             results.append({"row": f"decode_b{batch}", "seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds})
             print(results[-1], flush=True)
 
-    print(f"\n| row | seconds | figure |\n|---|---:|---|")
+    print("\n| row | seconds | figure |\n|---|---:|---|")
     for r in results:
         figure = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else "")
         print(f"| {r['row']} | {r['seconds']:.3f} | {figure} |")

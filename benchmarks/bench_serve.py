@@ -11,7 +11,6 @@ Rows: time to ready; text2img 512^2 / 20 steps / cfg_text 4 / cfg_img 1.5, one r
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import statistics

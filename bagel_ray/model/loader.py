@@ -9,7 +9,6 @@ fused parameters through one table. Missing, unexpected or misshapen tensors rai
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re

@@ -107,3 +107,27 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
 
     prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def local(tiny_cache):
+    """The reference, run with the replicas' single intra-op thread (Ray gives a worker with a
+    fractional CPU OMP_NUM_THREADS=1): the CPU VAE's convolutions sum in a thread-count
+    dependent order, and the comparison below is bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    from bagel_ray.engine.pipeline import LocalPipeline
+
+    yield LocalPipeline.from_pretrained("tiny", device="cpu", dtype="float32")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))

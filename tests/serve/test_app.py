@@ -16,28 +16,8 @@ import requests
 from PIL import Image
 
 from bagel_ray.client import Client
-from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.serve.schemas import png_base64
-
-
-@pytest.fixture(scope="module")
-def local(tiny_cache):
-    """The reference, run with the replicas' single intra-op thread (Ray gives a worker with a
-    fractional CPU OMP_NUM_THREADS=1): the CPU VAE's convolutions sum in a thread-count
-    dependent order, and the comparison below is bit for bit."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LocalPipeline.from_pretrained("tiny", device="cpu", dtype="float32")
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def picture() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
 
 
 def post(app, path: str, **kwargs) -> requests.Response:

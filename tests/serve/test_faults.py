@@ -19,7 +19,6 @@ from PIL import Image
 
 from bagel_ray.engine.request import GenerationRequest
 from tests.serve.conftest import deploy_variant, replica_actor_names
-from tests.serve.test_app import local  # noqa: F401  (fixture)
 
 REPLICAS = 2
 CLIENTS = 6

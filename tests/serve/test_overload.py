@@ -23,7 +23,6 @@ from PIL import Image
 
 from bagel_ray.engine.request import GenerationRequest
 from tests.serve.conftest import deploy_variant
-from tests.serve.test_app import local  # noqa: F401  (fixture)
 
 TIMEOUT_S = 3.0
 RETRY_AFTER_S = 2

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from bagel_ray.engine.request import GenerationRequest
-from tests.serve.test_app import local, picture, png_pixels, post  # noqa: F401  (fixtures)
+from tests.serve.test_app import png_pixels, post
 
 
 def test_img2img_through_the_thinker_matches_local(two_stage_app, local, picture):  # noqa: F811

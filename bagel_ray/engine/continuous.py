@@ -21,7 +21,6 @@ import torch
 from bagel_ray.engine.kv_context import KVContext
 from bagel_ray.engine.sampling import greedy
 from bagel_ray.engine.thinker import Thinker, _graphed
-from bagel_ray.model.llm import CachedKV, ForwardMode
 
 
 @dataclass
@@ -54,12 +53,9 @@ class ContinuousDecoder:
         self._step = None
 
     def _forward_step(self) -> torch.Tensor:
-        model, tok = self.thinker.model, self.thinker.tokenizer
-        mask = (self.key_index[None, :] <= self.lens[:, None])[:, None, :]
-        hidden, _ = model.llm(model.embed_tokens(self.tokens)[:, None], self.positions[:, None], None,
-                              CachedKV(self.cache, self.lens, mask), ForwardMode(gen=False))
-        logits = model.logits(hidden[:, -1])
-        nxt = greedy(logits[:, : tok.vocab_len])
+        th = self.thinker
+        logits = th.cached_logits(self.cache, self.lens, self.positions, self.tokens, self.key_index)
+        nxt = greedy(th.choosable(logits))
         self.history.index_copy_(0, self.counter % self.chunk, nxt[None])
         self.tokens.copy_(nxt)
         # idle slots stay at length 0 (they rewrite their own first row, which nobody reads)

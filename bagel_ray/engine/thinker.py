@@ -117,6 +117,21 @@ class Thinker:
             outputs.append(DecodeOutput(generated[b], text, stopped[b], kept))
         return outputs
 
+    def cached_logits(self, cache: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
+                      key_index: torch.Tensor) -> torch.Tensor:
+        """One decoding forward of `tokens` [B] over a preallocated cache [layers, 2, B, W, kv,
+        hd]: each row is written at `lens` and attends to its cache rows and itself. Static
+        shapes and no host reads, so it can run inside a CUDA graph."""
+        model = self.model
+        mask = (key_index[None, :] <= lens[:, None])[:, None, :]
+        hidden, _ = model.llm(model.embed_tokens(tokens)[:, None], positions[:, None], None,
+                              CachedKV(cache, lens, mask), ForwardMode(gen=False))
+        return model.logits(hidden[:, -1])
+
+    def choosable(self, logits: torch.Tensor) -> torch.Tensor:
+        """Rows past the tokenizer are padding of the embedding table: never emit them."""
+        return logits[:, : self.tokenizer.vocab_len]
+
     @torch.inference_mode()
     def decode_steps(
         self, contexts: list[KVContext], params: DecodeParams, generator: torch.Generator | None = None,
@@ -147,12 +162,8 @@ class Thinker:
         counter = torch.zeros(1, dtype=torch.long, device=device)
 
         def step() -> torch.Tensor:
-            mask = (key_index[None, :] <= lens[:, None])[:, None, :]  # its cache rows and itself
-            hidden, _ = model.llm(model.embed_tokens(tokens)[:, None], positions[:, None], None,
-                                  CachedKV(cache, lens, mask), ForwardMode(gen=False))
-            logits = model.logits(hidden[:, -1])
-            # Rows past the tokenizer are padding of the embedding table: never emit them.
-            choosable = logits[:, : tok.vocab_len]
+            logits = self.cached_logits(cache, lens, positions, tokens, key_index)
+            choosable = self.choosable(logits)
             nxt = sample(choosable, params.temperature, params.top_p, generator) if params.do_sample else greedy(choosable)
             history.index_copy_(0, counter, nxt[None])
             tokens.copy_(nxt)

@@ -32,12 +32,14 @@ log = logging.getLogger(__name__)
 class TransferStats:
     """Bytes and seconds of one handoff (the sending and the receiving halves), and the
     route the bytes took (`local`, `object_store`, `cuda_ipc`, `nccl`, or `fetch`: pulled
-    through the object store from the sender)."""
+    through the object store from the sender). `phases`: seconds of the receiving half's
+    parts, where a route times them (for benchmarks and tuning)."""
 
     nbytes: int
     send_s: float
     receive_s: float = 0.0
     route: str = ""
+    phases: tuple[tuple[str, float], ...] = ()
 
 
 class KVTransport:

@@ -2,8 +2,9 @@
 
 `send` puts the context tensors (one per context, every layer in it, as the engines make
 them: no packing copy) in the sender's outbox and returns a small payload: the layout, a
-handoff id, where the sender is (node, GPU UUID, whether it has NCCL), its Ray actor handle,
-and CUDA IPC handles of the tensors. `receive` picks a route from the payload and its own
+handoff id, where the sender is (node, GPU UUID, whether it has NCCL), the address of its
+control channel (`control.py`: how a receiver asks for a transfer and releases a handoff),
+its Ray actor handle (for the object-store fallback), and CUDA IPC handles of the tensors. `receive` picks a route from the payload and its own
 place (`plan_route`, the whole decision table):
 
 | route      | when                                                   | how                               |
@@ -19,7 +20,7 @@ replica its own CUDA_VISIBLE_DEVICES, so in a cluster `cuda_ipc` is the route of
 that share a GPU and `nccl` that of replicas on different GPUs, on one node or several.
 
 NCCL communicators are made lazily, one per (sender replica, receiver replica) pair, with a
-unique id the receiver makes and passes in its `start_send` call; both sides wait with
+unique id the receiver makes and passes in its first "send" request; both sides wait with
 deadlines, and a failure or a timeout aborts the pair's communicator (the next handoff makes
 a new one) and sends this handoff through the object store. Pairs unused for `link_idle_s`
 are aborted; so is everything when the transport closes or is collected with its replica.
@@ -49,6 +50,7 @@ import torch
 from bagel_ray.engine.kv_context import ImageContexts
 from bagel_ray.transport import cuda
 from bagel_ray.transport.base import KVTransport, TransferStats
+from bagel_ray.transport.control import ControlClient, ControlError, ControlServer
 from bagel_ray.transport.errors import HandoffGone
 from bagel_ray.transport.layout import ContextsLayout
 from bagel_ray.transport.nccl import CommFactory, Communicator, NcclComms, TransferTimeout, await_progress
@@ -80,6 +82,7 @@ class DirectPayload:
     handoff_id: str
     sender_key: str  # the sending transport, found in its process by `local_sender`
     sender: Placement
+    control: tuple[str, int]  # the sender's control channel (host, port)
     actor: Any | None  # the sending replica's Ray actor handle (None outside Ray)
     layout: ContextsLayout
     ipc: tuple[tuple[Any, tuple], ...] | None  # a CUDA IPC handle per context tensor
@@ -191,6 +194,11 @@ class DirectTransport(KVTransport):
         self._links_lock = threading.Lock()
         self._peer_locks: dict[tuple[str, str], threading.Lock] = {}
         self._senders: ThreadPoolExecutor | None = None
+        self._control: ControlServer | None = None  # made with the first pull-able payload
+        self._actor: Any | None = None  # this replica's Ray actor handle (fetches come through it)
+        self._clients: dict[str, ControlClient] = {}  # by sender key
+        self._unreachable: set[str] = set()  # senders whose control channel refused or timed out a connection
+        self._places: dict[torch.device, Placement] = {}
         self._warned: set[tuple[str, str]] = set()
         _SENDERS[self.key] = self
         # Communicators die with the transport; at interpreter exit the process takes them.
@@ -201,10 +209,31 @@ class DirectTransport(KVTransport):
     def placement(self, device: torch.device) -> Placement:
         if self._placement is not None:
             return self._placement(device)
-        from bagel_ray.transport import ray_peer
+        if device not in self._places:  # fixed for the life of the process
+            from bagel_ray.transport import ray_peer
 
-        gpu = cuda.gpu_uuid(device) if device.type == "cuda" else None
-        return Placement(ray_peer.node_id(), gpu, cuda.visible_gpus(), gpu is not None and self._comms.available)
+            gpu = cuda.gpu_uuid(device) if device.type == "cuda" else None
+            self._places[device] = Placement(ray_peer.node_id(), gpu, cuda.visible_gpus(),
+                                             gpu is not None and self._comms.available)
+        return self._places[device]
+
+    def _control_address(self) -> tuple[str, int]:
+        with self._links_lock:
+            if self._control is None:
+                from bagel_ray.transport import ray_peer
+
+                self._control = ControlServer(self.key, self._on_control, ray_peer.node_address())
+                self._actor = ray_peer.current_actor()  # this replica, for the object-store fallback
+            return self._control.address
+
+    def _on_control(self, message: dict[str, Any], answer: Callable[[dict[str, Any]], None]) -> None:
+        """A receiver's message on the control channel (run in the channel's thread)."""
+        if message.get("op") == "send":
+            uid = message.get("unique_id")
+            self.serve_send(message["handoff"], message["receiver"], message["comm"], bytes.fromhex(uid) if uid else None,
+                            float(message["timeout_s"]), answer)
+        elif message.get("op") == "release":
+            self.serve_release(message["handoff"])
 
     # -- sending --------------------------------------------------------------------------
 
@@ -221,35 +250,41 @@ class DirectTransport(KVTransport):
             ready.synchronize()
         layout = ContextsLayout.of(contexts)
         handoff_id = uuid.uuid4().hex
+        control = self._control_address()
         self.outbox.put(handoff_id, tensors, layout)
         ipc = tuple(cuda.export_ipc(t) for t in tensors) if device.type == "cuda" and "cuda_ipc" in self.routes else None
-        from bagel_ray.transport import ray_peer
-
-        return DirectPayload(handoff_id, self.key, self.placement(device), ray_peer.current_actor(), layout, ipc,
+        return DirectPayload(handoff_id, self.key, self.placement(device), control, self._actor, layout, ipc,
                              time.perf_counter() - t0)
 
-    # What a receiver's calls run here, in the sender's process (through `ray_peer`).
+    # What a receiver's requests run here, in the sender's process (through the control
+    # channel, or `ray_peer` for the fetch).
 
     def serve_send(self, handoff_id: str, receiver_key: str, comm_key: str, unique_id: bytes | None,
-                   timeout_s: float) -> str:
-        """Queue the NCCL send of a parcel to a receiver and answer at once: `started`, `gone`,
-        or why not. With a `unique_id` the pair gets a new communicator."""
+                   timeout_s: float, answer: Callable[[dict[str, Any]], None]) -> None:
+        """Answer a receiver's "send me this handoff" (`started`, `gone`, or why not), then send
+        it. A pair's first handoff (with a `unique_id`: a new communicator, whose connect takes
+        a while) is sent from a worker thread; later ones right here, in the pair's control
+        thread, so nothing but the answer stands between the request and the NCCL send."""
         self._sweep_links()
         parcel = self.outbox.peek(handoff_id)
         if parcel is None:
-            return GONE
-        if not self._comms.available:
-            return f"NCCL is unavailable at the sender: {self._comms.unavailable_reason}"
+            status = GONE
+        elif not self._comms.available:
+            status = f"NCCL is unavailable at the sender: {self._comms.unavailable_reason}"
+        elif unique_id is None and getattr(self._send_links.get(receiver_key), "key", None) != comm_key:
+            status = "the sender no longer has this pair's communicator"
+        else:
+            status = STARTED
+        answer({"status": status})
+        if status != STARTED:
+            return
+        deadline = time.monotonic() + timeout_s
         if unique_id is None:
-            with self._links_lock:
-                link = self._send_links.get(receiver_key)
-            if link is None or link.key != comm_key:
-                return "the sender no longer has this pair's communicator"
+            self._send_job(handoff_id, parcel, receiver_key, comm_key, None, deadline)
+            return
         if self._senders is None:
             self._senders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-send")
-        self._senders.submit(self._send_job, handoff_id, parcel, receiver_key, comm_key, unique_id,
-                             time.monotonic() + timeout_s)
-        return STARTED
+        self._senders.submit(self._send_job, handoff_id, parcel, receiver_key, comm_key, unique_id, deadline)
 
     def _send_job(self, handoff_id: str, parcel: Parcel, receiver_key: str, comm_key: str, unique_id: bytes | None,
                   deadline: float) -> None:
@@ -271,6 +306,9 @@ class DirectTransport(KVTransport):
                     link.comm.send(t, RECEIVER_RANK)
                     await_progress(link.comm, deadline, what="NCCL send")
                 link.last_used = time.monotonic()
+            # Sent: the receiver has it (a receiver that failed at the very end finds it gone and
+            # the request is retried), so no release message is needed on this route.
+            self.outbox.take(handoff_id)
         except Exception as exc:  # the receiver times out too and takes the object store
             log.warning("KV handoff %s: NCCL send to receiver %s failed (%s: %s); communicator dropped",
                         handoff_id, receiver_key[:8], type(exc).__name__, exc)
@@ -303,10 +341,13 @@ class DirectTransport(KVTransport):
                                "Ray actor: nothing can pull it")
         here = self.placement(device)
         route = plan_route(self.routes, payload.sender, here, local=local is not None, has_ipc=payload.ipc is not None)
+        if route.name in GPU_ROUTES and payload.sender_key in self._unreachable:
+            route = Route("fetch", "the sender's control channel could not be reached")
         if route.name == "fetch" and payload.sender.gpu is not None:
             self._warn_once(payload.sender_key, f"KV handoffs from sender {payload.sender_key[:8]} go through the "
                             f"object store: {route.reason}")
         tensors: list[torch.Tensor] | None = None
+        phases: tuple[tuple[str, float], ...] = ()
         if route.name == "local":
             tensors = self._take_local(local, payload, device)
         elif route.name in GPU_ROUTES:
@@ -314,7 +355,7 @@ class DirectTransport(KVTransport):
                 if route.name == "cuda_ipc":
                     tensors = self._via_ipc(payload, here, device)
                 else:
-                    tensors = self._via_nccl(payload, device)
+                    tensors, phases = self._via_nccl(payload, device)
             except HandoffGone:
                 raise
             except Exception as exc:
@@ -322,12 +363,36 @@ class DirectTransport(KVTransport):
                             payload.handoff_id, route.name, type(exc).__name__, exc)
                 route = Route("fetch", f"{route.name} failed")
         contexts = payload.layout.assemble(tensors) if tensors is not None else self._fetch(payload, device)
-        return contexts, TransferStats(payload.nbytes, payload.send_s, time.perf_counter() - t0, route.name)
+        return contexts, TransferStats(payload.nbytes, payload.send_s, time.perf_counter() - t0, route.name, phases)
 
-    def _endpoint(self, payload: DirectPayload):
-        from bagel_ray.transport.ray_peer import RayEndpoint
+    def _client(self, payload: DirectPayload) -> ControlClient:
+        """The connection to the payload's sender, made on first use and kept."""
+        with self._links_lock:
+            client = self._clients.get(payload.sender_key)
+        if client is None:
+            try:
+                client = ControlClient(payload.control, payload.sender_key, self.reply_timeout_s)
+            except ControlError:  # a firewall, say: every later handoff from it takes the object store at once
+                self._unreachable.add(payload.sender_key)
+                raise
+            with self._links_lock:
+                self._clients[payload.sender_key] = client
+        return client
 
-        return RayEndpoint(payload.actor, payload.sender_key)
+    def _drop_client(self, sender_key: str) -> None:
+        with self._links_lock:
+            client = self._clients.pop(sender_key, None)
+        if client is not None:
+            client.close()
+
+    def _release(self, payload: DirectPayload) -> None:
+        """Tell the sender it may let go of the handoff; a parcel nobody releases leaves the
+        outbox by age, so a failure here costs nothing but memory for a while."""
+        try:
+            self._client(payload).notify({"op": "release", "handoff": payload.handoff_id})
+        except ControlError as exc:
+            log.debug("KV handoff %s: release not delivered (%s)", payload.handoff_id, exc)
+            self._drop_client(payload.sender_key)
 
     def _take_local(self, sender: "DirectTransport", payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
         parcel = sender.outbox.take(payload.handoff_id)
@@ -347,12 +412,13 @@ class DirectTransport(KVTransport):
         stream.synchronize()
         del mapped  # unmap before telling the sender it may let go
         self._handed_over(received, device)
-        self._endpoint(payload).release(payload.handoff_id)
+        self._release(payload)
         return received
 
-    def _via_nccl(self, payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
+    def _via_nccl(self, payload: DirectPayload, device: torch.device) -> tuple[list[torch.Tensor], tuple]:
+        """The payload's tensors, and the seconds of each phase (ask: the request sent, post: the
+        receive posted, answer: the sender's answer read, transfer)."""
         sender_key, handoff_id = payload.sender_key, payload.handoff_id
-        endpoint = self._endpoint(payload)
         connect_s = self.connect_timeout_s + self.transfer_timeout_s
         with self._peer_lock("recv", sender_key, time.monotonic() + connect_s):
             with self._links_lock:
@@ -361,46 +427,73 @@ class DirectTransport(KVTransport):
             deadline = time.monotonic() + (connect_s if fresh else self.transfer_timeout_s)
             comm_key = uuid.uuid4().hex if fresh else link.key
             unique_id = self._comms.unique_id() if fresh else None
-            reply = endpoint.start_send(handoff_id, self.key, comm_key, unique_id, deadline - time.monotonic())
-            check = lambda: self._check_reply(reply, handoff_id)  # noqa: E731
+            marks = [("start", time.perf_counter())]
+            received = None
+            try:
+                client = self._client(payload)
+                client.notify({"op": "send", "handoff": handoff_id, "receiver": self.key, "comm": comm_key,
+                               "unique_id": unique_id.hex() if unique_id else None,
+                               "timeout_s": deadline - time.monotonic()})
+                marks.append(("ask", time.perf_counter()))
+                if not fresh:  # post the receive while the request travels: the sender's send meets it
+                    received = self._post_receive(link, payload, device)
+                    marks.append(("post", time.perf_counter()))
+                answer = client.answer(min(self.reply_timeout_s, deadline - time.monotonic()))
+            except ControlError:
+                self._drop_client(sender_key)
+                if link is not None:  # the sender may have posted its send: the pair is out of step
+                    self._drop_link(self._recv_links, sender_key, link)
+                raise
+            marks.append(("answer", time.perf_counter()))
+            status = answer.get("status")
+            if status != STARTED:
+                if link is not None:  # a receive may be posted: the pair is out of step
+                    self._drop_link(self._recv_links, sender_key, link)
+                if status == GONE:
+                    raise HandoffGone(f"KV handoff {handoff_id} is gone from its sender (too old, or its outbox was full)")
+                raise PeerRefused(str(status))
+
+            def check() -> None:
+                if client.closed():
+                    raise ControlError("the sender closed its control connection during the transfer")
+
             try:
                 if fresh:
                     link = _Link(self._comms.open(unique_id, 2, RECEIVER_RANK, device), comm_key)
                     with self._links_lock:
                         self._recv_links[sender_key] = link
                     await_progress(link.comm, deadline, check, what="NCCL connect")
-                with torch.cuda.stream(link.comm.stream) if link.comm.stream is not None else nullcontext():
-                    received = payload.layout.empty(device)  # memory of the communicator's stream
-                for t in received:
+                    received = self._post_receive(link, payload, device)
+                await_progress(link.comm, deadline, check, what="NCCL receive")
+                for t in received[1:]:  # img2img's own cfg_img context
                     link.comm.recv(t, SENDER_RANK)
                     await_progress(link.comm, deadline, check, what="NCCL receive")
-            except BaseException:
+                marks.append(("transfer", time.perf_counter()))
+            except BaseException as exc:
                 if link is not None:
                     self._drop_link(self._recv_links, sender_key, link)
+                if isinstance(exc, ControlError):
+                    self._drop_client(sender_key)
                 raise
             link.last_used = time.monotonic()
-        self._handed_over(received, device)
-        endpoint.release(handoff_id)
-        return received
+        self._handed_over(received, device)  # no release: the sender let go when its send was done
+        return received, tuple((name, t - marks[i][1]) for i, (name, t) in enumerate(marks[1:]))
 
-    def _check_reply(self, reply, handoff_id: str) -> None:
-        """Raise if the sender has answered anything but `started`, died, or not answered in time."""
-        status = reply.status()
-        if status == STARTED:
-            return
-        if status is None:
-            if reply.age() > self.reply_timeout_s:
-                raise PeerRefused(f"the sender did not answer within {self.reply_timeout_s:.0f}s")
-            return
-        if status == GONE:
-            raise HandoffGone(f"KV handoff {handoff_id} is gone from its sender (too old, or its outbox was full)")
-        raise PeerRefused(status)
+    @staticmethod
+    def _post_receive(link: _Link, payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
+        """Empty tensors for the payload's contexts, the first one's receive posted."""
+        with torch.cuda.stream(link.comm.stream) if link.comm.stream is not None else nullcontext():
+            received = payload.layout.empty(device)  # memory of the communicator's stream
+        link.comm.recv(received[0], SENDER_RANK)
+        return received
 
     def _fetch(self, payload: DirectPayload, device: torch.device) -> ImageContexts:
         from ray.exceptions import GetTimeoutError
 
+        from bagel_ray.transport.ray_peer import fetch
+
         try:
-            packed_contexts = self._endpoint(payload).fetch(payload.handoff_id, self.fetch_timeout_s)
+            packed_contexts = fetch(payload.actor, payload.sender_key, payload.handoff_id, self.fetch_timeout_s)
         except GetTimeoutError:
             raise HandoffGone(f"the sender of KV handoff {payload.handoff_id} did not hand it over within "
                               f"{self.fetch_timeout_s:.0f}s") from None
@@ -469,6 +562,10 @@ class DirectTransport(KVTransport):
         _SENDERS.pop(self.key, None)
         _abort_all(self._recv_links, self._send_links)
         self.outbox.clear()
+        if self._control is not None:
+            self._control.close()
+        for key in list(self._clients):
+            self._drop_client(key)
         if self._senders is not None:
             self._senders.shutdown(wait=False, cancel_futures=True)
 

@@ -363,7 +363,7 @@ def test_an_nccl_pull_from_a_sender_without_nccl_falls_back_at_once(actors, ray_
     t0 = time.monotonic()
     contexts, stats = nccl_receiver(comms, timeout_s=30).receive(payload, CPU)
     assert stats.route == "fetch" and time.monotonic() - t0 < 5
-    assert comms.log == ["open rank 1", "abort"]
+    assert comms.log == []  # refused before the receiver made a communicator
 
 
 def test_an_nccl_pull_of_a_gone_handoff_raises_gone(stalled_sender, ray_local):
@@ -383,28 +383,78 @@ def test_an_nccl_pull_from_a_dead_sender_fails_at_once(actors, ray_local):
     kill_and_wait(ray_local, sender)
     comms = StalledComms()
     t0 = time.monotonic()
-    with pytest.raises(RayActorError):
-        nccl_receiver(comms, timeout_s=30).receive(payload, CPU)
+    receiver = nccl_receiver(comms, timeout_s=30)
+    with pytest.raises(RayActorError):  # its control channel refuses, then the fetch finds it dead
+        receiver.receive(payload, CPU)
     assert time.monotonic() - t0 < 10
-    assert "abort" in comms.log
+    assert not receiver._recv_links and not receiver._clients
 
 
 def test_a_sender_that_does_not_answer_is_given_up_on(stalled_sender, ray_local, caplog):
-    """A sender whose answer does not come within `reply_timeout_s` (busy, or dead without
-    Ray knowing yet): the pair is aborted and the handoff fetched once the sender answers."""
+    """A control channel that accepts but never answers (a frozen sender, or a host that
+    died without closing it): given up on after `reply_timeout_s`, the handoff fetched."""
+    import dataclasses
+    import socket
+
     payload = ray_local.get(stalled_sender.send.remote("text2img"))
-    blocks = [stalled_sender.block.remote(2.0) for _ in range(4)]
-    time.sleep(0.2)
-    comms = StalledComms()
-    receiver = AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), reply_timeout_s=0.3)
-    t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="bagel_ray.transport.direct"):
-        contexts, stats = receiver.receive(payload, CPU)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent_payload = dataclasses.replace(payload, control=silent.getsockname())
+        comms = StalledComms()
+        receiver = AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), reply_timeout_s=0.3)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="bagel_ray.transport.direct"):
+            contexts, stats = receiver.receive(silent_payload, CPU)
     assert stats.route == "fetch" and time.monotonic() - t0 < 10
     assert digest(contexts) == digest(make_contexts("text2img", torch.float32))
-    assert comms.log == ["open rank 1", "abort"]
+    assert comms.log == [] and not receiver._clients
     assert any("did not answer within" in r.getMessage() for r in caplog.records)
-    ray_local.get(blocks)
+
+
+def test_a_sender_dying_mid_transfer_is_noticed_on_its_control_channel(actors, ray_local):
+    """The sender's process goes away while the receiver waits for the transfer: the closed
+    connection ends the wait long before the transfer deadline."""
+    sender = actors(placement=SENDER_GPU, stalled=True)
+    payload = ray_local.get(sender.send.remote("text2img"))
+    comms = StalledComms()
+    receiver = nccl_receiver(comms, timeout_s=60)
+    threading.Timer(1.0, ray_local.kill, args=(sender,)).start()
+    t0 = time.monotonic()
+    with pytest.raises(Exception):  # then the fetch: the actor is dead (or the handoff gone)
+        receiver.receive(payload, CPU)
+    assert time.monotonic() - t0 < 30
+    assert comms.log[-1] == "abort" and not receiver._recv_links
+
+
+def test_an_unreachable_control_channel_sends_later_handoffs_through_the_object_store(stalled_sender, ray_local):
+    """A sender whose control port cannot be reached (closed here; a firewall between nodes):
+    the first handoff falls back after the failed connect, later ones skip the GPU route."""
+    import dataclasses
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()  # nothing listens there once the socket is closed
+    comms = StalledComms()
+    receiver = AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), reply_timeout_s=0.5)
+    for _ in range(2):
+        payload = dataclasses.replace(ray_local.get(stalled_sender.send.remote("text2img")), control=closed)
+        contexts, stats = receiver.receive(payload, CPU)
+        assert stats.route == "fetch" and digest(contexts) == digest(make_contexts("text2img", torch.float32))
+    assert comms.log == [] and payload.sender_key in receiver._unreachable
+
+
+def test_control_channel_rejects_a_wrong_key():
+    from bagel_ray.transport.control import ControlClient, ControlError, ControlServer
+
+    seen = []
+    server = ControlServer("right", lambda m, answer: seen.append(m) or answer({"ok": True}), "127.0.0.1")
+    try:
+        assert ControlClient(server.address, "right", 5).request({"op": "x"}, 5) == {"ok": True}
+        with pytest.raises(ControlError, match="closed the connection"):
+            ControlClient(server.address, "wrong", 5).request({"op": "x"}, 5)
+        assert [m["op"] for m in seen] == ["x"]
+    finally:
+        server.close()
 
 
 def test_nccl_pulls_of_one_pair_wait_for_each_other_within_the_deadline(stalled_sender, ray_local):

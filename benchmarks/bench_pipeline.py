@@ -10,6 +10,9 @@ Rows (issue targets in brackets):
   edit512   img2img 512^2 input, 20 steps, edit defaults [<= 1.5 s]
   edit1024  img2img 1024^2 input, 50 steps, edit defaults [<= 16 s]
   decode    Thinker greedy decode, batch 1 and 32 [>= 180 tok/s, >= 2500 tok/s]
+  dit_batch text2img 512^2 / 20 steps, cfg 4 / 1.5: 8 requests one after the other against 4
+            and 8 stepped together (`DiT.step`, cross-request batching), images/s and the
+            largest |batched - alone| latent difference
   guard     the fused kernels and graphs against the eager reference ops: latent and pixel
             differences of a 512^2 text2img, and decoded ids
 Every timed region ends with a device synchronize; the median of --reps runs is reported.
@@ -172,6 +175,29 @@ def main() -> None:
         pixels = np.abs(np.asarray(img32, dtype=np.int16) - np.asarray(img16, dtype=np.int16))
         results.append({"row": "vae_bf16", "seconds": bf16_s, "fp32_seconds": fp32_s, "pixel_max": int(pixels.max()),
                         "pixel_mean": float(pixels.mean()), "raw_max_abs": float((raw32.float() - raw16.float()).abs().max())})
+        print(results[-1], flush=True)
+
+    if "dit_batch" in rows:
+        th, dit = pipe.thinker, pipe.dit
+        params = GenerationRequest("text2img", PROMPT, height=small, width=small, steps=20, cfg_img_scale=1.5).sampler()
+        prompts = [th.append_text(th.empty(), f"{PROMPT} ({i})") for i in range(8)]
+        contexts = [ImageContexts(c, th.empty().cut, c.cut, small, small) for c in prompts]
+        noises = [dit.initial_noise(small, small, torch.Generator().manual_seed(i)) for i in range(8)]
+
+        def stepped(batch: int) -> list:
+            jobs = [dit.job(c, params, n) for c, n in zip(contexts[:batch], noises[:batch])]
+            while not all(j.done for j in jobs):
+                dit.step(jobs)
+            return [j.x for j in jobs]
+
+        stepped(8)  # warm-up of the shapes
+        alone_s, alone = timed(lambda: [dit.denoise(c, params, n) for c, n in zip(contexts, noises)], 1)
+        row = {"row": "dit_batch", "seconds": alone_s, "alone_images_per_s": 8 / alone_s}
+        for batch in (4, 8):
+            seconds, xs = timed(lambda: stepped(batch), args.reps)
+            row[f"batch{batch}_images_per_s"] = batch / seconds
+            row[f"batch{batch}_max_abs_diff"] = max(float((x - a).abs().max()) for x, a in zip(xs, alone))
+        results.append(row)
         print(results[-1], flush=True)
 
     if "decode" in rows:

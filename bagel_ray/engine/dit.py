@@ -3,24 +3,29 @@
 
 Each step builds one query block `[<|vision_start|>] + latents + [<|vision_end|>]` (latents on
 the gen expert, markers on und, all at the branch's next position) and runs it over each
-active branch's cached context without caching it. The active branches of a step run as one
-batched forward; a branch whose context equals gen's (text2img's cfg_img without think) is
-not run, its velocity is the conditional one.
+active branch's cached context without caching it. A request's denoising is a `DenoiseJob`,
+and `DiT.step` advances several jobs by one step each: every (job, active branch) pair is one
+row block, and all blocks of the same latent grid run as one batched forward, so requests of
+different users share the weight reads and fill the GEMMs. Each job keeps its own schedule,
+step index, CFG gating, scales and renorm; a branch whose context equals gen's (text2img's
+cfg_img without think) is not run, its velocity is the conditional one. `DiT.denoise` is the
+one-job case of the same step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
+from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.cfg import RENORM_TYPES, combine
 from bagel_ray.engine.context import ContextBuilder
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
-from bagel_ray.engine.schedule import cfg_active, euler_step, make_schedule
+from bagel_ray.engine.schedule import Schedule, cfg_active, euler_step, make_schedule
 from bagel_ray.model.bagel import BagelModel
 from bagel_ray.model.image_transforms import decoded_to_pil, grid_position_ids, tokens_to_latent
 from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV
@@ -66,6 +71,43 @@ class StepRecord:
     x: torch.Tensor  # latent tokens before the update
     velocities: dict[str, torch.Tensor]  # per branch that ran (or was reused)
     guided: torch.Tensor
+    batch: int = 1  # jobs whose rows shared this step's forward (this one included)
+
+
+@dataclass(eq=False, repr=False)
+class DenoiseJob:
+    """One request's denoising, made by `DiT.job` and advanced by `DiT.step`, alone or beside
+    other jobs. It carries the request's inputs and its state between steps: the latents `x`
+    (on the device, fp32), the index of the next step, and how it ended. `error` is set when
+    it ends early: `Cancelled` when `should_stop` said yes before a step, or the exception its
+    `on_step` raised. `key` is the caller's own handle (the serving layer's request)."""
+
+    contexts: ImageContexts
+    params: DenoiseParams
+    grid: tuple[int, int]  # latent (h, w): jobs of one grid share a forward
+    schedule: Schedule  # on the host, for the CFG gating
+    timesteps: torch.Tensor  # the schedule on the device, so a step needs no copies
+    dts: torch.Tensor
+    branches: dict[str, KVContext]
+    pos_ids: torch.Tensor
+    x: torch.Tensor
+    on_step: Callable[[StepRecord], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    key: object = None
+    index: int = 0
+    error: BaseException | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.index >= self.total
+
+    def __repr__(self) -> str:  # the state, not the tensors
+        h, w = self.grid
+        return f"DenoiseJob(key={self.key!r}, grid={h}x{w}, step {self.index}/{self.total}, error={self.error!r})"
 
 
 class DiT:
@@ -100,18 +142,113 @@ class DiT:
     @torch.inference_mode()
     def velocities(self, x: torch.Tensor, t: torch.Tensor, contexts: list[KVContext], pos_ids: torch.Tensor,
                    markers: torch.Tensor | None = None) -> torch.Tensor:
-        """v for each context in one batched forward: [B, h*w, 64]. The linear layers run on
-        all branches' rows together; attention runs per branch over its own context."""
+        """v for each context in one batched forward: [B, h*w, 64]. Row block b is the latent
+        block `x[b]` ([B, h*w, 64]) at time `t[b]` ([B]) over `contexts[b]`; a [h*w, 64] x or a
+        0-dim t is shared by every block. The linear layers run on all blocks' rows together;
+        attention runs per block over its own context."""
         dev = self.model.device
+        B = len(contexts)
         markers = self._markers() if markers is None else markers
-        latents = self.model.latent_embeds(x.to(dev), t.to(dev).expand(x.shape[0]), pos_ids)
-        rows = torch.cat((markers[:1], latents.to(markers.dtype), markers[1:]))
-        n, B = rows.shape[0], len(contexts)
+        x = x.to(dev)
+        x = x.expand(B, *x.shape) if x.dim() == 2 else x
+        n_lat = x.shape[1]
+        t = t.to(dev).reshape(-1).expand(B)
+        latents = self.model.latent_embeds(x.reshape(B * n_lat, -1), t.repeat_interleave(n_lat), pos_ids.repeat(B))
+        start, end = markers[:1].expand(B, 1, -1), markers[1:].expand(B, 1, -1)
+        rows = torch.cat((start, latents.view(B, n_lat, -1).to(markers.dtype), end), dim=1)
+        n = n_lat + 2
         positions = torch.tensor([c.rope for c in contexts], device=dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
-        hidden, _ = self.model.llm(rows[None].expand(B, -1, -1), positions, ExpertRows.block_markers(B, n, dev),
-                                   RaggedKV(past), ForwardMode(gen=True))
+        hidden, _ = self.model.llm(rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
         return self.model.velocity(hidden[:, 1:-1])
+
+    def job(
+        self,
+        contexts: ImageContexts,
+        params: DenoiseParams,
+        noise: torch.Tensor,
+        on_step: Callable[[StepRecord], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        key: object = None,
+    ) -> DenoiseJob:
+        """A denoising job from `noise` [h*w, 64] (fp32), ready for `step`. Checks the size and
+        the noise here, so that a bad request fails on its own, before it joins a batch."""
+        h, w = self.latent_grid(contexts.height, contexts.width)
+        if tuple(noise.shape) != (h * w, self.cfg.patch_latent_dim):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(h * w, self.cfg.patch_latent_dim)}")
+        schedule = make_schedule(params.num_timesteps, params.timestep_shift)
+        dev = self.model.device
+        return DenoiseJob(
+            contexts, params, (h, w), schedule, schedule.timesteps.to(dev), schedule.dts.to(dev),
+            {name: contexts.branch(name) for name in BRANCHES}, grid_position_ids(h, w, self.cfg.max_latent_size).to(dev),
+            noise.to(dev, torch.float32),  # the latent state stays on the device, in fp32
+            on_step, should_stop, key,
+        )
+
+    @staticmethod
+    def _stops(job: DenoiseJob) -> bool:
+        """Ask the job's `should_stop` (a host-side flag: no device sync); yes ends it."""
+        if job.should_stop is not None and job.should_stop():
+            job.error = Cancelled(f"denoising stopped before step {job.index + 1} of {job.total}: the request was cancelled")
+        return job.error is not None
+
+    @staticmethod
+    def _guidance(job: DenoiseJob) -> tuple[float, float, list[str], list[str]]:
+        """The gated scales of a job's current step, the branches its combination needs, and
+        those to run (a branch whose context equals gen's reuses the conditional velocity)."""
+        p = job.params
+        on = cfg_active(job.schedule.timesteps[job.index], p.cfg_interval)
+        s_t = p.cfg_text_scale if on else 1.0
+        s_i = p.cfg_img_scale if on else 1.0
+        wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
+        run = [b for b in wanted if b == "cond" or not job.contexts.same_as_gen(b)]
+        return s_t, s_i, wanted, run
+
+    def _batched_velocities(self, jobs: list[DenoiseJob], runs: list[list[str]]) -> list[tuple[dict[str, torch.Tensor], int]]:
+        """Each job's velocities of the branches in its `runs` entry, with one forward per
+        latent grid over every (job, branch) block of that grid; and how many jobs shared it."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, job in enumerate(jobs):
+            groups.setdefault(job.grid, []).append(k)
+        markers = self._markers()
+        out: list[tuple[dict[str, torch.Tensor], int]] = [({}, 0)] * len(jobs)
+        for members in groups.values():
+            blocks = [(k, b) for k in members for b in runs[k]]
+            x = torch.stack([jobs[k].x for k, _ in blocks])
+            t = torch.stack([jobs[k].timesteps[jobs[k].index] for k, _ in blocks])
+            v = self.velocities(x, t, [jobs[k].branches[b] for k, b in blocks], jobs[members[0]].pos_ids, markers)
+            for k in members:
+                out[k] = ({b: v[row] for row, (j, b) in enumerate(blocks) if j == k}, len(members))
+        return out
+
+    @torch.inference_mode()
+    def step(self, jobs: Sequence[DenoiseJob]) -> None:
+        """Advance every unfinished job by one step of its own schedule.
+
+        The (job, branch) blocks of all jobs with the same latent grid run as one forward
+        (`velocities`); then each job combines its own branches and takes its Euler step. A
+        job whose `should_stop` says yes ends with `Cancelled` before its forward, one whose
+        `on_step` raises ends with that exception; the others go on. Every forward runs before
+        any job changes, so when a forward raises (out of memory, say) no job has moved and
+        the caller may retry them, e.g. fewer at a time."""
+        live = [job for job in jobs if not job.done and not self._stops(job)]
+        if not live:
+            return
+        plans = [self._guidance(job) for job in live]
+        outs = self._batched_velocities(live, [run for *_, run in plans])
+        for job, (s_t, s_i, wanted, _), (v, shared) in zip(live, plans, outs):
+            try:
+                for b in wanted:
+                    v.setdefault(b, v["cond"])
+                p = job.params
+                guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, p.cfg_renorm_type, p.cfg_renorm_min)
+                if job.on_step is not None:
+                    t = float(job.schedule.timesteps[job.index])
+                    job.on_step(StepRecord(job.index, job.total, t, job.x, v, guided, shared))
+                job.x = euler_step(job.x, guided, job.dts[job.index])
+                job.index += 1
+            except Exception as exc:  # this job's own failure (its callback, say): the others go on
+                job.error = exc
 
     @torch.inference_mode()
     def denoise(
@@ -120,35 +257,17 @@ class DiT:
         params: DenoiseParams,
         noise: torch.Tensor,
         on_step: Callable[[StepRecord], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Run the sampler from `noise` [h*w, 64] (fp32) and return the final latent tokens."""
-        h, w = self.latent_grid(contexts.height, contexts.width)
-        if tuple(noise.shape) != (h * w, self.cfg.patch_latent_dim):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(h * w, self.cfg.patch_latent_dim)}")
-        schedule = make_schedule(params.num_timesteps, params.timestep_shift)
-        dev = self.model.device
-        pos_ids = grid_position_ids(h, w, self.cfg.max_latent_size).to(dev)
-        branch_ctx = {name: contexts.branch(name) for name in BRANCHES}
-        markers = self._markers()
-        # the schedule is read on the host (gating) and used on the device (no per-step copies)
-        timesteps_dev, dts_dev = schedule.timesteps.to(dev), schedule.dts.to(dev)
-        x = noise.to(dev, torch.float32)  # the latent state stays on the device, in fp32
-        for i in range(len(schedule)):
-            t = schedule.timesteps[i]
-            on = cfg_active(t, params.cfg_interval)
-            s_t = params.cfg_text_scale if on else 1.0
-            s_i = params.cfg_img_scale if on else 1.0
-            wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
-            run = [b for b in wanted if b == "cond" or not contexts.same_as_gen(b)]
-            out = self.velocities(x, timesteps_dev[i], [branch_ctx[b] for b in run], pos_ids, markers)
-            v = {b: out[k] for k, b in enumerate(run)}
-            for b in wanted:
-                v.setdefault(b, v["cond"])
-            guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, params.cfg_renorm_type, params.cfg_renorm_min)
-            if on_step is not None:
-                on_step(StepRecord(i, len(schedule), float(t), x, v, guided))
-            x = euler_step(x, guided, dts_dev[i])
-        return x
+        """Run the sampler from `noise` [h*w, 64] (fp32) and return the final latent tokens: one
+        job stepped alone. Raises `Cancelled` when `should_stop` says yes before a step, and
+        what `on_step` raises."""
+        job = self.job(contexts, params, noise, on_step, should_stop)
+        while not job.done:
+            self.step([job])
+        if job.error is not None:
+            raise job.error
+        return job.x
 
     @torch.inference_mode()
     def decode_image(self, tokens: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, Image.Image]:

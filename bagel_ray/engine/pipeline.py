@@ -192,13 +192,20 @@ class LocalPipeline:
                on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:
         if self.dit is None:
             raise RuntimeError("this pipeline has no DiT engine")
+        t0 = time.perf_counter()
+        tokens = self.dit.denoise(prepared.contexts, req.sampler(), prepared.noise, on_step)
+        return self.finish_image(req, prepared, tokens, {"denoise_s": time.perf_counter() - t0})
+
+    def finish_image(self, req: GenerationRequest, prepared: PreparedImage, tokens: torch.Tensor,
+                     timings: dict[str, float]) -> GenerationResult:
+        """VAE decode of the final latent tokens and the request's result: the end of `render`,
+        also for latents denoised in a batch with other requests (`DiT.step`)."""
+        if self.dit is None:
+            raise RuntimeError("this pipeline has no DiT engine")
         ctx = prepared.contexts
         t0 = time.perf_counter()
-        tokens = self.dit.denoise(ctx, req.sampler(), prepared.noise, on_step)
-        t1 = time.perf_counter()
         _, image = self.dit.decode_image(tokens, ctx.height, ctx.width)
-        t2 = time.perf_counter()
-        timings = dict(prepared.timings, denoise_s=t1 - t0, vae_decode_s=t2 - t1)
+        timings = dict(prepared.timings, **timings, vae_decode_s=time.perf_counter() - t0)
         return GenerationResult(req.modality, req.prompt, req.seed, think_text=prepared.think_text,
                                 think_token_ids=prepared.think_token_ids, image=image, latent_tokens=tokens, timings=timings)
 

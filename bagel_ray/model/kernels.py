@@ -84,7 +84,7 @@ if triton is not None:  # pragma: no cover - compiled on GPU machines only
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, e_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr, W_FP32: tl.constexpr,
                          HAS_E: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch may pass 2^31 elements
         cols = tl.arange(0, BLOCK)
         keep = cols < n_cols
         x = tl.load(x_ptr + row * n_cols + cols, mask=keep, other=0.0)
@@ -106,7 +106,7 @@ if triton is not None:  # pragma: no cover - compiled on GPU machines only
         # one program per token: all its heads as a [HEADS, HALF] tile for each half of the
         # head dim; cos/sin and the expert are per token. x rows may be strided (a view into
         # the fused qkv output); the output is contiguous.
-        token = tl.program_id(0)
+        token = tl.program_id(0).to(tl.int64)
         expert = tl.load(e_ptr + token).to(tl.int64) if HAS_E else 0
         h = tl.arange(0, HEADS)[:, None]
         lo = tl.arange(0, HALF)[None, :]
@@ -141,7 +141,7 @@ if triton is not None:  # pragma: no cover - compiled on GPU machines only
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows x 2 x 18944 passes 2^31 past 56k rows (a batch at 1024^2)
         col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         keep = col < n_cols
         gate = tl.load(gu_ptr + row * 2 * n_cols + col, mask=keep, other=0.0)

@@ -115,8 +115,14 @@ class ThinkerConfig(StageConfig):
 
 
 class DiTConfig(StageConfig):
+    max_ongoing_requests: int = Field(
+        8, ge=1, description="requests a replica takes at once (a batch can hold no more); the rest queue"
+    )
     transport: Literal["auto", "object_store", "cuda_ipc", "nccl"] = Field(
         "auto", description="how KV contexts reach this stage from the Thinker"
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="image requests of the same size denoised together, step by step (1: one at a time)"
     )
 
     @field_validator("transport")

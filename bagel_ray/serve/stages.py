@@ -2,13 +2,15 @@
 
 `ThinkerServer` holds the understanding side (text answers, think text, the KV contexts of
 image requests); `DiTServer` holds the denoiser and the VAE. They validate nothing about
-the model and do no tensor math: they load the engines, call them one request at a time
-(one lock per replica), and map results. KV contexts leave the Thinker through the
-configured transport and reach the DiT without passing through the driver.
+the model and do no tensor math: they load the engines, call them under one lock per
+replica, and map results. Both batch requests of different users step by step: the Thinker
+decodes greedy text requests in one continuous batch (`DecodeWorker`), the DiT denoises
+image requests of the same size together (`DenoiseWorker`). KV contexts leave the Thinker
+through the configured transport and reach the DiT without passing through the driver.
 
 A call whose caller goes away (deadline, client disconnect) stops at the engine's next
 step. CUDA out-of-memory fails only the request that caused it (`EngineOutOfMemory`; a
-batch of text requests is first split and retried), and the replica keeps serving.
+batch is first split and retried), and the replica keeps serving.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from ray import serve
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.continuous import ContinuousDecoder
-from bagel_ray.engine.dit import DiT, StepRecord
+from bagel_ray.engine.dit import DenoiseJob, DiT, StepRecord
+from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline, PreparedImage
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
@@ -102,8 +105,9 @@ def out_of_memory(what: str, exc: BaseException) -> EngineOutOfMemory:
 
 
 class EngineLock:
-    """One request at a time per replica on the model, run in a worker thread; waiting
-    happens off the event loop and is recorded as queue wait.
+    """One user of the model at a time per replica (a request, or one step or chunk of a
+    batch worker), in a worker thread; waiting happens off the event loop and is recorded
+    as queue wait.
 
     Each call carries a cancel flag. When the caller's task is cancelled (Serve cancels a
     replica call when the driver's deadline passes or the HTTP client disconnects) the flag
@@ -114,10 +118,13 @@ class EngineLock:
         self._lock = threading.Lock()
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self, observe: bool = True) -> Iterator[None]:
+        """The engine, for this thread. `observe=False` for the steps of a batch worker, whose
+        requests record their queue wait once, when they join the batch."""
         t0 = time.perf_counter()
         with self._lock:
-            metrics.observe_queue_wait(time.perf_counter() - t0)
+            if observe:
+                metrics.observe_queue_wait(time.perf_counter() - t0)
             yield
 
     def _locked(self, what: str, fn: Callable[[Callable[[], bool]], Any], cancel: threading.Event) -> Any:
@@ -284,6 +291,151 @@ class DecodeWorker:
                 self._finish(seq)
 
 
+@dataclass(eq=False)
+class ImageJob:
+    """An image request on its way through the DiT's batch: its contexts (None: built on this
+    replica), the flag its caller sets when it goes away, and the queue its progress events
+    (when asked for) and then its result or error go to, on the caller's event loop."""
+
+    req: GenerationRequest
+    prepared: PreparedImage | None
+    progress: bool
+    loop: asyncio.AbstractEventLoop
+    items: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0  # when its denoising job joined the batch's queue
+    began: bool = False
+    batch: int = 0  # the most jobs it was denoised with (itself included)
+
+    def begin(self) -> None:
+        """Its work starts (its contexts built here, or its first step): record the wait."""
+        if not self.began:
+            self.began = True
+            metrics.observe_queue_wait(time.perf_counter() - self.submitted)
+
+    def send(self, item: dict | GenerationResult | BaseException) -> None:
+        """From the worker thread. A caller whose loop is gone is not listening: its work stops."""
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:
+            self.cancel.set()
+
+
+class DenoiseWorker:
+    """The DiT's cross-request batching: one thread that takes arriving image requests (and
+    builds their contexts when the replica makes them itself), steps the running
+    `BatchDenoiser` batch one denoising step at a time under the engine lock, and VAE-decodes
+    and hands back each request as soon as its job ends. A new request joins a running batch
+    of its size at the next step; requests of other sizes take turns (see `dit_batch`).
+
+    Failures stay with their request: a cancelled caller's job ends at its next step, a bad
+    request or a failed decode fails alone, and a step that runs out of memory (or fails) is
+    retried with half the batch, down to the one job that fails on its own (507 for memory)."""
+
+    def __init__(self, pipeline: LocalPipeline, lock: EngineLock, max_batch_size: int) -> None:
+        self.pipeline, self.lock = pipeline, lock
+        self.batch = BatchDenoiser(pipeline.dit, max_batch_size)
+        self.inbox: queue.Queue[ImageJob] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.guard = threading.Lock()
+
+    def submit(self, job: ImageJob) -> None:
+        with self.guard:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="dit-denoise", daemon=True)
+                self.thread.start()
+        self.inbox.put(job)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is None or self.thread.is_alive()
+
+    def _fail(self, job: ImageJob, exc: BaseException) -> None:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            exc = out_of_memory("render", exc)
+        elif isinstance(exc, Cancelled):
+            log.info("render: cancelled; its work stopped (%s)", exc)
+        job.send(exc)
+
+    def _start(self, job: ImageJob) -> None:
+        """Contexts (when this replica builds them) and the denoising job, queued for a batch."""
+        if job.cancel.is_set():
+            raise Cancelled("render: cancelled before it started")
+        if job.prepared is None:
+            with self.lock.hold(observe=False):
+                job.begin()
+                job.prepared = self.pipeline.prepare_image(job.req, job.cancel.is_set)
+
+        def on_step(record: StepRecord) -> None:  # in the batch's step, for each of its jobs
+            metrics.count_step()
+            job.begin()
+            job.batch = max(job.batch, record.batch)
+            if job.progress:
+                job.send({"step": record.index + 1, "total": record.total, "t": record.t})
+
+        prepared = job.prepared
+        job.queued = time.perf_counter()
+        self.batch.submit(self.pipeline.dit.job(prepared.contexts, job.req.sampler(), prepared.noise, on_step,
+                                                job.cancel.is_set, key=job))
+
+    def _finish(self, done: DenoiseJob) -> None:
+        job: ImageJob = done.key
+        if done.error is not None:
+            self._fail(job, done.error)
+            return
+        try:
+            denoise_s = time.perf_counter() - job.queued  # waiting for a place in a batch included
+            with self.lock.hold(observe=False):
+                result = self.pipeline.finish_image(job.req, job.prepared, done.x,
+                                                    {"denoise_s": denoise_s, "denoise_batch": float(job.batch)})
+        except Exception as exc:  # the decode of this request failed: it alone
+            self._fail(job, exc)
+            return
+        job.send(result)
+
+    def _step(self) -> None:
+        try:
+            with self.lock.hold(observe=False):
+                ended = self.batch.step()
+        except Exception as exc:
+            size = len(self.batch.running)
+            then = f"retrying with {size // 2}" if size > 1 else "it fails alone"
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                release_memory()
+                log.warning("out of accelerator memory denoising a batch of %d; %s", size, then)
+            else:
+                log.exception("a denoising step of a batch of %d failed; %s", size, then)
+            ended = self.batch.back_off(exc)
+        for done in ended:
+            self._finish(done)
+
+    def _loop(self) -> None:
+        while True:
+            arrived: list[ImageJob] = []
+            try:
+                # block only when nothing is denoising or waiting for a batch
+                arrived.append(self.inbox.get(block=self.batch.idle))
+                while True:
+                    arrived.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for job in arrived:
+                try:
+                    self._start(job)
+                except Exception as exc:  # a bad or cancelled request fails alone
+                    self._fail(job, exc)
+            if self.batch.idle:
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a fault of this loop's own bookkeeping: no request may hang on it
+                log.exception("the denoising worker failed; failing the requests it holds")
+                for held in (*self.batch.running, *self.batch.waiting):
+                    held.key.send(exc)
+                self.batch = BatchDenoiser(self.pipeline.dit, self.batch.max_batch_size)
+
+
 @serve.deployment(name="Thinker")
 class ThinkerServer:
     def __init__(self, app_config: dict) -> None:
@@ -390,10 +542,12 @@ class DiTServer:
         self.device = torch.device(device)
         self.transport = make_transport(self.config.dit.transport)
         self.lock = EngineLock()
-        # Contexts held here at once: the request denoising, and the next one, received (off
-        # the engine lock) while the first denoises.
-        self.handoff_slots = asyncio.Semaphore(2)
-        log.info("DiT ready in %.1fs on %s (%s)", time.perf_counter() - t0, device, dtype)
+        batch = self.config.dit.max_batch_size
+        self.worker = DenoiseWorker(self.pipeline, self.lock, batch)
+        # Contexts received here at once (off the engine lock): a full batch denoising, and
+        # the next one arriving meanwhile.
+        self.handoff_slots = asyncio.Semaphore(batch + 1)
+        log.info("DiT ready in %.1fs on %s (%s), up to %d requests a batch", time.perf_counter() - t0, device, dtype, batch)
 
     def _received(self, handoff: Handoff) -> PreparedImage:
         contexts, stats = self.transport.receive(handoff.payload, self.device)
@@ -411,36 +565,42 @@ class DiTServer:
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory("receive", exc) from None
 
-    def _render(self, req: GenerationRequest, prepared: PreparedImage, should_stop: Callable[[], bool],
-                on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:
-        def step(record: StepRecord) -> None:
-            metrics.count_step()
-            if should_stop():  # a host-side flag: no device sync
-                raise Cancelled(f"denoising stopped at step {record.index + 1} of {record.total}: the request was cancelled")
-            if on_step is not None:
-                on_step(record)
+    async def _images(self, req: GenerationRequest, prepared: PreparedImage | None,
+                      progress: bool) -> AsyncIterator[dict | GenerationResult]:
+        """The request through the denoising batch (its contexts built here when None):
+        progress events `{"step", "total", "t"}` when asked for, then the result. When the
+        caller goes away (cancelled, or the stream closed) its job stops at the next step."""
+        job = ImageJob(req, prepared, progress, asyncio.get_running_loop())
+        self.worker.submit(job)
+        try:
+            while True:
+                item = await job.items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            job.cancel.set()
 
-        return self.pipeline.render(req, prepared, step)
-
-    def _whole(self, req: GenerationRequest, prepared: PreparedImage | None, should_stop: Callable[[], bool],
-               on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:
-        """Over contexts received from the Thinker, or (none) built here."""
-        prepared = self.pipeline.prepare_image(req, should_stop) if prepared is None else prepared
-        return self._render(req, prepared, should_stop, on_step)
+    async def _image(self, req: GenerationRequest, prepared: PreparedImage | None) -> GenerationResult:
+        async with contextlib.aclosing(self._images(req, prepared, progress=False)) as items:
+            async for result in items:
+                return result
+        raise RuntimeError("the denoising worker ended without a result")  # unreachable: it sends one or an error
 
     async def render(self, req: GenerationRequest, handoff: Handoff) -> GenerationResult:
         """Denoise and decode over contexts the Thinker prepared."""
         t0 = time.perf_counter()
         async with self.handoff_slots:
-            prepared = await self._receive(handoff)
-            result = await self.lock.run("render", lambda stop: self._whole(req, prepared, stop))
+            result = await self._image(req, await self._receive(handoff))
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """A whole image request on this replica (img2img when the DiT builds edit contexts)."""
         t0 = time.perf_counter()
-        result = await self.lock.run("generate", lambda stop: self._whole(req, None, stop))
+        result = await self._image(req, None)
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
@@ -449,15 +609,13 @@ class DiTServer:
         With no handoff the request runs whole on this replica."""
         async with self.handoff_slots if handoff is not None else contextlib.nullcontext():
             prepared = await self._receive(handoff)
-
-            def produce(emit, should_stop) -> None:
-                progress = lambda r: emit({"step": r.index + 1, "total": r.total, "t": r.t})  # noqa: E731
-                emit(self._whole(req, prepared, should_stop, progress))
-
-            async for item in self.lock.stream("render_stream", produce):
-                yield item
+            async with contextlib.aclosing(self._images(req, prepared, progress=True)) as items:
+                async for item in items:
+                    yield item
 
     def check_health(self) -> None:
         if self.pipeline.dit is None:
             raise RuntimeError("DiT engine missing")
+        if not self.worker.alive:
+            raise RuntimeError("the DiT's denoising thread has died")
 

@@ -22,6 +22,9 @@ from tests.serve.conftest import deploy_variant, replica_actor_names
 
 REPLICAS = 2
 CLIENTS = 6
+# CFG at every step: concurrent images are denoised in batches, and with every step's GEMMs
+# four rows or more, batched equals alone bit for bit on the CPU (tests/engine/test_dit_batch.py)
+EVERY_STEP = [0.0, 1.0]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +40,9 @@ def faulty(serve_app):
 
 
 def image_request(i: int) -> tuple[str, dict, GenerationRequest]:
-    body = {"prompt": f"picture {i}", "size": "128x128", "num_inference_steps": 100, "seed": 100 + i}
-    return "/v1/images/generations", body, GenerationRequest("text2img", body["prompt"], seed=100 + i, steps=100, height=128, width=128)
+    body = {"prompt": f"picture {i}", "size": "128x128", "num_inference_steps": 100, "seed": 100 + i, "cfg_interval": EVERY_STEP}
+    return "/v1/images/generations", body, GenerationRequest("text2img", body["prompt"], seed=100 + i, steps=100, height=128,
+                                                             width=128, cfg_interval=tuple(EVERY_STEP))
 
 
 def text_request(i: int) -> tuple[str, dict, GenerationRequest]:
@@ -56,9 +60,9 @@ def thinker_heavy_request(i: int) -> tuple[str, dict, GenerationRequest]:
         body = {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 900, "seed": i}
         return "/v1/chat/completions", body, GenerationRequest("text2text", f"question {i}", max_tokens=900, seed=i)
     body = {"messages": [{"role": "user", "content": f"picture {i}"}], "modalities": ["image"], "think": True,
-            "max_think_tokens": 400, "num_inference_steps": 10, "size": "64x64", "seed": i}
+            "max_think_tokens": 400, "num_inference_steps": 10, "size": "64x64", "seed": i, "cfg_interval": EVERY_STEP}
     return "/v1/chat/completions", body, GenerationRequest("text2img", f"picture {i}", think=True, max_think_tokens=400,
-                                                           steps=10, height=64, width=64, seed=i)
+                                                           steps=10, height=64, width=64, seed=i, cfg_interval=tuple(EVERY_STEP))
 
 
 def driver_retries() -> int:
@@ -157,8 +161,9 @@ def test_bulk_job_through_the_app_survives_replica_kills(faulty, local, tmp_path
     for i in range(18):
         if i % 3:
             item = {"id": f"img-{i:02d}", "modality": "text2img", "prompt": f"picture {i}", "height": 128, "width": 128,
-                    "steps": 80, "seed": i}
-            want[item["id"]] = GenerationRequest("text2img", item["prompt"], height=128, width=128, steps=80, seed=i)
+                    "steps": 80, "seed": i, "cfg_interval": EVERY_STEP}
+            want[item["id"]] = GenerationRequest("text2img", item["prompt"], height=128, width=128, steps=80, seed=i,
+                                                 cfg_interval=tuple(EVERY_STEP))
         else:
             item = {"id": f"txt-{i:02d}", "modality": "text2text", "prompt": f"question {i}", "max_tokens": 400, "seed": i}
             want[item["id"]] = GenerationRequest("text2text", item["prompt"], max_tokens=400, seed=i)

@@ -1,8 +1,8 @@
 """The stage deployments' own code, in this process (no Serve): CUDA out-of-memory handling,
-and cancellation stopping the engine loops mid-way.
+cancellation stopping the engine loops mid-way, and the DiT's batch of concurrent requests.
 
 The deployment classes are built from `func_or_class` on the tiny model. Out-of-memory is
-injected where a GPU would raise it, in the pipeline call the replica makes; everything
+injected where a GPU would raise it, in the engine call the replica makes; everything
 around it (splitting, retrying, the error, the lock, the next request) is the real code.
 """
 
@@ -25,6 +25,17 @@ from tests.conftest import REPO_ROOT
 
 def oom() -> torch.cuda.OutOfMemoryError:
     return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as a replica has, from before the replicas' engine threads start
+    (a thread keeps the count it started with): batched and alone then agree bit for bit
+    (see tests/engine/test_dit_batch.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +88,7 @@ def test_oom_in_image_stages_fails_the_request_and_the_replica_goes_on(thinker, 
     monkeypatch.setattr(thinker.pipeline, "prepare_image", lambda *a, **k: (_ for _ in ()).throw(oom()))
     with pytest.raises(EngineOutOfMemory):
         asyncio.run(thinker.prepare_image(req))
-    monkeypatch.setattr(dit.pipeline, "render", lambda *a, **k: (_ for _ in ()).throw(oom()))
+    monkeypatch.setattr(dit.pipeline.dit, "step", lambda *a, **k: (_ for _ in ()).throw(oom()))
     with pytest.raises(EngineOutOfMemory):
         asyncio.run(dit.generate(req))
     monkeypatch.undo()
@@ -149,3 +160,74 @@ def test_a_stream_whose_consumer_goes_away_stops(thinker):
     asyncio.run(read_a_few())
     assert thinker.lock._lock.acquire(timeout=5)
     thinker.lock._lock.release()
+
+
+def image_requests(n: int, steps: int = 6) -> list[GenerationRequest]:
+    """Same-size text2img requests of different prompts, seeds and steps, with CFG at every
+    step (two blocks a step each: bit for bit equal batched or alone)."""
+    return [GenerationRequest("text2img", f"picture {i}", seed=10 + i, steps=steps + i, height=32, width=32,
+                              cfg_interval=(0.0, 1.0), cfg_img_scale=1.0 + 0.5 * i) for i in range(n)]
+
+
+async def gather(*calls):
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def test_concurrent_image_requests_are_denoised_together(dit):
+    reqs = image_requests(4)
+    want = [dit.pipeline.run(r) for r in reqs]
+    got = asyncio.run(gather(*(dit.generate(r) for r in reqs)))
+    assert max(g.timings["denoise_batch"] for g in got) > 1
+    for g, w in zip(got, want):
+        assert torch.equal(g.latent_tokens, w.latent_tokens)
+
+
+def test_oom_halves_the_image_batch_and_fails_only_the_request_that_cannot_fit(dit, monkeypatch):
+    reqs = image_requests(4)
+    huge = reqs[1]
+    want = {r.prompt: dit.pipeline.run(r).latent_tokens for r in reqs if r is not huge}
+    engine = dit.pipeline.dit
+    real = engine.velocities
+    forwards: list[int] = []
+
+    def velocities(x, t, contexts, *args, **kwargs):  # huge's noise is its own: find its blocks by it
+        forwards.append(len(contexts))
+        if len(contexts) > 4 or any(torch.equal(block, huge_noise) for block in x):
+            raise oom()
+        return real(x, t, contexts, *args, **kwargs)
+
+    huge_noise = dit.pipeline.prepare_image(huge).noise
+    monkeypatch.setattr(engine, "velocities", velocities)
+    got = asyncio.run(gather(*(dit.generate(r) for r in reqs)))
+    monkeypatch.undo()
+    for req, result in zip(reqs, got):
+        if req is huge:
+            assert isinstance(result, EngineOutOfMemory) and "out of accelerator memory" in str(result)
+        else:
+            assert torch.equal(result.latent_tokens, want[req.prompt]), req.prompt
+    assert max(forwards) > 4  # a batch too big was tried, and split
+    assert dit.lock._lock.acquire(timeout=5)
+    dit.lock._lock.release()
+
+
+def test_a_cancelled_request_leaves_its_batch(dit):
+    reqs = image_requests(3)
+    long = GenerationRequest("text2img", "a long one", seed=3, steps=5000, height=32, width=32, cfg_interval=(0.0, 1.0))
+    want = [dit.pipeline.run(r) for r in reqs]
+
+    async def scenario():
+        task = asyncio.create_task(dit.generate(long))
+        await asyncio.sleep(0.2)
+        got = await gather(*(dit.generate(r) for r in reqs))
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        after = await dit.generate(reqs[0])
+        return got, after
+
+    got, after = asyncio.run(scenario())
+    for g, w in zip(got, want):
+        assert g.timings["denoise_batch"] > 1  # denoised beside the long one
+        assert torch.equal(g.latent_tokens, w.latent_tokens)
+    assert after.timings["denoise_batch"] == 1  # the long one has gone

@@ -12,6 +12,7 @@ sends them through the handle of a Serve app (reused if running, else deployed f
 same results.jsonl and PNGs for the same flags.
 
     bagel-ray make-tiny-model DIR [--seed N]
+    bagel-ray make-random-model DIR [--size 7b] [--seed N]
     bagel-ray generate --model tiny --modality text2img --prompts "a red fox" --steps 8
     bagel-ray generate --model tiny --worker-backend ray --prompts "a red fox" --steps 8
 """
@@ -38,6 +39,7 @@ from bagel_ray.flags import UsageError, add_request_flags, default_dtype, fit_si
 from bagel_ray.model.loader import DEFAULT_MODEL, CheckpointError, read_config, resolve_model_path
 
 RESULTS_FILE = "results.jsonl"
+RANDOM_SIZES = ("tiny", "7b")  # make-random-model: the embedded tiny geometry, or BAGEL-7B-MoT's
 # The Serve config `--worker-backend ray` uses for `--model tiny` when none is given.
 TINY_APP_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "tiny.yaml"
 
@@ -170,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="write the tiny random checkpoint into a folder")
     tiny.add_argument("dir", type=Path, metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default: 0, the embedded model's)")
+
+    rand = sub.add_parser("make-random-model", help="write a random checkpoint of a given size in the official layout "
+                                                    "(7b: the full-size BAGEL-7B-MoT files, 29.5 GB, streamed)")
+    rand.add_argument("dir", type=Path, metavar="DIR")
+    rand.add_argument("--size", choices=RANDOM_SIZES, default="7b", help="default: 7b")
+    rand.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
 
     gen = sub.add_parser("generate", help="generate images or text for prompts (like vllm-omni end2end.py)")
     gen.add_argument("--model",
@@ -305,6 +313,23 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_random_model(args: argparse.Namespace) -> int:
+    from bagel_ray.model.config import BagelConfig
+    from bagel_ray.model.random_checkpoint import write_random_checkpoint
+    from bagel_ray.model.tiny import TINY_CONFIG
+
+    cfg = {"tiny": TINY_CONFIG, "7b": BagelConfig()}[args.size]
+    t0 = time.perf_counter()
+    try:
+        folder = write_random_checkpoint(args.dir, cfg, seed=args.seed)
+    except OSError as exc:
+        raise UsageError(f"cannot write the random model to {args.dir}: {exc}") from exc
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    print(f"wrote the {args.size} random model (seed {args.seed}, {size / 1e9:.2f} GB) to {folder} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.worker_backend != "ray":
         given = [flag for dest, flag in RAY_ONLY_FLAGS.items() if getattr(args, dest) is not None]
@@ -351,7 +376,7 @@ def write_results(args: argparse.Namespace, runner: Runner, requests: list[Gener
     return done
 
 
-COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "generate": cmd_generate}
+COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "make-random-model": cmd_make_random_model, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,6 +115,16 @@ def test_make_tiny_model(tmp_path, capsys):
     assert str(folder) in capsys.readouterr().out
 
 
+def test_make_random_model(tmp_path, capsys):
+    """The full-size writer, at the tiny size here (tests/model/test_random_checkpoint.py checks
+    the 7b tensor table and files without writing 29 GB)."""
+    folder = tmp_path / "random"
+    assert main(["make-random-model", str(folder), "--size", "tiny", "--seed", "1"]) == 0
+    assert read_config(folder) == TINY_CONFIG
+    out = capsys.readouterr().out
+    assert "wrote the tiny random model (seed 1, 0.01 GB)" in out and str(folder) in out
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 

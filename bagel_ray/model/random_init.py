@@ -17,7 +17,7 @@ import torch
 from bagel_ray.model.bagel import ALL_PARTS, BagelModel
 from bagel_ray.model.config import BagelConfig
 from bagel_ray.model.llm import rope_inv_freq
-from bagel_ray.model.tiny import sincos_table
+from bagel_ray.model.random_checkpoint import sincos_table
 from bagel_ray.model.tiny_tokenizer import write_tiny_tokenizer
 from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.model.vae import AutoEncoder

@@ -27,10 +27,15 @@ import requests
 MARKER = "BAGEL_RAY_TEST_CLUSTER"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid: range = range(0)) -> int:
+    """A port free now, outside `avoid` (the worker port range, which the kernel may hand out
+    too: Ray refuses to start when a component's port lies in it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def ray_cli() -> list[str]:
@@ -70,14 +75,15 @@ def start(cache: Path, num_cpus: int = 4, timeout_s: float = 90) -> JobCluster:
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "BAGEL_RAY_CACHE": str(cache), MARKER: marker})
-    dashboard_port = free_port()
     workers = 30000 + 200 * (os.getpid() % 100)
-    ports = {
-        "--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
-        "--node-manager-port": free_port(), "--object-manager-port": free_port(), "--metrics-export-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(), "--min-worker-port": workers, "--max-worker-port": workers + 199,
-    }
+    names = ["--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+             "--metrics-export-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--runtime-env-agent-port"]
+    chosen: set[int] = set()
+    while len(chosen) < len(names):  # distinct, and none among the workers'
+        chosen.add(free_port(avoid=range(workers, workers + 200)))
+    ports = {**dict(zip(names, sorted(chosen))), "--min-worker-port": workers, "--max-worker-port": workers + 199}
+    dashboard_port = ports["--dashboard-port"]
     # Ray maps a loopback --node-ip-address to the machine's address (resolve_ip_for_localhost), so only the
     # dashboard (the job server) can be held to 127.0.0.1; every port is a free one.
     cmd = [*ray_cli(), "start", "--head", "--block", "--dashboard-host", "127.0.0.1",

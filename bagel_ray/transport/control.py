@@ -79,8 +79,10 @@ class ControlServer:
                         log.warning("KV control: a message without this sender's key; closing the connection")
                         return
                     self._handler(message, lambda reply: conn.sendall(json.dumps(reply).encode() + b"\n"))
-        except (OSError, ValueError) as exc:
+        except OSError as exc:  # the receiver went away, or the server closed
             log.debug("KV control connection ended: %s", exc)
+        except Exception as exc:  # a malformed message (not JSON, a field missing): drop this connection only
+            log.warning("KV control: closing a connection after a bad message (%s: %s)", type(exc).__name__, exc)
         finally:
             with self._lock:
                 self._connections.discard(conn)

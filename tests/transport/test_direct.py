@@ -453,6 +453,11 @@ def test_control_channel_rejects_a_wrong_key():
         with pytest.raises(ControlError, match="closed the connection"):
             ControlClient(server.address, "wrong", 5).request({"op": "x"}, 5)
         assert [m["op"] for m in seen] == ["x"]
+        raw = ControlClient(server.address, "right", 5)
+        raw._sock.sendall(b"not json\n")
+        with pytest.raises(ControlError, match="closed the connection"):
+            raw.answer(5)
+        assert ControlClient(server.address, "right", 5).request({"op": "y"}, 5) == {"ok": True}  # still serving
     finally:
         server.close()
 

@@ -1,6 +1,7 @@
 """Single-GPU benchmark of the engines at full size (random bf16 weights), one request at a time.
 
-    python -m benchmarks.bench_pipeline [--rows gemm,forward,t2i512,t2i1024,edit512,edit1024,decode] [--reps N] [--json FILE]
+    python -m benchmarks.bench_pipeline [--rows gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch]
+                                        [--reps N] [--json FILE] [--smoke]
 
 Rows (issue targets in brackets):
   gemm      bf16 8192^3 matmul: the GEMM ceiling measured in the same run
@@ -82,7 +83,7 @@ def image(side: int) -> Image.Image:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode")
+    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")

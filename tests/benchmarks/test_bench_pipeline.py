@@ -1,0 +1,23 @@
+"""`benchmarks/bench_pipeline.py --smoke`: every row of the GPU benchmark runs on the CPU with the
+tiny config, so the script that records the performance figures cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def test_smoke_run_has_every_row(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_pipeline", "--smoke", "--reps", "1", "--json", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) >= {"forward", "guard", "t2i512", "t2i1024", "edit512", "edit1024", "dit_batch", "decode_b1", "decode_b32"}
+    batch = rows["dit_batch"]
+    # the tiny model in fp32 on the CPU: batched latents agree with each request alone
+    assert batch["batch4_max_abs_diff"] < 1e-4 and batch["batch8_max_abs_diff"] < 1e-4
+    assert rows["guard"]["decode_same_ids"] is True

@@ -35,6 +35,14 @@ from bagel_ray.model.vae import AutoEncoder
 BRANCHES = ("cond", "cfg_text", "cfg_img")
 
 
+def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A few host integers on `device` without a host sync: `torch.tensor(..., device=cuda)`
+    copies from pageable memory and waits for the stream, which would stall every denoising
+    step until the previous one finished; a copy from pinned memory does not."""
+    t = torch.tensor(values)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 @dataclass(frozen=True)
 class DenoiseParams:
     """Sampler knobs with the official notebook text2img defaults."""
@@ -120,6 +128,7 @@ class DiT:
         self.vae = vae
         self.builder = ContextBuilder(model, tokenizer, vae)
         self.cfg = model.cfg
+        self._marker_rows: torch.Tensor | None = None
 
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
         step = self.cfg.latent_downsample
@@ -136,19 +145,23 @@ class DiT:
         return torch.randn(h * w, self.cfg.patch_latent_dim, generator=generator, dtype=torch.float32)
 
     def _markers(self) -> torch.Tensor:
-        tok = self.tokenizer
-        return self.model.embed_tokens(torch.tensor([tok.start_of_image, tok.end_of_image], device=self.model.device))
+        """The embedded <|vision_start|> and <|vision_end|> rows that open and close every image
+        block: the same for every step of every request, so embedded once."""
+        if self._marker_rows is None:
+            tok = self.tokenizer
+            self._marker_rows = self.model.embed_tokens(torch.tensor([tok.start_of_image, tok.end_of_image],
+                                                                     device=self.model.device))
+        return self._marker_rows
 
     @torch.inference_mode()
-    def velocities(self, x: torch.Tensor, t: torch.Tensor, contexts: list[KVContext], pos_ids: torch.Tensor,
-                   markers: torch.Tensor | None = None) -> torch.Tensor:
+    def velocities(self, x: torch.Tensor, t: torch.Tensor, contexts: list[KVContext], pos_ids: torch.Tensor) -> torch.Tensor:
         """v for each context in one batched forward: [B, h*w, 64]. Row block b is the latent
         block `x[b]` ([B, h*w, 64]) at time `t[b]` ([B]) over `contexts[b]`; a [h*w, 64] x or a
         0-dim t is shared by every block. The linear layers run on all blocks' rows together;
         attention runs per block over its own context."""
         dev = self.model.device
         B = len(contexts)
-        markers = self._markers() if markers is None else markers
+        markers = self._markers()
         x = x.to(dev)
         x = x.expand(B, *x.shape) if x.dim() == 2 else x
         n_lat = x.shape[1]
@@ -157,7 +170,7 @@ class DiT:
         start, end = markers[:1].expand(B, 1, -1), markers[1:].expand(B, 1, -1)
         rows = torch.cat((start, latents.view(B, n_lat, -1).to(markers.dtype), end), dim=1)
         n = n_lat + 2
-        positions = torch.tensor([c.rope for c in contexts], device=dev)[:, None].expand(B, n)
+        positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
         hidden, _ = self.model.llm(rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
         return self.model.velocity(hidden[:, 1:-1])
@@ -210,13 +223,12 @@ class DiT:
         groups: dict[tuple[int, int], list[int]] = {}
         for k, job in enumerate(jobs):
             groups.setdefault(job.grid, []).append(k)
-        markers = self._markers()
         out: list[tuple[dict[str, torch.Tensor], int]] = [({}, 0)] * len(jobs)
         for members in groups.values():
             blocks = [(k, b) for k in members for b in runs[k]]
             x = torch.stack([jobs[k].x for k, _ in blocks])
             t = torch.stack([jobs[k].timesteps[jobs[k].index] for k, _ in blocks])
-            v = self.velocities(x, t, [jobs[k].branches[b] for k, b in blocks], jobs[members[0]].pos_ids, markers)
+            v = self.velocities(x, t, [jobs[k].branches[b] for k, b in blocks], jobs[members[0]].pos_ids)
             for k in members:
                 out[k] = ({b: v[row] for row, (j, b) in enumerate(blocks) if j == k}, len(members))
         return out

@@ -112,10 +112,6 @@ class ControlClient:
         self._lines = self._sock.makefile("rb")
         self._lock = threading.Lock()
 
-    def request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        self.notify(message)
-        return self.answer(timeout_s)
-
     def notify(self, message: dict[str, Any]) -> None:
         """Send `message`; for a request, `answer` reads the reply (the caller may do other
         work in between: the reply waits in the socket)."""

@@ -376,7 +376,10 @@ class DirectTransport(KVTransport):
                 self._unreachable.add(payload.sender_key)
                 raise
             with self._links_lock:
-                self._clients[payload.sender_key] = client
+                kept = self._clients.setdefault(payload.sender_key, client)
+            if kept is not client:  # another thread connected first
+                client.close()
+                client = kept
         return client
 
     def _drop_client(self, sender_key: str) -> None:
@@ -428,7 +431,8 @@ class DirectTransport(KVTransport):
             comm_key = uuid.uuid4().hex if fresh else link.key
             unique_id = self._comms.unique_id() if fresh else None
             marks = [("start", time.perf_counter())]
-            received = None
+            # Whatever goes wrong from here leaves the pair out of step (a receive or a send may be
+            # posted): its communicator is dropped, and with a failed channel the connection too.
             try:
                 client = self._client(payload)
                 client.notify({"op": "send", "handoff": handoff_id, "receiver": self.key, "comm": comm_key,
@@ -438,26 +442,17 @@ class DirectTransport(KVTransport):
                 if not fresh:  # post the receive while the request travels: the sender's send meets it
                     received = self._post_receive(link, payload, device)
                     marks.append(("post", time.perf_counter()))
-                answer = client.answer(min(self.reply_timeout_s, deadline - time.monotonic()))
-            except ControlError:
-                self._drop_client(sender_key)
-                if link is not None:  # the sender may have posted its send: the pair is out of step
-                    self._drop_link(self._recv_links, sender_key, link)
-                raise
-            marks.append(("answer", time.perf_counter()))
-            status = answer.get("status")
-            if status != STARTED:
-                if link is not None:  # a receive may be posted: the pair is out of step
-                    self._drop_link(self._recv_links, sender_key, link)
+                status = client.answer(min(self.reply_timeout_s, deadline - time.monotonic())).get("status")
+                marks.append(("answer", time.perf_counter()))
                 if status == GONE:
                     raise HandoffGone(f"KV handoff {handoff_id} is gone from its sender (too old, or its outbox was full)")
-                raise PeerRefused(str(status))
+                if status != STARTED:
+                    raise PeerRefused(str(status))
 
-            def check() -> None:
-                if client.closed():
-                    raise ControlError("the sender closed its control connection during the transfer")
+                def check() -> None:
+                    if client.closed():
+                        raise ControlError("the sender closed its control connection during the transfer")
 
-            try:
                 if fresh:
                     link = _Link(self._comms.open(unique_id, 2, RECEIVER_RANK, device), comm_key)
                     with self._links_lock:

@@ -446,18 +446,23 @@ def test_an_unreachable_control_channel_sends_later_handoffs_through_the_object_
 def test_control_channel_rejects_a_wrong_key():
     from bagel_ray.transport.control import ControlClient, ControlError, ControlServer
 
+    def request(key: str, op: str) -> dict:
+        client = ControlClient(server.address, key, 5)
+        client.notify({"op": op})
+        return client.answer(5)
+
     seen = []
     server = ControlServer("right", lambda m, answer: seen.append(m) or answer({"ok": True}), "127.0.0.1")
     try:
-        assert ControlClient(server.address, "right", 5).request({"op": "x"}, 5) == {"ok": True}
+        assert request("right", "x") == {"ok": True}
         with pytest.raises(ControlError, match="closed the connection"):
-            ControlClient(server.address, "wrong", 5).request({"op": "x"}, 5)
+            request("wrong", "x")
         assert [m["op"] for m in seen] == ["x"]
         raw = ControlClient(server.address, "right", 5)
         raw._sock.sendall(b"not json\n")
         with pytest.raises(ControlError, match="closed the connection"):
             raw.answer(5)
-        assert ControlClient(server.address, "right", 5).request({"op": "y"}, 5) == {"ok": True}  # still serving
+        assert request("right", "y") == {"ok": True}  # still serving
     finally:
         server.close()
 

@@ -202,7 +202,33 @@ class TextJob:
         fut.get_loop().call_soon_threadsafe(settle)
 
 
-class DecodeWorker:
+class InboxWorker:
+    """A batch worker's thread, started with the first job and fed through `inbox`; the
+    subclass's `_loop` takes what arrived between its steps."""
+
+    thread_name = "worker"
+
+    def __init__(self) -> None:
+        self.inbox: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.guard = threading.Lock()
+
+    def submit(self, job: Any) -> None:
+        with self.guard:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+                self.thread.start()
+        self.inbox.put(job)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is None or self.thread.is_alive()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class DecodeWorker(InboxWorker):
     """The Thinker's continuous batching: one thread that prefills arriving greedy requests,
     admits them into the running `ContinuousDecoder` batch between chunks of steps, and hands
     each result back as soon as its sequence ends. A new request never waits for a running
@@ -210,21 +236,14 @@ class DecodeWorker:
     replica's engine lock, chunk by chunk, so image prefills interleave with decoding.
     Requests that do not fit the decoder's rows decode on their own (`fallback`)."""
 
+    thread_name = "thinker-decode"
+
     def __init__(self, pipeline: LocalPipeline, lock: EngineLock, slots: int, width: int,
                  fallback: Callable[[list[TextJob]], list[GenerationResult | Exception]]) -> None:
         self.pipeline, self.lock, self.fallback = pipeline, lock, fallback
         self.slots, self.width = slots, width
         self.decoder: ContinuousDecoder | None = None
-        self.inbox: queue.Queue[TextJob] = queue.Queue()
-        self.thread: threading.Thread | None = None
-        self.guard = threading.Lock()
-
-    def submit(self, job: TextJob) -> None:
-        with self.guard:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="thinker-decode", daemon=True)
-                self.thread.start()
-        self.inbox.put(job)
+        super().__init__()
 
     def _admit(self, job: TextJob) -> None:
         if job.cancel.is_set():
@@ -322,7 +341,7 @@ class ImageJob:
             self.cancel.set()
 
 
-class DenoiseWorker:
+class DenoiseWorker(InboxWorker):
     """The DiT's cross-request batching: one thread that takes arriving image requests (and
     builds their contexts when the replica makes them itself), steps the running
     `BatchDenoiser` batch one denoising step at a time under the engine lock, and VAE-decodes
@@ -333,23 +352,12 @@ class DenoiseWorker:
     request or a failed decode fails alone, and a step that runs out of memory (or fails) is
     retried with half the batch, down to the one job that fails on its own (507 for memory)."""
 
+    thread_name = "dit-denoise"
+
     def __init__(self, pipeline: LocalPipeline, lock: EngineLock, max_batch_size: int) -> None:
         self.pipeline, self.lock = pipeline, lock
         self.batch = BatchDenoiser(pipeline.dit, max_batch_size)
-        self.inbox: queue.Queue[ImageJob] = queue.Queue()
-        self.thread: threading.Thread | None = None
-        self.guard = threading.Lock()
-
-    def submit(self, job: ImageJob) -> None:
-        with self.guard:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="dit-denoise", daemon=True)
-                self.thread.start()
-        self.inbox.put(job)
-
-    @property
-    def alive(self) -> bool:
-        return self.thread is None or self.thread.is_alive()
+        super().__init__()
 
     def _fail(self, job: ImageJob, exc: BaseException) -> None:
         if isinstance(exc, torch.cuda.OutOfMemoryError):

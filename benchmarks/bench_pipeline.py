@@ -38,6 +38,7 @@ from bagel_ray.engine.thinker import DecodeParams, Thinker
 from bagel_ray.model import kernels
 from bagel_ray.model.config import BagelConfig
 from bagel_ray.model.random_init import random_model, random_vae, tokenizer
+from benchmarks.table import print_table
 
 PROMPT = "A photo of a red fox sleeping under an old oak tree in autumn, soft morning light, shallow depth of field."
 EDIT_PROMPT = "Make the sky purple and add a few stars."
@@ -213,10 +214,7 @@ def main() -> None:
             results.append({"row": f"decode_b{batch}", "seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds})
             print(results[-1], flush=True)
 
-    print("\n| row | seconds | figure |\n|---|---:|---|")
-    for r in results:
-        figure = f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else "")
-        print(f"| {r['row']} | {r['seconds']:.3f} | {figure} |")
+    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "torch": torch.__version__, "results": results}, f, indent=2)

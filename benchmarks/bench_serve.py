@@ -23,6 +23,8 @@ import numpy as np
 import requests
 from PIL import Image
 
+from benchmarks.table import print_table
+
 PORT = 8000
 URL = f"http://127.0.0.1:{PORT}"
 PROMPT = "A photo of a red fox sleeping under an old oak tree in autumn, soft morning light, shallow depth of field."
@@ -115,10 +117,7 @@ def main() -> None:
     rows.append({"row": "decode_32streams_serve", "seconds": wall, "tokens": toks, "tok_per_s": toks / wall})
     print(rows[-1], flush=True)
 
-    print("\n| row | seconds | figure |\n|---|---:|---|")
-    for r in rows:
-        fig = f"{r['images_per_s']:.2f} images/s" if "images_per_s" in r else (f"{r['tok_per_s']:.0f} tok/s" if "tok_per_s" in r else "")
-        print(f"| {r['row']} | {r['seconds']:.3f} | {fig} |")
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=2)

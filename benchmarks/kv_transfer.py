@@ -48,6 +48,9 @@ TARGETS = {  # (path, MB): (what, met?, on the handoff (True) or the total with 
 }
 
 
+NON_BLOCKING = "nccl, non-blocking posts"  # the NCCL route with `blocking_transfers=False`, for comparison
+
+
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
@@ -230,7 +233,13 @@ def stage_class():
 
             self.device = torch.device("cuda", 0)
             torch.cuda.set_device(self.device)
-            self.transport = make_transport(transport)
+            if transport == NON_BLOCKING:  # the baseline: transfers posted on the non-blocking communicator
+                from bagel_ray.transport.direct import NcclTransport
+                from bagel_ray.transport.nccl import NcclComms
+
+                self.transport = NcclTransport(comms=NcclComms(blocking_transfers=False))
+            else:
+                self.transport = make_transport(transport)
             self.contexts = None
 
         def gpu(self) -> str:
@@ -369,13 +378,13 @@ def tables(raw: dict, rows: list[dict], command: str) -> str:
     lines += ["", "Transports end to end between two actors, contexts on the receiver's GPU. Handoff = send + receive "
               "(packing, signalling, transfer, unpacking); with carry = plus the payload's trip through the object "
               "store (the KV itself for object_store, a few hundred bytes otherwise). Medians; receive phases of the "
-              "NCCL route (ms): ask = request sent, post = receive posted, answer = the sender's answer read, transfer; first = the pair's "
+              "NCCL route (ms): plan = route chosen, ask = request sent, alloc = receive buffers allocated, post = receive posted, answer = the sender's answer read, transfer, handover = given to the engine's stream; first = the pair's "
               "first handoff (with carry).", "",
               "| transport | GPUs | size | route | handoff | GB/s | with carry | GB/s | send / carry / receive | "
               "receive phases | first | target |",
               "|---|---|---:|---|---:|---:|---:|---:|---|---|---:|---|"]
     for r in rows:
-        target = TARGETS.get((r["route"], r["mb"]))
+        target = TARGETS.get((r["route"], r["mb"])) if r["transport"] != NON_BLOCKING else None
         verdict = ""
         if target:
             ms, gbs = (r["handoff_ms"], r["handoff_gbps"]) if target[2] else (r["ms"], r["gbps"])
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     for transport in ("object_store", "cuda_ipc", "auto"):
         rows += end_to_end(transport, True, sizes, args.reps)
     if gpus >= 2:
-        for transport in ("object_store", "nccl", "auto"):
+        for transport in ("object_store", NON_BLOCKING, "nccl", "auto"):
             rows += end_to_end(transport, False, sizes, args.reps)
     ray.shutdown()
 

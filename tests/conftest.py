@@ -50,3 +50,15 @@ def image():
     from PIL import Image
 
     return Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 80, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as a Ray worker or replica has: the CPU's convolutions and matmuls
+    sum in a thread-count dependent order, and these tests compare outputs bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

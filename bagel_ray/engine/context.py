@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from bagel_ray.engine.kv_context import KVContext
@@ -94,6 +95,33 @@ class ContextBuilder:
         ids = torch.tensor(self.tokenizer.text_segment(text), dtype=torch.long, device=self.device)
         _, new_kv = run_block(self.model, ctx, self.model.embed_tokens(ids), self._positions(ctx.rope, len(ids), False), None, True, ForwardMode(gen=False))
         return ctx.append(new_kv, len(ids))
+
+    @torch.inference_mode()
+    def append_text_batch(self, contexts: list[KVContext], texts: list[str]) -> list[KVContext]:
+        """`append_text(contexts[b], texts[b])` for every b, in one forward instead of one per
+        context: a forward reads all the weights and launches every kernel once, whatever the
+        batch, so a burst of arriving prompts costs about one prefill. Segments are padded to
+        the longest and contexts to the longest; the mask keeps each sample to its own rows, and
+        each returned context keeps only its real rows."""
+        if len(contexts) != len(texts):
+            raise ValueError(f"{len(contexts)} contexts but {len(texts)} texts")
+        if len(contexts) <= 1:
+            return [self.append_text(ctx, text) for ctx, text in zip(contexts, texts)]
+        dev = self.device
+        ids = [self.tokenizer.text_segment(text) for text in texts]
+        new_lens = [len(row) for row in ids]
+        past_lens = [ctx.length for ctx in contexts]
+        n, t = max(new_lens), max(past_lens)
+        tokens = torch.tensor([row + [0] * (n - len(row)) for row in ids], dtype=torch.long, device=dev)
+        positions = torch.stack([self._positions(ctx.rope, n, False) for ctx in contexts])
+        past = None
+        if t:
+            padded = torch.stack([F.pad(ctx.kv, (0, 0, 0, 0, 0, t - ctx.length)) for ctx in contexts])  # [B, L, 2, T, kv, hd]
+            past = [(padded[:, i, 0], padded[:, i, 1]) for i in range(padded.shape[1])]
+        mask = attention_mask(torch.tensor(past_lens, device=dev), t, torch.tensor(new_lens, device=dev), n, causal=True)
+        _, new_kv = self.model.llm(self.model.embed_tokens(tokens), positions, None, PrefixKV(past, mask), ForwardMode(gen=False))
+        return [ctx.append([(k[b : b + 1, :m], v[b : b + 1, :m]) for k, v in new_kv], m)
+                for b, (ctx, m) in enumerate(zip(contexts, new_lens))]
 
     def _marked(self, rows: torch.Tensor) -> torch.Tensor:
         """[<|vision_start|>] + rows + [<|vision_end|>]."""

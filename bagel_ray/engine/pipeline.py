@@ -87,6 +87,16 @@ class LocalPipeline:
             ctx = th.append_vit(ctx, self.vae_resized(req.image))
         return th.append_text(ctx, req.prompt)
 
+    def understanding_contexts(self, reqs: list[GenerationRequest]) -> list[KVContext]:
+        """`understanding_context` of each request. The plain ones (no image, no think) are just
+        their prompt, so they are prefilled together, in one forward (`append_text_batch`)
+        instead of one each; the others are built one by one."""
+        th = self.thinker_engine
+        plain = [i for i, req in enumerate(reqs) if req.image is None and not req.think]
+        built = th.builder.append_text_batch([th.empty() for _ in plain], [reqs[i].prompt for i in plain])
+        contexts = dict(zip(plain, built))
+        return [contexts[i] if i in contexts else self.understanding_context(req) for i, req in enumerate(reqs)]
+
     def understand_stream(self, req: GenerationRequest) -> Iterator[str | GenerationResult]:
         """Text deltas as they decode, then the full result as the last item."""
         th = self.thinker_engine

@@ -123,7 +123,9 @@ class Thinker:
         hd]: each row is written at `lens` and attends to its cache rows and itself. Static
         shapes and no host reads, so it can run inside a CUDA graph."""
         model = self.model
-        mask = (key_index[None, :] <= lens[:, None])[:, None, :]
+        # additive (0 / -inf) rather than boolean: SDPA would convert a boolean mask in every layer
+        mask = torch.zeros(lens.shape[0], 1, key_index.shape[0], dtype=model.dtype, device=lens.device)
+        mask.masked_fill_((key_index[None, :] > lens[:, None])[:, None, :], float("-inf"))
         hidden, _ = model.llm(model.embed_tokens(tokens)[:, None], positions[:, None], None,
                               CachedKV(cache, lens, mask), ForwardMode(gen=False))
         return model.logits(hidden[:, -1])

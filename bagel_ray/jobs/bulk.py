@@ -48,7 +48,7 @@ from bagel_ray.model.loader import DEFAULT_MODEL
 DATA_FLAGS = {
     "device": "--device", "dtype": "--dtype", "thinker_replicas": "--thinker-replicas", "dit_replicas": "--dit-replicas",
     "thinker_gpus": "--thinker-gpus", "dit_gpus": "--dit-gpus", "thinker_cpus": "--thinker-cpus", "dit_cpus": "--dit-cpus",
-    "thinker_batch_size": "--thinker-batch-size",
+    "thinker_batch_size": "--thinker-batch-size", "dit_batch_size": "--dit-batch-size",
 }
 APP_FLAGS = {"max_in_flight": "--max-in-flight"}
 
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--thinker-batch-size", type=_positive_int, metavar="N",
                       help=f"items a Thinker actor takes at once; text answers decode together "
                            f"(default: {defaults.thinker_batch_size})")
+    data.add_argument("--dit-batch-size", type=_positive_int, metavar="N",
+                      help=f"items a DiT actor takes at once; images of one size denoise together, step by step "
+                           f"(default: {defaults.dit_batch_size})")
     return p
 
 

@@ -4,8 +4,9 @@ Thinker and DiT actors.
     byte ranges of the input (driver)
       -> read and parse each range into requests (fused by Ray Data into the first actors)
       -> Thinker actors: text answers (batched decode), text2img contexts and think text
-      -> DiT actors: denoise and VAE-decode (text2img over the Thinker's contexts; img2img
-         whole, its contexts built on the DiT as with `edit_contexts_on: dit`), PNG-encode
+      -> DiT actors: denoise (the images of a batch stepped together) and VAE-decode
+         (text2img over the Thinker's contexts; img2img whole, its contexts built on the DiT
+         as with `edit_contexts_on: dit`), PNG-encode
       -> driver: writes each output and its record
 
 Ray Data streams the blocks with backpressure, so only the items in flight are in memory,
@@ -26,14 +27,19 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from bagel_ray.engine.request import IMAGE_OUTPUT, GenerationRequest
 from bagel_ray.flags import default_dtype, fit_size
 from bagel_ray.jobs.inputs import Chunk, ItemError, JobInput, Scan, build_request, failed_outcome, read_chunk
 from bagel_ray.jobs.store import Outcome
+
+if TYPE_CHECKING:
+    from bagel_ray.engine.dit import DenoiseJob
+    from bagel_ray.engine.pipeline import PreparedImage
 
 log = logging.getLogger("bagel_ray.jobs")
 
@@ -58,6 +64,7 @@ class DataOptions:
     thinker_cpus: float = 1.0
     dit_cpus: float = 1.0
     thinker_batch_size: int = 8  # text requests decoded together
+    dit_batch_size: int = 8  # images denoised together
 
     def gpus(self, given: float | None, cluster_gpus: float) -> float:
         if given is not None:
@@ -222,29 +229,74 @@ class DiTStage:
         self.transport = make_transport("object_store")
 
     def __call__(self, table):
+        """The batch's pending image rows, denoised together: one DiT forward over one image's
+        rows leaves the GPU's GEMMs half empty, so their jobs are stepped as one batch
+        (`BatchDenoiser`, as the Serve DiT batches requests; Ray Data hands this stage
+        `--dit-batch-size` rows at a time). Each row fails alone: in its preparation, its job's
+        checks, its denoising (a step that raises is retried with half the batch, down to the
+        one job that fails) or its VAE decode."""
         rows = rows_of(table)
+        jobs = []
         for row in rows:
             if row.pending and row.modality in IMAGE_OUTPUT:
                 req = pickle.loads(row.request)
                 try:
-                    result = self._render(req, row.handoff)
+                    prepared = self._prepared(req, row.handoff)
+                    jobs.append(self.pipeline.dit.job(prepared.contexts, req.sampler(), prepared.noise,
+                                                      key=(row, req, prepared)))
                 except Exception as exc:
                     row.fail(exc, req)
-                else:
-                    row.finish(Outcome.of_result(row.id, result))
+        self._denoise(jobs)
         return table_of(rows)
 
-    def _render(self, req: GenerationRequest, handoff: bytes):
+    def _prepared(self, req: GenerationRequest, handoff: bytes) -> PreparedImage:
+        """The contexts and noise of one image: received from the Thinker (text2img), or built
+        here (img2img: an empty handoff)."""
         from bagel_ray.engine.pipeline import PreparedImage
 
-        if not handoff:  # img2img: contexts built here
-            return self.pipeline.run(req)
+        if not handoff:
+            return self.pipeline.prepare_image(req)
         sent = pickle.loads(handoff)
         contexts, stats = self.transport.receive(sent.payload, self.device)
         timings = dict(sent.timings, handoff_bytes=float(stats.nbytes), handoff_send_s=stats.send_s,
                        handoff_receive_s=stats.receive_s)
-        prepared = PreparedImage(contexts, sent.noise, sent.think_text, sent.think_token_ids, timings)
-        return self.pipeline.render(req, prepared)
+        return PreparedImage(contexts, sent.noise, sent.think_text, sent.think_token_ids, timings)
+
+    def _denoise(self, jobs: list[DenoiseJob]) -> None:
+        """Step the jobs (keyed by their row, request and prepared image) until each has ended,
+        and finish each row as its job ends. A job's `denoise_s` runs from the batch's start
+        to its end, as `LocalPipeline.render` times an image denoised alone."""
+        import torch
+
+        from bagel_ray.engine.dit_batch import BatchDenoiser
+
+        if not jobs:
+            return
+        batch = BatchDenoiser(self.pipeline.dit, len(jobs))
+        t0 = time.perf_counter()
+        for job in jobs:
+            batch.submit(job)
+        while not batch.idle:
+            try:
+                ended = batch.step()
+            except Exception as exc:  # out of memory, or one job's faulty inputs: halve the batch
+                size = len(batch.running)
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()  # the cached blocks back, for the smaller retry
+                log.warning("a denoising step of %d images failed (%s: %s); %s", size, type(exc).__name__, exc,
+                            f"retrying with {size // 2} at a time" if size > 1 else "that image fails")
+                ended = batch.back_off(exc)
+            for job in ended:
+                row, req, prepared = job.key
+                if job.error is not None:
+                    row.fail(job.error, req)
+                    continue
+                try:
+                    result = self.pipeline.finish_image(req, prepared, job.x, {"denoise_s": time.perf_counter() - t0})
+                except Exception as exc:  # this image's VAE decode: it alone
+                    row.fail(exc, req)
+                else:
+                    row.finish(Outcome.of_result(row.id, result))
 
 
 # -- the pipeline -----------------------------------------------------------------------------
@@ -310,7 +362,7 @@ class DataRunner:
         if any(m in THINKER_WORK for m in scan.modalities):
             stages.append(("Thinker", ThinkerStage, o.thinker_batch_size))
         if any(m in IMAGE_OUTPUT for m in scan.modalities):
-            stages.append(("DiT", DiTStage, 1))
+            stages.append(("DiT", DiTStage, o.dit_batch_size))
         # Readers ask for the first stage's CPU share, so that Ray Data fuses them into its actors.
         first = pools[stages[0][0]] if stages else Pool(1, 0.0, 1.0)
         ds = ds.map_batches(read_items, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": for_workers(job)},

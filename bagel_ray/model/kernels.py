@@ -10,6 +10,8 @@ reference below runs. Both follow the official code's casts (spec 11.2-11.4):
   generation path (q/k upcast before the norm, RoPE in fp32 with bf16 cos/sin, one final
   cast); otherwise every step rounds to the input dtype as the understanding path does.
 - `silu_mul`: SiLU(gate) * up of the fused gate/up projection.
+- `add_rms_norm`: the residual add (rounded to the input dtype, as the eager add) and the
+  RMSNorm of the sum, in one pass: returns both, the sum for the next residual.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def rms_norm_reference(x: torch.Tensor, weights: torch.Tensor, experts: torch.Te
     return w * normed.to(x.dtype)
 
 
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | None,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x + delta
+    return x, rms_norm_reference(x, weights, experts, eps)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -82,12 +90,18 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:  # pragma: no cover - compiled on GPU machines only
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, e_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr, W_FP32: tl.constexpr,
-                         HAS_E: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, e_ptr, sum_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr,
+                         W_FP32: tl.constexpr, HAS_E: tl.constexpr, HAS_D: tl.constexpr):
+        # HAS_D: add the residual delta first (rounded as the eager add: fp32 math, one rounding),
+        # store the sum, and normalise the sum
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a batch may pass 2^31 elements
         cols = tl.arange(0, BLOCK)
         keep = cols < n_cols
         x = tl.load(x_ptr + row * n_cols + cols, mask=keep, other=0.0)
+        if HAS_D:
+            d = tl.load(d_ptr + row * n_cols + cols, mask=keep, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
+            tl.store(sum_ptr + row * n_cols + cols, x, mask=keep)
         x32 = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)
         normed = (x32 * rstd).to(x.dtype)
@@ -157,13 +171,31 @@ if triton is not None:  # pragma: no cover - compiled on GPU machines only
 def rms_norm(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | None, eps: float) -> torch.Tensor:
     if not _use_triton(x) or weights.dtype not in (x.dtype, torch.float32):
         return rms_norm_reference(x, weights, experts, eps)
+    return _launch_rms_norm(x, None, weights, experts, eps)[1]
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)): the residual stream and the next sublayer's input."""
+    if (not _use_triton(x) or delta.dtype != x.dtype or delta.shape != x.shape
+            or weights.dtype not in (x.dtype, torch.float32)):
+        return add_rms_norm_reference(x, delta, weights, experts, eps)
+    return _launch_rms_norm(x, delta, weights, experts, eps)
+
+
+def _launch_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weights: torch.Tensor, experts: torch.Tensor | None,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton norm over x's rows, after adding `delta` when given: (the sum or x, normed)."""
     w_fp32 = weights.dtype == torch.float32 and x.dtype != torch.float32
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    d2 = x2 if delta is None else delta.reshape(x2.shape).contiguous()  # unused pointer when HAS_D is false
+    total = x2 if delta is None else torch.empty_like(x2)
     out = torch.empty(x2.shape, dtype=torch.float32 if w_fp32 else x.dtype, device=x.device)
     e = experts if experts is not None else x2  # unused pointer when HAS_E is false
-    _rms_norm_kernel[(x2.shape[0],)](x2, weights.contiguous(), e, out, x2.shape[1], eps,
-                                     BLOCK=triton.next_power_of_2(x2.shape[1]), W_FP32=w_fp32, HAS_E=experts is not None)
-    return out.view(x.shape)
+    _rms_norm_kernel[(x2.shape[0],)](x2, d2, weights.contiguous(), e, total, out, x2.shape[1], eps,
+                                     BLOCK=triton.next_power_of_2(x2.shape[1]), W_FP32=w_fp32,
+                                     HAS_E=experts is not None, HAS_D=delta is not None)
+    return total.view(x.shape), out.view(x.shape)
 
 
 def qk_norm_rope(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | None, cos: torch.Tensor,

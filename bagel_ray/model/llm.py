@@ -34,7 +34,7 @@ STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
     ("up_proj", "gate_up_proj", 1),
 )
 
-# Attention masks are boolean: True = may attend.
+# Attention masks are boolean (True = may attend) or additive (0 / -inf, in the query dtype).
 AttnMask = torch.Tensor
 
 
@@ -104,10 +104,11 @@ def route(x: torch.Tensor, rows: ExpertRows | None, und_fn, gen_fn) -> torch.Ten
         return und_fn(x)
     flat = x.reshape(-1, x.shape[-1])
     out = gen_fn(flat)
-    if rows.und_index.numel():
-        und_out = und_fn(flat.index_select(0, rows.und_index))
-        out = out.to(torch.promote_types(out.dtype, und_out.dtype))
-        out.index_copy_(0, rows.und_index, und_out.to(out.dtype))
+    if not rows.und_index.numel():
+        return out.view(*x.shape[:-1], out.shape[-1])
+    und_out = und_fn(flat.index_select(0, rows.und_index))
+    out = out.to(torch.promote_types(out.dtype, und_out.dtype))
+    out.index_copy_(0, rows.und_index, und_out.to(out.dtype))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -223,12 +224,16 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        pending: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         rows: ExpertRows | None,
         attention: KVAttention,
         mode: ForwardMode,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`x` is the residual stream and `pending` the previous layer's MLP output, not yet
+        added: each residual add runs fused with the RMSNorm that follows it. Returns the
+        stream, this layer's MLP output (pending) and its K/V."""
         cfg = self.cfg
         B, N, _ = x.shape
         hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -238,7 +243,11 @@ class DecoderLayer(nn.Module):
         experts = None if rows is None else rows.experts
         eps = cfg.rms_norm_eps
 
-        h = kernels.rms_norm(x, _weights(rows, und.input_layernorm, gen and gen.input_layernorm), experts, eps)
+        weights = _weights(rows, und.input_layernorm, gen and gen.input_layernorm)
+        if pending is None:
+            h = kernels.rms_norm(x, weights, experts, eps)
+        else:
+            x, h = kernels.add_rms_norm(x, pending, weights, experts, eps)
         h = route(h, rows, und.qkv_proj, gen.qkv_proj if gen is not None else None)
         q, k, v = h.split((und.q_size, und.kv_size, und.kv_size), dim=-1)
         q = kernels.qk_norm_rope(q.unflatten(-1, (nq, hd)), _weights(rows, und.q_norm, gen and gen.q_norm), experts,
@@ -247,11 +256,10 @@ class DecoderLayer(nn.Module):
                                  cos, sin, eps, mode.gen)
         v = v.unflatten(-1, (nkv, hd))
         attn = attention(self.index, q, k, v).reshape(B, N, nq * hd)
-        x = x + route(attn, rows, und.o_proj, gen.o_proj if gen is not None else None)
-
-        h = kernels.rms_norm(x, _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm), experts, eps)
-        x = x + route(h, rows, und.mlp, gen.mlp if gen is not None else None)
-        return x, (k, v)
+        x, h = kernels.add_rms_norm(x, route(attn, rows, und.o_proj, gen.o_proj if gen is not None else None),
+                                    _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm),
+                                    experts, eps)
+        return x, route(h, rows, und.mlp, gen.mlp if gen is not None else None), (k, v)
 
 
 class MoTLanguageModel(nn.Module):
@@ -280,14 +288,16 @@ class MoTLanguageModel(nn.Module):
         hidden states and this call's per-layer K/V ([B, N, kv, hd] each, post QK-norm/RoPE)."""
         attention = attention if attention is not None else PrefixKV()
         cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
-        x = embeds
+        x, pending = embeds, None
         new_kv = []
         for layer in self.layers:
-            x, kv = layer(x, cos, sin, rows, attention, mode)
+            x, pending, kv = layer(x, pending, cos, sin, rows, attention, mode)
             new_kv.append(kv)
         weights = _weights(rows, self.norm, self.norm_moe_gen)
-        x = kernels.rms_norm(x, weights, None if rows is None else rows.experts, self.cfg.rms_norm_eps)
-        return x, new_kv
+        experts = None if rows is None else rows.experts
+        if pending is None:  # no layers
+            return kernels.rms_norm(x, weights, experts, self.cfg.rms_norm_eps), new_kv
+        return kernels.add_rms_norm(x, pending, weights, experts, self.cfg.rms_norm_eps)[1], new_kv
 
 
 def attention_mask(past_lens: torch.Tensor, past_width: int, new_lens: torch.Tensor, num_new: int, causal: bool) -> AttnMask:

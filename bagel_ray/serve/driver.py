@@ -529,9 +529,15 @@ class Driver:
         seed = self._seed(body)
         reqs = [body.request("text2img", body.prompt, None, seed + i, height, width) for i in range(body.n)]
         await self.check_length(reqs[0], "prompt")
-        return self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
+        return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
 
-    def _image_list(self, results: list[GenerationResult]) -> dict:
+    async def _image_list(self, results: list[GenerationResult]) -> dict:
+        """The response body. The PNGs are encoded in a worker thread (tens of ms each), off the
+        event loop that every other request to this replica waits on."""
+        return await asyncio.to_thread(self._image_list_now, results)
+
+    @staticmethod
+    def _image_list_now(results: list[GenerationResult]) -> dict:
         data = []
         for r in results:
             item = {"b64_json": png_base64(r.image), "seed": r.seed}
@@ -572,4 +578,4 @@ class Driver:
         seed = self._seed(body)
         reqs = [body.request("img2img", body.prompt, image, seed + i) for i in range(body.n)]
         await self.check_length(reqs[0], "prompt")
-        return self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
+        return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))

@@ -104,6 +104,11 @@ def out_of_memory(what: str, exc: BaseException) -> EngineOutOfMemory:
     return EngineOutOfMemory(f"{what} ran out of accelerator memory ({first_line}); try a smaller size or fewer tokens")
 
 
+def _understand_error(exc: BaseException) -> BaseException:
+    """What a text request that failed is handed: out-of-memory as `EngineOutOfMemory`."""
+    return out_of_memory("understand", exc) if isinstance(exc, torch.cuda.OutOfMemoryError) else exc
+
+
 class EngineLock:
     """One user of the model at a time per replica (a request, or one step or chunk of a
     batch worker), in a worker thread; waiting happens off the event loop and is recorded
@@ -245,19 +250,48 @@ class DecodeWorker(InboxWorker):
         self.decoder: ContinuousDecoder | None = None
         super().__init__()
 
-    def _admit(self, job: TextJob) -> None:
-        if job.cancel.is_set():
-            job.deliver(Cancelled("understand: cancelled before it started"))
+    def _admit(self, jobs: list[TextJob]) -> None:
+        """Prefill arrivals together and admit those that fit; the others decode on their own.
+        `understanding_contexts` prefills the plain prompts in one forward, so a burst of
+        arrivals stalls the running batch for about one prefill, not one each. When a group's
+        prefill fails, its jobs are tried again one by one, so that a bad request fails alone."""
+        live = []
+        for job in jobs:
+            if job.cancel.is_set():
+                job.deliver(Cancelled("understand: cancelled before it started"))
+            else:
+                live.append(job)
+        if not live:
             return
+        misfits = []
         with self.lock.hold():
-            if self.decoder is None:
-                self.decoder = ContinuousDecoder(self.pipeline.thinker_engine, self.slots, self.width)
-            job.prefilled_s = time.perf_counter()
-            ctx = self.pipeline.understanding_context(job.req)
-            if self.decoder.fits(ctx, job.req.max_tokens):
-                self.decoder.admit(job, ctx, job.req.max_tokens)
-                return
-        job.deliver(self.fallback([job])[0])
+            try:
+                if self.decoder is None:
+                    self.decoder = ContinuousDecoder(self.pipeline.thinker_engine, self.slots, self.width)
+                started = time.perf_counter()
+                contexts = self.pipeline.understanding_contexts([job.req for job in live])
+            except BaseException as exc:  # nothing was admitted yet
+                failed: BaseException | None = exc
+            else:
+                failed = None
+                for job, ctx in zip(live, contexts):
+                    job.prefilled_s = started
+                    if self.decoder.fits(ctx, job.req.max_tokens):
+                        self.decoder.admit(job, ctx, job.req.max_tokens)
+                    else:
+                        misfits.append(job)
+        if failed is not None:
+            if len(live) == 1:
+                live[0].deliver(_understand_error(failed))
+            else:
+                for job in live:
+                    self._admit([job])
+            return
+        for job in misfits:
+            try:
+                job.deliver(self.fallback([job])[0])
+            except BaseException as exc:  # a bad request fails alone
+                job.deliver(_understand_error(exc))
 
     def _finish(self, seq) -> None:
         job: TextJob = seq.key
@@ -284,11 +318,9 @@ class DecodeWorker(InboxWorker):
             except queue.Empty:
                 pass
             while waiting and (self.decoder is None or self.decoder.free_slots):
-                job = waiting.pop(0)
-                try:
-                    self._admit(job)
-                except BaseException as exc:  # a bad request fails alone
-                    job.deliver(out_of_memory("understand", exc) if isinstance(exc, torch.cuda.OutOfMemoryError) else exc)
+                free = self.slots if self.decoder is None else self.decoder.free_slots
+                group, waiting = waiting[:free], waiting[free:]
+                self._admit(group)
             decoder = self.decoder
             if decoder is None or decoder.free_slots == decoder.slots:
                 continue

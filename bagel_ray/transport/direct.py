@@ -355,7 +355,7 @@ class DirectTransport(KVTransport):
                 if route.name == "cuda_ipc":
                     tensors = self._via_ipc(payload, here, device)
                 else:
-                    tensors, phases = self._via_nccl(payload, device)
+                    tensors, phases = self._via_nccl(payload, device, t0)
             except HandoffGone:
                 raise
             except Exception as exc:
@@ -418,9 +418,11 @@ class DirectTransport(KVTransport):
         self._release(payload)
         return received
 
-    def _via_nccl(self, payload: DirectPayload, device: torch.device) -> tuple[list[torch.Tensor], tuple]:
-        """The payload's tensors, and the seconds of each phase (ask: the request sent, post: the
-        receive posted, answer: the sender's answer read, transfer)."""
+    def _via_nccl(self, payload: DirectPayload, device: torch.device, t0: float) -> tuple[list[torch.Tensor], tuple]:
+        """The payload's tensors, and the seconds of each phase from `t0` (when `receive` was
+        called): plan (route and pair), ask (the request sent), alloc (the receive buffers
+        made), post (the receive posted), answer (the sender's answer read), transfer, and
+        handover (to the engine's stream)."""
         sender_key, handoff_id = payload.sender_key, payload.handoff_id
         connect_s = self.connect_timeout_s + self.transfer_timeout_s
         with self._peer_lock("recv", sender_key, time.monotonic() + connect_s):
@@ -430,7 +432,7 @@ class DirectTransport(KVTransport):
             deadline = time.monotonic() + (connect_s if fresh else self.transfer_timeout_s)
             comm_key = uuid.uuid4().hex if fresh else link.key
             unique_id = self._comms.unique_id() if fresh else None
-            marks = [("start", time.perf_counter())]
+            marks = [("start", t0), ("plan", time.perf_counter())]  # t0: `receive` was called
             # Whatever goes wrong from here leaves the pair out of step (a receive or a send may be
             # posted): its communicator is dropped, and with a failed channel the connection too.
             try:
@@ -440,7 +442,9 @@ class DirectTransport(KVTransport):
                                "timeout_s": deadline - time.monotonic()})
                 marks.append(("ask", time.perf_counter()))
                 if not fresh:  # post the receive while the request travels: the sender's send meets it
-                    received = self._post_receive(link, payload, device)
+                    received = self._receive_buffers(link, payload, device)
+                    marks.append(("alloc", time.perf_counter()))
+                    link.comm.recv(received[0], SENDER_RANK)
                     marks.append(("post", time.perf_counter()))
                 status = client.answer(min(self.reply_timeout_s, deadline - time.monotonic())).get("status")
                 marks.append(("answer", time.perf_counter()))
@@ -458,7 +462,8 @@ class DirectTransport(KVTransport):
                     with self._links_lock:
                         self._recv_links[sender_key] = link
                     await_progress(link.comm, deadline, check, what="NCCL connect")
-                    received = self._post_receive(link, payload, device)
+                    received = self._receive_buffers(link, payload, device)
+                    link.comm.recv(received[0], SENDER_RANK)
                 await_progress(link.comm, deadline, check, what="NCCL receive")
                 for t in received[1:]:  # img2img's own cfg_img context
                     link.comm.recv(t, SENDER_RANK)
@@ -472,15 +477,14 @@ class DirectTransport(KVTransport):
                 raise
             link.last_used = time.monotonic()
         self._handed_over(received, device)  # no release: the sender let go when its send was done
+        marks.append(("handover", time.perf_counter()))
         return received, tuple((name, t - marks[i][1]) for i, (name, t) in enumerate(marks[1:]))
 
     @staticmethod
-    def _post_receive(link: _Link, payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
-        """Empty tensors for the payload's contexts, the first one's receive posted."""
+    def _receive_buffers(link: _Link, payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
+        """Empty tensors for the payload's contexts, in the memory of the communicator's stream."""
         with torch.cuda.stream(link.comm.stream) if link.comm.stream is not None else nullcontext():
-            received = payload.layout.empty(device)  # memory of the communicator's stream
-        link.comm.recv(received[0], SENDER_RANK)
-        return received
+            return payload.layout.empty(device)
 
     def _fetch(self, payload: DirectPayload, device: torch.device) -> ImageContexts:
         from ray.exceptions import GetTimeoutError

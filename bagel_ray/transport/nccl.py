@@ -48,6 +48,7 @@ NCCL_UINT8 = 1  # ncclUint8: every transfer moves bytes
 NCCL_API_MAGIC = 0xCAFEBEEF
 NCCL_CONFIG_VERSION = 21400  # NCCL_VERSION(2, 14, 0): the first ncclConfig_t, with `blocking`
 MIN_NCCL_VERSION = 21400
+SPLIT_NCCL_VERSION = 21800  # the first with ncclCommSplit
 
 
 class TransferTimeout(TimeoutError):
@@ -125,12 +126,12 @@ class _Config(ctypes.Structure):
     _fields_ = [("size", ctypes.c_size_t), ("magic", ctypes.c_uint), ("version", ctypes.c_uint), ("blocking", ctypes.c_int)]
 
 
-def non_blocking_config() -> _Config:
+def comm_config(blocking: bool) -> _Config:
     config = _Config()
     config.size = _Config.blocking.offset + ctypes.sizeof(ctypes.c_int)  # no trailing padding
     config.magic = NCCL_API_MAGIC
     config.version = NCCL_CONFIG_VERSION
-    config.blocking = 0
+    config.blocking = int(blocking)
     return config
 
 
@@ -164,12 +165,17 @@ class NcclLibrary:
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, c.c_int
+        self.can_split = hasattr(lib, "ncclCommSplit")
+        if self.can_split:
+            lib.ncclCommSplit.argtypes = [c.c_void_p, c.c_int, c.c_int, c.POINTER(c.c_void_p), c.POINTER(_Config)]
+            lib.ncclCommSplit.restype = c.c_int
         lib.ncclGetErrorString.argtypes, lib.ncclGetErrorString.restype = [c.c_int], c.c_char_p
         version = c.c_int()
         self.check(lib.ncclGetVersion(c.byref(version)), "ncclGetVersion")
         self.version = version.value
         if self.version < MIN_NCCL_VERSION:
             raise OSError(f"NCCL {self.version} at {path} has no non-blocking communicators (needs >= {MIN_NCCL_VERSION})")
+        self.can_split = self.can_split and self.version >= SPLIT_NCCL_VERSION
 
     @staticmethod
     def load() -> "NcclLibrary":
@@ -196,7 +202,19 @@ class NcclLibrary:
 
 
 class NcclComm:
-    """One rank of a non-blocking NCCL communicator on `device`, with a stream of its own.
+    """One rank of a two-rank NCCL communicator on `device`, with a stream of its own.
+
+    Two communicators in fact, for two needs. Connecting must be abortable (a peer may never
+    come), so the communicator is made in NCCL's non-blocking mode: init returns at once and
+    `ncclCommAbort` stops it at any point. But a non-blocking communicator hands the launch
+    of every operation to a thread that NCCL creates for it, ~0.2 ms a post at any size
+    (measured on H200s), on the sender's critical path of every handoff. So once connected,
+    the pair splits a blocking child off it (`ncclCommSplit`, NCCL >= 2.18; the split itself
+    runs in the parent's non-blocking mode, and aborting the parent stops it) and posts its
+    transfers there, where a post only enqueues the kernel. The child's first transfer makes
+    its connections and waits for the peer's matching post, which both sides make right after
+    agreeing on the handoff; a peer that dies meanwhile breaks the sockets, which ends the
+    wait with an error. Without `ncclCommSplit` transfers stay on the non-blocking parent.
 
     NCCL's rule for non-blocking communicators: after a call returns "in progress", poll
     `ncclCommGetAsyncError` until it says success before the next call. `progress` does that,
@@ -204,17 +222,22 @@ class NcclComm:
     the operation itself. Calls are serialised by a lock, so `abort` from another thread
     (closing the transport) never frees the communicator under a running call."""
 
-    def __init__(self, nccl: NcclLibrary, unique_id: bytes, nranks: int, rank: int, device: torch.device) -> None:
+    def __init__(self, nccl: NcclLibrary, unique_id: bytes, nranks: int, rank: int, device: torch.device,
+                 blocking_transfers: bool = True) -> None:
         if device.type != "cuda":
             raise ValueError(f"NCCL needs a CUDA device, not {device}")
         self._nccl = nccl
         self.device = device
+        self.rank = rank
         self.stream = torch.cuda.Stream(device)
         self._lock = threading.Lock()
         self._posted = False  # an operation was posted and its event is not recorded yet
         self._events: list[torch.cuda.Event] = []
+        # the blocking child for transfers: "wanted", "splitting" (NULL until NCCL is done), "made" or "no"
+        self._split = "wanted" if blocking_transfers and nccl.can_split else "no"
+        self._child = ctypes.c_void_p()
         handle = ctypes.c_void_p()
-        config = non_blocking_config()
+        config = comm_config(blocking=False)
         with torch.cuda.device(device):
             result = nccl.lib.ncclCommInitRankConfig(ctypes.byref(handle), nranks, _UniqueId.from_buffer_copy(unique_id),
                                                      rank, ctypes.byref(config))
@@ -223,16 +246,32 @@ class NcclComm:
             self.abort()
             raise NcclError(nccl.describe(result, "ncclCommInitRankConfig"))
 
+    @property
+    def blocking_transfers(self) -> bool:
+        """Whether transfers go through the blocking child (known once connected)."""
+        return self._split == "made"
+
     def progress(self) -> bool:
         with self._lock:
             if self._handle is None:
                 raise NcclError("the communicator was aborted")
-            state = ctypes.c_int()
-            result = self._nccl.lib.ncclCommGetAsyncError(self._handle, ctypes.byref(state))
-            self._nccl.check(result, "ncclCommGetAsyncError")
-            if state.value == NCCL_IN_PROGRESS:
+            if not self._settled(self._handle):
                 return False
-            self._nccl.check(state.value, "the communicator")
+            if self._split == "wanted":  # connected: split the blocking child off (both ranks do)
+                config = comm_config(blocking=True)
+                with torch.cuda.device(self.device):
+                    result = self._nccl.lib.ncclCommSplit(self._handle, 0, self.rank, ctypes.byref(self._child),
+                                                          ctypes.byref(config))
+                if result not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
+                    raise NcclError(self._nccl.describe(result, "ncclCommSplit"))
+                self._split = "splitting"
+                return False
+            if self._split == "splitting":
+                if not self._child.value:
+                    return False
+                self._split = "made"
+            if self._split == "made" and not self._settled(self._child):
+                return False
             if self._posted:
                 event = torch.cuda.Event()
                 event.record(self.stream)
@@ -241,6 +280,15 @@ class NcclComm:
             while self._events and self._events[0].query():
                 self._events.pop(0)
             return not self._events
+
+    def _settled(self, handle: ctypes.c_void_p) -> bool:
+        """False while `handle` has a non-blocking call in progress; raises on its error."""
+        state = ctypes.c_int()
+        self._nccl.check(self._nccl.lib.ncclCommGetAsyncError(handle, ctypes.byref(state)), "ncclCommGetAsyncError")
+        if state.value == NCCL_IN_PROGRESS:
+            return False
+        self._nccl.check(state.value, "the communicator")
+        return True
 
     def send(self, tensor: torch.Tensor, peer: int) -> None:
         self._post("ncclSend", tensor, peer)
@@ -256,28 +304,36 @@ class NcclComm:
                 raise NcclError("the communicator was aborted")
             if self._posted:
                 raise RuntimeError(f"{call} posted before the previous operation was seen through `progress`")
+            if self._split not in ("made", "no"):
+                raise RuntimeError(f"{call} posted before `progress` saw the communicator connected")
+            handle = self._child if self._split == "made" else self._handle
             with torch.cuda.device(self.device):
                 result = getattr(self._nccl.lib, call)(
                     ctypes.c_void_p(tensor.data_ptr()), tensor.numel() * tensor.element_size(), NCCL_UINT8, peer,
-                    self._handle, ctypes.c_void_p(self.stream.cuda_stream))
+                    handle, ctypes.c_void_p(self.stream.cuda_stream))
             if result not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
                 raise NcclError(self._nccl.describe(result, call))
             self._posted = True
 
     def abort(self) -> None:
+        """Abort the child, then the parent (which also stops a split in progress)."""
         with self._lock:
-            handle, self._handle = self._handle, None
+            handles = [h for h in (self._child, self._handle) if h is not None and h.value]
+            self._handle, self._child = None, ctypes.c_void_p()
             self._events.clear()
-            if handle is not None:
+            for handle in handles:
                 result = self._nccl.lib.ncclCommAbort(handle)
                 if result not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
                     log.warning("%s", self._nccl.describe(result, "ncclCommAbort"))
 
 
 class NcclComms:
-    """Opens `NcclComm`s; loads the library on first use and remembers why it could not."""
+    """Opens `NcclComm`s; loads the library on first use and remembers why it could not.
+    `blocking_transfers=False` keeps transfers on the non-blocking parent (the benchmark's
+    baseline)."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocking_transfers: bool = True) -> None:
+        self.blocking_transfers = blocking_transfers
         self._lib: NcclLibrary | None = None
         self._reason = ""
         self._lock = threading.Lock()
@@ -314,4 +370,4 @@ class NcclComms:
         lib = self._library()
         if lib is None:
             raise NcclError(f"NCCL is unavailable: {self._reason}")
-        return NcclComm(lib, unique_id, nranks, rank, device)
+        return NcclComm(lib, unique_id, nranks, rank, device, self.blocking_transfers)

@@ -2,11 +2,13 @@
 denoised alone, whatever joins, leaves or fails around it.
 
 Tolerance: a GEMM's row results depend on how many rows it has (BLAS picks kernels and splits
-work by shape), and a batch changes the row count. On this CPU (MKL), with one thread, every
+work by shape), and a batch changes the row count. On the CI's CPU (MKL), with one thread, every
 GEMM of four rows or more gives the same rows, so jobs whose every step runs at least two
-blocks of a 2x2 grid or larger (two marker rows per block go through the und expert) are bit
-for bit equal; otherwise (a one-block step alone: CFG off or outside its interval; several
-threads) they agree to about 1e-6, and are checked to rtol = atol = 1e-5.
+blocks of a 2x2 grid or larger (two marker rows per block go through the und expert) come out
+bit for bit equal there; another CPU's BLAS may split even those by row count (seen on a GPU
+machine's host CPU with another torch build). Otherwise (a one-block step alone: CFG off or
+outside its interval; several threads) they agree to about 1e-6. Both are checked to
+rtol = atol = 1e-5 (a job that took another job's rows is off by ~1).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseJob, DiT
 from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.request import GenerationRequest
+from tests.engine.spies import spy_forwards
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -58,29 +61,8 @@ def alone(dit, prepared) -> dict[str, torch.Tensor]:
     return {name: dit.denoise(prepared[name].contexts, REQUESTS[name].sampler(), prepared[name].noise) for name in REQUESTS}
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_job(dit: DiT, prepared: dict, name: str, **kwargs) -> DenoiseJob:
     return dit.job(prepared[name].contexts, REQUESTS[name].sampler(), prepared[name].noise, key=name, **kwargs)
-
-
-def spy_forwards(dit: DiT, monkeypatch) -> list[int]:
-    """The number of row blocks of every forward the DiT runs (the real forward still runs)."""
-    sizes: list[int] = []
-    real = dit.velocities
-
-    def velocities(x, t, contexts, *args, **kwargs):
-        sizes.append(len(contexts))
-        return real(x, t, contexts, *args, **kwargs)
-
-    monkeypatch.setattr(dit, "velocities", velocities)
-    return sizes
 
 
 def run(batch: BatchDenoiser, rounds: int = 100) -> dict[str, DenoiseJob]:
@@ -122,7 +104,7 @@ def test_jobs_stepped_together_match_each_alone(dit, prepared, alone, monkeypatc
     assert records["fox"][0].velocities["cfg_img"] is records["fox"][0].velocities["cond"]
 
 
-def test_bit_identical_when_every_gemm_has_four_rows(dit, prepared, alone, one_thread):
+def test_rounding_close_when_every_gemm_has_four_rows(dit, prepared, alone, one_thread):
     """fox, edit and wide run two or three blocks at every step (see the module docstring)."""
     names = ("fox", "edit", "wide")
     solo = {n: dit.denoise(prepared[n].contexts, REQUESTS[n].sampler(), prepared[n].noise) for n in names}
@@ -130,7 +112,7 @@ def test_bit_identical_when_every_gemm_has_four_rows(dit, prepared, alone, one_t
     while not all(job.done for job in jobs):
         dit.step(jobs)
     for job in jobs:
-        assert torch.equal(job.x, solo[job.key]), job.key
+        torch.testing.assert_close(job.x, solo[job.key], **TOL, msg=job.key)
 
 
 def test_jobs_join_mid_way_leave_when_done_and_sizes_take_turns(dit, prepared, alone, monkeypatch):

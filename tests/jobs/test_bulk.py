@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from bagel_ray.jobs.bulk import main
+from bagel_ray.jobs import data_runner
+from bagel_ray.jobs.bulk import build_parser, main, make_runner
+from bagel_ray.model.loader import DEFAULT_MODEL
 from tests.conftest import REPO_ROOT
 from tests.jobs.reference import write_jsonl
 
@@ -36,10 +38,22 @@ def prompts(tmp_path):
     (["--modality", "img2img"], "img2img needs an input image"),
     (["--modality", "img2img", "--image-path", "missing.png"], "cannot read image"),
     (["--progress-interval", "0"], "--progress-interval must be > 0"),
+    (["--app", "bagel", "--dit-batch-size", "4"], "--dit-batch-size only applies without --app"),
 ])
 def test_bad_flags(prompts, tmp_path, capsys, extra, message):
     assert main(["--model", "tiny", "--input", str(prompts), "--output", str(tmp_path / "out"), *extra]) == 2
     assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_batch_size_flags_reach_the_data_options(prompts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data_runner, "DataRunner", lambda options, address: options)  # no Ray
+    base = ["--input", str(prompts), "--output", str(tmp_path / "out")]
+    options = make_runner(build_parser().parse_args([*base, "--dit-batch-size", "4", "--thinker-batch-size", "2"]))
+    assert (options.dit_batch_size, options.thinker_batch_size) == (4, 2)
+    assert make_runner(build_parser().parse_args(base)) == data_runner.DataOptions(model=DEFAULT_MODEL, dit_batch_size=8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--dit-batch-size", "0"])
+    assert "--dit-batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bad_input(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """`ray job submit -- python -m bagel_ray.jobs.bulk` on a real local Ray cluster (its own,
 started with `ray start --head`), standalone with Ray Data on the tiny model: every output
-equals LocalPipeline's for the same seeds, a broken item is recorded as failed, and a job
-stopped midway and submitted again ends with every item exactly once."""
+equals LocalPipeline's for the same seeds (images denoised together on a DiT actor too), a
+broken item is recorded as failed, and a job stopped midway and submitted again ends with
+every item exactly once."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.model.tiny import tiny_model_path
 from tests.conftest import REPO_ROOT
 from tests.jobs import cluster
@@ -69,6 +73,30 @@ def test_mixed_job_matches_local(job_cluster, model_dir, tmp_path):
     assert "cannot read image" in records["broken-image"]["error"]
     assert records["broken-steps"]["error"] == 'steps must be an integer, got "many"'
     assert records["t2i"]["timings"]["handoff_bytes"] > 0  # Thinker -> DiT through the KV handoff
+
+
+def test_images_denoised_together_match_local(job_cluster, model_dir, tmp_path):
+    """Same-size images stepped together on a DiT actor (`--dit-batch-size`), beside an edit
+    and a broken item. CFG runs at every step, so batched outputs equal lone ones bit for bit
+    (see tests/engine/test_dit_batch.py)."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    picture.save(tmp_path / "in.png")
+    every_step = {"steps": 4, "cfg_interval": [0.0, 1.0]}
+    items = [{"id": f"t2i-{i}", "prompt": f"picture number {i}", "seed": i, "height": 32, "width": 32, **every_step}
+             for i in range(5)]
+    items += [{"id": "i2i", "modality": "img2img", "prompt": "Make it night.", "image": "in.png", "seed": 9, **every_step},
+              {"id": "broken", "prompt": "x", "height": 20}]
+    expected = {item["id"]: GenerationRequest("text2img", item["prompt"], seed=item["seed"], height=32, width=32, steps=4,
+                                              cfg_interval=(0.0, 1.0)) for item in items[:5]}
+    expected |= {"i2i": GenerationRequest("img2img", "Make it night.", image=picture, seed=9, steps=4, cfg_interval=(0.0, 1.0)),
+                 "broken": None}
+    inputs = write_jsonl(tmp_path / "input.jsonl", items)
+    out = tmp_path / "out"
+    job_id, output = submit(job_cluster, ["--model", "tiny", "--input", str(inputs), "--output", str(out),
+                                          "--dit-batch-size", "4", *SMALL])
+    assert job_cluster.job_status(job_id) == "SUCCEEDED", output
+    with one_thread_pipeline(model_dir) as local:
+        assert_matches_local(out, expected, local)
 
 
 def test_stopped_job_resumes_with_every_item_once(job_cluster, tmp_path):

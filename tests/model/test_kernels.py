@@ -34,6 +34,21 @@ def test_rms_norm(dtype, experts):
 
 
 @cuda
+@pytest.mark.parametrize("experts", [False, True])
+def test_add_rms_norm(experts):
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(2, 300, 3584, device="cuda", dtype=torch.bfloat16, generator=g) * 3
+    d = torch.randn(2, 300, 3584, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = (1 + 0.1 * torch.randn(2, 3584, device="cuda", generator=g)).to(torch.bfloat16)
+    e = torch.randint(0, 2, (600,), device="cuda", generator=g, dtype=torch.int32) if experts else None
+    total, normed = kernels.add_rms_norm(x, d, w, e, 1e-6)
+    with kernels.eager():
+        want_total, want = kernels.add_rms_norm(x, d, w, e, 1e-6)
+    assert torch.equal(total, want_total)  # the add rounds once, as the eager add
+    assert (ulps_apart(normed, want) <= 2).float().mean() > 0.999
+
+
+@cuda
 @pytest.mark.parametrize("fp32", [False, True])
 @pytest.mark.parametrize("heads", [28, 4])
 def test_qk_norm_rope(fp32, heads):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -38,16 +37,6 @@ def input_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inputs") / "input.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
     return path
-
-
-@pytest.fixture
-def one_thread():
-    """The replicas' single intra-op thread (see the `local` fixture of test_app.py): the CPU
-    VAE's convolutions sum in a thread-count dependent order, and PNGs are compared exactly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generate(backend: str, out: Path, *flags: str) -> int:

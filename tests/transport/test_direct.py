@@ -17,7 +17,7 @@ from bagel_ray.transport.cuda import on_device
 from bagel_ray.transport.direct import AutoTransport, DirectPayload, NcclTransport, Placement, plan_route
 from bagel_ray.transport.errors import HandoffGone
 from bagel_ray.transport.layout import ContextsLayout
-from bagel_ray.transport.nccl import TransferTimeout, await_progress, non_blocking_config
+from bagel_ray.transport.nccl import TransferTimeout, await_progress, comm_config
 from bagel_ray.transport.outbox import Outbox
 from tests.transport.peers import FixedPlacement, StalledComms, digest, make_contexts
 
@@ -159,7 +159,7 @@ def test_await_progress_raises_what_the_communicator_raises():
 
 
 def test_nccl_config_is_the_2_14_head():
-    config = non_blocking_config()
+    config = comm_config(blocking=False)
     assert (config.size, config.magic, config.version, config.blocking) == (20, 0xCAFEBEEF, 21400, 0)
 
 

@@ -58,13 +58,19 @@ def two_ranks(comms: NcclComms) -> list:
 
 
 @two_gpus
-def test_nccl_send_recv_between_two_gpus_then_a_stalled_recv_aborts():
-    comms = NcclComms()
+@pytest.mark.parametrize("blocking_transfers", [True, False])
+def test_nccl_send_recv_between_two_gpus_then_a_stalled_recv_aborts(blocking_transfers):
+    comms = NcclComms(blocking_transfers)
     sender, receiver = two_ranks(comms)
+    # connected: transfers go through the blocking child where NCCL can split one off
+    assert sender.blocking_transfers == receiver.blocking_transfers == (blocking_transfers and comms._library().can_split)
     data = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8, device="cuda:0")
     out = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:1")
-    sender.send(data, 1)
+    # the first transfer makes the connections: a blocking post waits for the peer's, so post from two threads
+    posting = threading.Thread(target=sender.send, args=(data, 1))
+    posting.start()
     receiver.recv(out, 0)
+    posting.join(timeout=60)
     deadline = time.monotonic() + 30
     await_progress(sender, deadline)
     await_progress(receiver, deadline)

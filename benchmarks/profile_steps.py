@@ -1,11 +1,12 @@
 """Where the GPU time of one step goes: a kernel table for the steps the issue-6 targets hang on.
 
-    python -m benchmarks.profile_steps [--cases decode1,decode32,t2i512,edit512] [--top 15]
+    python -m benchmarks.profile_steps [--cases decode1,decode32,t2i512,edit512] [--top 15] [--smoke]
 
 For each case it times the step alone (wall, device synchronized) and profiles a few steps
 with torch.profiler: the sum of kernel time against the wall time says whether the step is
 bound by the GPU's work or by gaps between kernels (launches, host syncs), and the kernel
-table says which work. Full-size random bf16 weights, one GPU.
+table says which work. Full-size random bf16 weights, one GPU (`--smoke`: the tiny config on
+the CPU, to check the script itself; its tables are of CPU ops).
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.engine.thinker import DecodeParams, Thinker
 from bagel_ray.model.config import BagelConfig
 from bagel_ray.model.random_init import random_model, random_vae, tokenizer
+from bagel_ray.model.tiny import TINY_CONFIG
 from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def kernel_table(prof, steps: int, top: int) -> tuple[float, list[tuple[str, float, int]]]:
-    """Total kernel milliseconds per step and the `top` kernels (name, ms per step, calls per step)."""
+    """Total kernel milliseconds per step and the `top` kernels (name, ms per step, calls per step);
+    off the GPU, the top-level CPU ops instead."""
+    kind = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        if event.device_type == kind and (kind == torch.autograd.DeviceType.CUDA or event.cpu_parent is None):
             entry = per_name[event.name[:90]]
             entry[0] += event.time_range.elapsed_us() / 1e3
             entry[1] += 1
@@ -43,16 +52,16 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, list[tuple[str, flo
 def measure(name: str, fn, steps: int, top: int) -> None:
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
+    sync()
     wall = (time.perf_counter() - t0) / steps * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
-        torch.cuda.synchronize()
+        sync()
     busy, rows = kernel_table(prof, steps, top)
     print(f"\n== {name}: {wall:.2f} ms a step (wall), kernels {busy:.2f} ms ({busy / wall:.0%} busy)")
     for kernel, ms, calls in rows:
@@ -63,12 +72,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="decode1,decode32,t2i512,edit512")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")
     args = parser.parse_args()
     cases = args.cases.split(",")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    cfg = BagelConfig()
-    model = random_model(device="cuda", dtype=torch.bfloat16, cfg=cfg)
-    vae = random_vae(cfg, device="cuda")
+    dev = "cpu" if args.smoke else "cuda"
+    side = 64 if args.smoke else 512
+    print(f"device: {'cpu (smoke)' if args.smoke else torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    cfg = TINY_CONFIG if args.smoke else BagelConfig()
+    model = random_model(device=dev, dtype=torch.float32 if args.smoke else torch.bfloat16, cfg=cfg)
+    vae = random_vae(cfg, device=dev)
     tok = tokenizer()
     pipe = LocalPipeline(Thinker(model, tok, vae), DiT(model, tok, vae))
     th, dit = pipe.thinker, pipe.dit
@@ -84,24 +96,24 @@ def main() -> None:
                 pass
 
         decode()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         decode()
-        torch.cuda.synchronize()
+        sync()
         per_token = (time.perf_counter() - t0) / n * 1e3
         print(f"\n== decode batch {batch}: {per_token:.2f} ms a step including setup and capture "
               f"({batch * 1e3 / per_token:.0f} tok/s)")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             decode()
-            torch.cuda.synchronize()
+            sync()
         busy, rows = kernel_table(prof, n, args.top)
         print(f"   kernels {busy:.2f} ms a step")
         for kernel, ms, calls in rows:
             print(f"  {ms:8.3f} ms  {calls:5d}x  {kernel}")
 
     requests = {
-        "t2i512": GenerationRequest("text2img", PROMPT, height=512, width=512, steps=20, cfg_img_scale=1.5),
-        "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(512), steps=20),
+        "t2i512": GenerationRequest("text2img", PROMPT, height=side, width=side, steps=20, cfg_img_scale=1.5),
+        "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(side), steps=20),
     }
     for name, req in requests.items():
         if name not in cases:
@@ -129,10 +141,10 @@ def timed_parts(pipe: LocalPipeline, req: GenerationRequest) -> None:
         parts["vit"] = lambda: th.append_vit(th.empty(), img)
     for name, fn in parts.items():
         fn()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         print(f"   {name}: {(time.perf_counter() - t0) * 1e3:.1f} ms")
 
 

@@ -60,3 +60,33 @@ def test_admit_checks_the_width(thinker):
     assert not decoder.fits(ctx, 4) and decoder.fits(ctx, 3)
     with pytest.raises(ValueError):
         decoder.admit("x", ctx, 4)
+
+
+def test_steps_run_only_the_leading_live_slots(thinker, monkeypatch):
+    """A lone sequence in an 8-slot decoder runs a step of one slot; later arrivals widen the
+    step to the next prepared size (powers of four, and all slots); each sequence still gets
+    its tokens decoded alone."""
+    contexts = [thinker.append_text(thinker.empty(), p) for p in PROMPTS]
+    budgets = [10, 6, 8, 7, 5]
+    alone = [thinker.decode([c], DecodeParams(max_new_tokens=n))[0].token_ids for c, n in zip(contexts, budgets)]
+    decoder = ContinuousDecoder(thinker, slots=8, width=64, chunk=2)
+    assert sorted(decoder._steps) == [1, 4, 8]
+    ran: list[int] = []
+    for rows, step in list(decoder._steps.items()):
+        def counted(step=step, rows=rows):
+            ran.append(rows)
+            return step()
+        monkeypatch.setitem(decoder._steps, rows, counted)
+    decoder.admit(0, contexts[0], budgets[0])
+    finished = {seq.key: seq for seq in decoder.run()}
+    assert set(ran) == {1}
+    for i in (1, 2):  # slots 0-2 live: steps of 4 slots
+        decoder.admit(i, contexts[i], budgets[i])
+    finished.update((seq.key, seq) for seq in decoder.run())
+    assert ran[-1] == 4
+    for i in (3, 4):  # slots 3 and 4: all 8
+        decoder.admit(i, contexts[i], budgets[i])
+    while any(seq is not None for seq in decoder.active):
+        finished.update((seq.key, seq) for seq in decoder.run())
+    assert 8 in ran
+    assert [finished[i].token_ids for i in range(5)] == alone

@@ -472,9 +472,10 @@ class Driver:
                 raise
             return StreamingResponse(self._chat_stream(req, rid, created, first, items), media_type="text/event-stream")
         result = await self._generate(req)
+        content = await asyncio.to_thread(self._content, result)  # a PNG to encode: off the event loop
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self._content(result)},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": result.finish_reason or "stop"}],
             "usage": {"completion_tokens": len(result.token_ids or [])},
             "seed": req.seed,
@@ -507,7 +508,7 @@ class Driver:
                 elif isinstance(item, dict):
                     yield chunk({}, progress=item)
                 else:
-                    final = {} if item.image is None else {"content": self._content(item)}
+                    final = {} if item.image is None else {"content": await asyncio.to_thread(self._content, item)}
                     yield chunk(final, item.finish_reason or "stop", seed=req.seed)
         except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__

@@ -174,9 +174,12 @@ def rms_norm(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | Non
     return _launch_rms_norm(x, None, weights, experts, eps)[1]
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | None,
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weights: torch.Tensor, experts: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta)): the residual stream and the next sublayer's input."""
+    """(x + delta, rms_norm(x + delta)): the residual stream and the next sublayer's input.
+    `delta` None (nothing pending: the first layer's input) gives (x, rms_norm(x))."""
+    if delta is None:
+        return x, rms_norm(x, weights, experts, eps)
     if (not _use_triton(x) or delta.dtype != x.dtype or delta.shape != x.shape
             or weights.dtype not in (x.dtype, torch.float32)):
         return add_rms_norm_reference(x, delta, weights, experts, eps)

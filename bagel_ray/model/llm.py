@@ -104,11 +104,10 @@ def route(x: torch.Tensor, rows: ExpertRows | None, und_fn, gen_fn) -> torch.Ten
         return und_fn(x)
     flat = x.reshape(-1, x.shape[-1])
     out = gen_fn(flat)
-    if not rows.und_index.numel():
-        return out.view(*x.shape[:-1], out.shape[-1])
-    und_out = und_fn(flat.index_select(0, rows.und_index))
-    out = out.to(torch.promote_types(out.dtype, und_out.dtype))
-    out.index_copy_(0, rows.und_index, und_out.to(out.dtype))
+    if rows.und_index.numel():
+        und_out = und_fn(flat.index_select(0, rows.und_index))
+        out = out.to(torch.promote_types(out.dtype, und_out.dtype))
+        out.index_copy_(0, rows.und_index, und_out.to(out.dtype))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -243,11 +242,8 @@ class DecoderLayer(nn.Module):
         experts = None if rows is None else rows.experts
         eps = cfg.rms_norm_eps
 
-        weights = _weights(rows, und.input_layernorm, gen and gen.input_layernorm)
-        if pending is None:
-            h = kernels.rms_norm(x, weights, experts, eps)
-        else:
-            x, h = kernels.add_rms_norm(x, pending, weights, experts, eps)
+        x, h = kernels.add_rms_norm(x, pending, _weights(rows, und.input_layernorm, gen and gen.input_layernorm),
+                                    experts, eps)
         h = route(h, rows, und.qkv_proj, gen.qkv_proj if gen is not None else None)
         q, k, v = h.split((und.q_size, und.kv_size, und.kv_size), dim=-1)
         q = kernels.qk_norm_rope(q.unflatten(-1, (nq, hd)), _weights(rows, und.q_norm, gen and gen.q_norm), experts,
@@ -295,8 +291,6 @@ class MoTLanguageModel(nn.Module):
             new_kv.append(kv)
         weights = _weights(rows, self.norm, self.norm_moe_gen)
         experts = None if rows is None else rows.experts
-        if pending is None:  # no layers
-            return kernels.rms_norm(x, weights, experts, self.cfg.rms_norm_eps), new_kv
         return kernels.add_rms_norm(x, pending, weights, experts, self.cfg.rms_norm_eps)[1], new_kv
 
 

@@ -15,7 +15,8 @@ Rows (issue targets in brackets):
             and 8 stepped together (`DiT.step`, cross-request batching), images/s and the
             largest |batched - alone| latent difference
   guard     the fused kernels and graphs against the eager reference ops: latent and pixel
-            differences of a 512^2 text2img, and decoded ids
+            differences of a 512^2 text2img; 32 greedy tokens: where the ids first differ, the
+            eager path's margin between the two choices there, and the paths' largest logit gap
 Every timed region ends with a device synchronize; the median of --reps runs is reported.
 """
 
@@ -155,15 +156,23 @@ def main() -> None:
         pixels = np.abs(np.asarray(fused.image, dtype=np.int16) - np.asarray(plain.image, dtype=np.int16))
         th = pipe.thinker
         ctx = [th.append_text(th.empty(), PROMPT)]
-        graphed = th.decode(ctx, DecodeParams(max_new_tokens=32))[0].token_ids
+        fast = th.decode(ctx, DecodeParams(max_new_tokens=32), keep_logits=True)[0]
         th.cuda_graphs = False
         with kernels.eager():
-            eager_ids = th.decode(ctx, DecodeParams(max_new_tokens=32))[0].token_ids
+            slow = th.decode(ctx, DecodeParams(max_new_tokens=32), keep_logits=True)[0]
         th.cuda_graphs = True
+        graphed, eager_ids = fast.token_ids, slow.token_ids
+        first_diff = next((i for i, (p, q) in enumerate(zip(graphed, eager_ids)) if p != q), None)
+        # over the steps both paths ran on the same tokens: how far their logits are apart, and
+        # (at a first differing token) how close the eager path's choice was to the fused one's
+        same = len(graphed) if first_diff is None else first_diff + 1
+        logit_diff = float((fast.logits[:same] - slow.logits[:same]).abs().max())
+        margin = None if first_diff is None else float(slow.logits[first_diff, eager_ids[first_diff]]
+                                                       - slow.logits[first_diff, graphed[first_diff]])
         results.append({"row": "guard", "seconds": 0.0, "latent_rel_l2": float((a - b).norm() / b.norm()), "floor_rel_l2": floor,
                         "latent_max_abs": float((a - b).abs().max()), "pixel_max": int(pixels.max()),
                         "pixel_mean": float(pixels.mean()), "decode_same_ids": graphed == eager_ids,
-                        "decode_first_diff": next((i for i, (p, q) in enumerate(zip(graphed, eager_ids)) if p != q), None)})
+                        "decode_first_diff": first_diff, "decode_logit_max_diff": logit_diff, "decode_flip_margin": margin})
         print(results[-1], flush=True)
 
     if "vae_bf16" in rows:

@@ -6,11 +6,11 @@ way), so a server should never make a new request wait for a running batch to fi
 kv, hd]; `admit` copies a prefilled context into the lowest free slot, and `run` advances the
 slots a few steps at a time, hands back what each sequence produced, and frees the slots of
 finished ones. A step runs over the leading slots that hold every live sequence, rounded up to
-a power of four (or all slots), not over all of them: attention reads every row of each slot it
-runs (W rows, masked or not), so a lone request in a 32-slot decoder would otherwise read 32
-slots' worth of cache each token (~1.3 ms of a ~7.9 ms step on an H100 at W = 2048). On a GPU
-each of these sizes is one CUDA graph, all captured when the decoder is made, so that a burst of
-arrivals never waits for a capture.
+a power of four (or all slots), not over all of them: at batch 1 the projections run as
+GEMVs (`kernels.linear`), faster than the GEMMs of 32 rows, and the eager attention (the CPU
+path) reads every row of each slot it runs, masked or not. On a GPU each of these sizes is one
+CUDA graph, all captured when the decoder is made, so that a burst of arrivals never waits for
+a capture.
 
 Greedy only: sampled requests decode on their own (`Thinker.decode`), so that a seed gives
 the same text whatever else is running. The tokens are those of `Thinker.decode` for the
@@ -54,7 +54,6 @@ class ContinuousDecoder:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)
         self.history = torch.zeros(chunk, slots, dtype=torch.long, device=dev)
         self.counter = torch.zeros(1, dtype=torch.long, device=dev)
-        self.key_index = torch.arange(width, device=dev)
         self.active: list[Sequence | None] = [None] * slots
         sizes = sorted({min(4**i, slots) for i in range(slots.bit_length())})
         with torch.inference_mode():  # every slot idle: a capture's warm-up step writes nothing that is read
@@ -67,7 +66,7 @@ class ContinuousDecoder:
         tokens, history, th = self.tokens[:rows], self.history[:, :rows], self.thinker
 
         def step() -> torch.Tensor:
-            logits = th.cached_logits(cache, lens, positions, tokens, self.key_index)
+            logits = th.cached_logits(cache, lens, positions, tokens)
             nxt = greedy(th.choosable(logits))
             history.index_copy_(0, self.counter % self.chunk, nxt[None])
             tokens.copy_(nxt)

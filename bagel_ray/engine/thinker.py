@@ -117,17 +117,14 @@ class Thinker:
             outputs.append(DecodeOutput(generated[b], text, stopped[b], kept))
         return outputs
 
-    def cached_logits(self, cache: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
-                      key_index: torch.Tensor) -> torch.Tensor:
+    def cached_logits(self, cache: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor,
+                      tokens: torch.Tensor) -> torch.Tensor:
         """One decoding forward of `tokens` [B] over a preallocated cache [layers, 2, B, W, kv,
         hd]: each row is written at `lens` and attends to its cache rows and itself. Static
         shapes and no host reads, so it can run inside a CUDA graph."""
         model = self.model
-        # additive (0 / -inf) rather than boolean: SDPA would convert a boolean mask in every layer
-        mask = torch.zeros(lens.shape[0], 1, key_index.shape[0], dtype=model.dtype, device=lens.device)
-        mask.masked_fill_((key_index[None, :] > lens[:, None])[:, None, :], float("-inf"))
-        hidden, _ = model.llm(model.embed_tokens(tokens)[:, None], positions[:, None], None,
-                              CachedKV(cache, lens, mask), ForwardMode(gen=False))
+        hidden, _ = model.llm(model.embed_tokens(tokens)[:, None], positions[:, None], None, CachedKV(cache, lens),
+                              ForwardMode(gen=False))
         return model.logits(hidden[:, -1])
 
     def choosable(self, logits: torch.Tensor) -> torch.Tensor:
@@ -159,12 +156,11 @@ class Thinker:
         lens = torch.tensor([c.length for c in contexts], device=device)
         positions = torch.tensor([c.rope for c in contexts], device=device)
         tokens = torch.full((B,), tok.bos_id, dtype=torch.long, device=device)
-        key_index = torch.arange(width, device=device)
         history = torch.zeros(steps, B, dtype=torch.long, device=device)
         counter = torch.zeros(1, dtype=torch.long, device=device)
 
         def step() -> torch.Tensor:
-            logits = self.cached_logits(cache, lens, positions, tokens, key_index)
+            logits = self.cached_logits(cache, lens, positions, tokens)
             choosable = self.choosable(logits)
             nxt = sample(choosable, params.temperature, params.top_p, generator) if params.do_sample else greedy(choosable)
             history.index_copy_(0, counter, nxt[None])

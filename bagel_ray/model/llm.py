@@ -7,8 +7,10 @@ over one K/V sequence, whatever expert produced each row.
 
 The forward maps tensors to tensors. How rows see the cached context is a small strategy
 object (`PrefixKV` for prefill, `RaggedKV` for the DiT's CFG branches, `CachedKV` for
-decoding into a preallocated cache); every call returns its own K/V (post QK-norm and RoPE)
-for the caller to keep or drop. Sampling, scheduling and cache bookkeeping live in `bagel_ray.engine`.
+decoding into a preallocated cache); it applies the QK-norm and RoPE to the raw q/k heads it
+is given, and returns the call's own K/V (post QK-norm and RoPE) for the caller to keep or drop
+(None for `CachedKV`, which writes them into its cache). Sampling, scheduling and cache
+bookkeeping live in `bagel_ray.engine`.
 
 Projections are fused (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`); the loader maps
 the official per-projection names onto them (`STACKED_PARAMS`).
@@ -36,6 +38,7 @@ STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
 
 # Attention masks are boolean (True = may attend) or additive (0 / -inf, in the query dtype).
 AttnMask = torch.Tensor
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values (post QK-norm and RoPE)
 
 
 class RMSNorm(nn.Module):
@@ -128,6 +131,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | Non
     return out.transpose(1, 2)
 
 
+def _split_qk(qk: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normed q and k heads of raw qk heads [B, N, heads + kv, hd]."""
+    qk = norm(qk)
+    return qk[:, :, : norm.q_heads], qk[:, :, norm.q_heads :]
+
+
 class PrefixKV:
     """Attend over `[cached context ; this call's rows]`: prefill and single contexts. `past`
     holds per-layer [B, T, kv, hd] keys and values (None: no context); `mask` [B, N, T+N] or
@@ -136,11 +145,13 @@ class PrefixKV:
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None, mask: AttnMask | None = None) -> None:
         self.past, self.mask = past, mask
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, KV]:
+        q, k = _split_qk(qk, norm)
+        keys, values = k, v
         if self.past is not None:
-            k = torch.cat((self.past[layer][0], k), dim=1)
-            v = torch.cat((self.past[layer][1], v), dim=1)
-        return sdpa(q, k, v, self.mask)
+            keys = torch.cat((self.past[layer][0], k), dim=1)
+            values = torch.cat((self.past[layer][1], v), dim=1)
+        return sdpa(q, keys, values, self.mask), (k, v)
 
 
 class RaggedKV:
@@ -151,7 +162,8 @@ class RaggedKV:
     def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None]) -> None:
         self.past = past
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, KV]:
+        q, k = _split_qk(qk, norm)
         outs = []
         for b, past in enumerate(self.past):
             kb, vb = k[b], v[b]
@@ -159,24 +171,24 @@ class RaggedKV:
                 kb = torch.cat((past[layer][0], kb))
                 vb = torch.cat((past[layer][1], vb))
             outs.append(sdpa(q[b : b + 1], kb[None], vb[None], None))
-        return torch.cat(outs)
+        return torch.cat(outs), (k, v)
 
 
 class CachedKV:
     """Decoding into a preallocated cache: this call's K/V (one row per sample) are written in
-    place at `write_at` [B], then the query attends over the cache rows `mask` [B, 1, W]
-    allows. Static shapes and no host reads, so a step can be captured in a CUDA graph.
-    `cache` is [layers, 2, B, W, kv, hd]."""
+    place at `write_at` [B], then the query attends over the cache rows up to it
+    (`kernels.decode_attention`, which also applies the QK-norm and RoPE). Static shapes and
+    no host reads, so a step can be captured in a CUDA graph. `cache` is [layers, 2, B, W,
+    kv, hd]; the K/V it returns are None (they are in the cache)."""
 
-    def __init__(self, cache: torch.Tensor, write_at: torch.Tensor, mask: AttnMask) -> None:
-        self.cache, self.write_at, self.mask = cache, write_at, mask
-        self.rows = torch.arange(cache.shape[2], device=cache.device)
+    def __init__(self, cache: torch.Tensor, write_at: torch.Tensor) -> None:
+        self.cache, self.write_at = cache, write_at
+        layers, _, batch, _, kv, _ = cache.shape
+        self.arrived = torch.zeros(layers, batch * kv, dtype=torch.int32, device=cache.device)  # the kernel's counters
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values = self.cache[layer, 0], self.cache[layer, 1]
-        keys.index_put_((self.rows, self.write_at), k[:, 0])
-        values.index_put_((self.rows, self.write_at), v[:, 0])
-        return sdpa(q, keys, values, self.mask)
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, None]:
+        return kernels.decode_attention(qk, v, norm, self.cache[layer, 0], self.cache[layer, 1], self.write_at,
+                                        self.arrived[layer]), None
 
 
 KVAttention = PrefixKV | RaggedKV | CachedKV
@@ -199,8 +211,16 @@ class Expert(nn.Module):
         self.gate_up_proj = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
 
+    # The projections go through `kernels.linear` (a GEMV for a single row on the GPU); the
+    # nn.Linear modules hold the weights under their official names.
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.o_proj.weight)
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        return kernels.silu_mul_linear(kernels.linear(x, self.gate_up_proj.weight), self.down_proj.weight)
 
 
 def _weights(rows: ExpertRows | None, und: RMSNorm, gen: RMSNorm | None) -> torch.Tensor:
@@ -229,10 +249,10 @@ class DecoderLayer(nn.Module):
         rows: ExpertRows | None,
         attention: KVAttention,
         mode: ForwardMode,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         """`x` is the residual stream and `pending` the previous layer's MLP output, not yet
         added: each residual add runs fused with the RMSNorm that follows it. Returns the
-        stream, this layer's MLP output (pending) and its K/V."""
+        stream, this layer's MLP output (pending) and its K/V (None when the attention keeps them)."""
         cfg = self.cfg
         B, N, _ = x.shape
         hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -244,18 +264,17 @@ class DecoderLayer(nn.Module):
 
         x, h = kernels.add_rms_norm(x, pending, _weights(rows, und.input_layernorm, gen and gen.input_layernorm),
                                     experts, eps)
-        h = route(h, rows, und.qkv_proj, gen.qkv_proj if gen is not None else None)
-        q, k, v = h.split((und.q_size, und.kv_size, und.kv_size), dim=-1)
-        q = kernels.qk_norm_rope(q.unflatten(-1, (nq, hd)), _weights(rows, und.q_norm, gen and gen.q_norm), experts,
-                                 cos, sin, eps, mode.gen)
-        k = kernels.qk_norm_rope(k.unflatten(-1, (nkv, hd)), _weights(rows, und.k_norm, gen and gen.k_norm), experts,
-                                 cos, sin, eps, mode.gen)
-        v = v.unflatten(-1, (nkv, hd))
-        attn = attention(self.index, q, k, v).reshape(B, N, nq * hd)
-        x, h = kernels.add_rms_norm(x, route(attn, rows, und.o_proj, gen.o_proj if gen is not None else None),
+        h = route(h, rows, und.qkv, gen.qkv if gen is not None else None)
+        qk = h[..., : und.q_size + und.kv_size].unflatten(-1, (nq + nkv, hd))
+        v = h[..., und.q_size + und.kv_size :].unflatten(-1, (nkv, hd))
+        norm = kernels.QKNormRope(_weights(rows, und.q_norm, gen and gen.q_norm),
+                                  _weights(rows, und.k_norm, gen and gen.k_norm), nq, experts, cos, sin, eps, mode.gen)
+        attn, kv = attention(self.index, qk, v, norm)
+        attn = attn.reshape(B, N, nq * hd)
+        x, h = kernels.add_rms_norm(x, route(attn, rows, und.out, gen.out if gen is not None else None),
                                     _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm),
                                     experts, eps)
-        return x, route(h, rows, und.mlp, gen.mlp if gen is not None else None), (k, v)
+        return x, route(h, rows, und.mlp, gen.mlp if gen is not None else None), kv
 
 
 class MoTLanguageModel(nn.Module):
@@ -278,10 +297,11 @@ class MoTLanguageModel(nn.Module):
         rows: ExpertRows | None = None,
         attention: KVAttention | None = None,
         mode: ForwardMode = ForwardMode(),
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    ) -> tuple[torch.Tensor, list[KV | None]]:
         """embeds [B, N, D], positions [B, N], rows: the expert of each row (None: all und),
         attention: how rows see the context (default: only each other). Returns the final-normed
-        hidden states and this call's per-layer K/V ([B, N, kv, hd] each, post QK-norm/RoPE)."""
+        hidden states and this call's per-layer K/V ([B, N, kv, hd] each, post QK-norm/RoPE; None
+        each with `CachedKV`)."""
         attention = attention if attention is not None else PrefixKV()
         cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
         x, pending = embeds, None

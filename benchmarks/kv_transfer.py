@@ -262,6 +262,14 @@ def stage_class():
             torch.cuda.synchronize()
             return self.contexts.nbytes
 
+        def sender_marks(self, receive_start: float) -> dict[str, float]:
+            """When this sender saw the last send request and posted its NCCL send, in seconds
+            after the receiver began `receive` (perf_counter is one clock for the whole host)."""
+            return {name: t - receive_start for name, t in self.transport.send_marks.items() if name in ("request", "posted")}
+
+        def last_receive_start(self) -> float:
+            return self.receive_start
+
         def send(self) -> tuple[list, float, float]:
             import ray
 
@@ -276,7 +284,7 @@ def stage_class():
 
             t0 = time.perf_counter()
             payload = ray.get(refs[0])
-            t1 = time.perf_counter()
+            t1 = self.receive_start = time.perf_counter()
             contexts, stats = self.transport.receive(payload, self.device)
             torch.cuda.synchronize(self.device)
             t2 = time.perf_counter()
@@ -311,6 +319,9 @@ def end_to_end(transport: str, same_gpu: bool, sizes: list[int], reps: int) -> l
             for rep in range(reps + 2):
                 refs, send_s, put_s = ray.get(sender.send.remote())
                 route, get_s, receive_s, same, phases = ray.get(receiver.receive.remote(refs, seed if rep == 0 else None))
+                if route == "nccl":  # where the sender's side of the handoff sat on the receiver's clock
+                    marks = ray.get(sender.sender_marks.remote(ray.get(receiver.last_receive_start.remote())))
+                    phases = tuple(phases) + tuple((f"sender {name}", t) for name, t in marks.items())
                 if same is False:
                     raise AssertionError(f"{transport} {mb} MB: the received contexts differ from the sent ones")
                 total = send_s + put_s + get_s + receive_s
@@ -321,14 +332,15 @@ def end_to_end(transport: str, same_gpu: bool, sizes: list[int], reps: int) -> l
             med = sorted(samples, key=lambda x: x[0])[len(samples) // 2]
             handoff, total, send_s, carry_s, receive_s, route, _ = med
             phases = {name: statistics.median(dict(x[6]).get(name, 0.0) for x in samples) * 1e3 for name, _ in med[6]}
+            sender_ms = {name[len("sender "):]: phases.pop(name) for name in list(phases) if name.startswith("sender ")}
             rows.append({"transport": transport, "gpus": "same GPU" if same_gpu else "two GPUs", "mb": mb, "nbytes": nbytes,
                          "route": route, "handoff_ms": handoff * 1e3, "handoff_gbps": gbps(nbytes, handoff),
                          "ms": statistics.median(x[1] for x in samples) * 1e3,
                          "gbps": gbps(nbytes, statistics.median(x[1] for x in samples)), "send_ms": send_s * 1e3,
                          "carry_ms": carry_s * 1e3, "receive_ms": receive_s * 1e3, "phases_ms": phases,
-                         "first_ms": first * 1e3})
+                         "sender_ms": sender_ms, "first_ms": first * 1e3})
             print(f"  {transport:12s} {rows[-1]['gpus']:9s} {mb:5d} MB  handoff {handoff * 1e3:8.2f} ms "
-                  f"{rows[-1]['handoff_gbps']:7.1f} GB/s  with carry {rows[-1]['ms']:8.2f} ms  via {route}  {phases}",
+                  f"{rows[-1]['handoff_gbps']:7.1f} GB/s  with carry {rows[-1]['ms']:8.2f} ms  via {route}  {phases} {sender_ms}",
                   file=sys.stderr)
     finally:
         ray.kill(sender)
@@ -378,8 +390,10 @@ def tables(raw: dict, rows: list[dict], command: str) -> str:
     lines += ["", "Transports end to end between two actors, contexts on the receiver's GPU. Handoff = send + receive "
               "(packing, signalling, transfer, unpacking); with carry = plus the payload's trip through the object "
               "store (the KV itself for object_store, a few hundred bytes otherwise). Medians; receive phases of the "
-              "NCCL route (ms): plan = route chosen, ask = request sent, alloc = receive buffers allocated, post = receive posted, answer = the sender's answer read, transfer, handover = given to the engine's stream; first = the pair's "
-              "first handoff (with carry).", "",
+              "NCCL route (ms): plan = route chosen, ask = request sent, alloc = receive buffers allocated, post = "
+              "receive posted, answer = the sender's answer read, transfer, handover = given to the engine's stream; "
+              "then, in brackets, when the sender saw the request and posted its send (ms after the receive began); "
+              "first = the pair's first handoff (with carry).", "",
               "| transport | GPUs | size | route | handoff | GB/s | with carry | GB/s | send / carry / receive | "
               "receive phases | first | target |",
               "|---|---|---:|---|---:|---:|---:|---:|---|---|---:|---|"]
@@ -390,6 +404,8 @@ def tables(raw: dict, rows: list[dict], command: str) -> str:
             ms, gbs = (r["handoff_ms"], r["handoff_gbps"]) if target[2] else (r["ms"], r["gbps"])
             verdict = f"{target[0]} ({'handoff' if target[2] else 'with carry'}): {'**met**' if target[1](ms, gbs) else 'missed'}"
         phases = " / ".join(f"{v:.2f}" for v in r.get("phases_ms", {}).values())
+        if r.get("sender_ms"):
+            phases += " (" + " / ".join(f"{v:.2f}" for v in r["sender_ms"].values()) + ")"
         lines.append(f"| {r['transport']} | {r['gpus']} | {r['mb']} MB | {r['route']} | {r['handoff_ms']:.2f} ms | "
                      f"{r['handoff_gbps']:.1f} | {r['ms']:.2f} ms | {r['gbps']:.1f} | "
                      f"{r['send_ms']:.2f} / {r['carry_ms']:.2f} / {r['receive_ms']:.2f} ms | {phases} | "
@@ -412,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="5,100,500,1000", help="context sizes in MB (10^6 bytes)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip-raw", action="store_true")
+    ap.add_argument("--transports", default="object_store,cuda_ipc,auto,nccl-nonblocking,nccl",
+                    help="which transports to run end to end (comma-separated; nccl-nonblocking: the NCCL route "
+                         "posting on the non-blocking communicator)")
     ap.add_argument("--json", help="write every measurement to this file")
     ap.add_argument("--write-results", action="store_true", help="record the tables in benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
@@ -437,11 +456,14 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     rows: list[dict] = []
     print("transports end to end ...", file=sys.stderr)
+    wanted = {NON_BLOCKING if name == "nccl-nonblocking" else name for name in args.transports.split(",")}
     for transport in ("object_store", "cuda_ipc", "auto"):
-        rows += end_to_end(transport, True, sizes, args.reps)
+        if transport in wanted:
+            rows += end_to_end(transport, True, sizes, args.reps)
     if gpus >= 2:
         for transport in ("object_store", NON_BLOCKING, "nccl", "auto"):
-            rows += end_to_end(transport, False, sizes, args.reps)
+            if transport in wanted:
+                rows += end_to_end(transport, False, sizes, args.reps)
     ray.shutdown()
 
     text = tables(raw, rows, command)

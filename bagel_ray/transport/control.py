@@ -12,8 +12,8 @@ waits (Ray may take a minute to call a dead replica dead).
 Messages are single JSON lines (never pickles: the port is reachable from the node's
 network). Each carries the sender transport's key, a random 128-bit id that only holders of
 one of its payloads know; a message with another key closes the connection. Requests get a
-one-line JSON answer, notices none. The handler answers through a callback so it can go on
-working after the answer is out (the sender posts its NCCL send right after saying it will).
+one-line JSON answer, notices none. The handler answers through a callback, so it answers
+when it chooses (the sender posts its NCCL send, then says it has).
 """
 
 from __future__ import annotations

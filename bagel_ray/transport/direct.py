@@ -200,6 +200,7 @@ class DirectTransport(KVTransport):
         self._unreachable: set[str] = set()  # senders whose control channel refused or timed out a connection
         self._places: dict[torch.device, Placement] = {}
         self._warned: set[tuple[str, str]] = set()
+        self.send_marks: dict[str, float] = {}  # perf_counter marks of the last send request served (benchmarks)
         _SENDERS[self.key] = self
         # Communicators die with the transport; at interpreter exit the process takes them.
         weakref.finalize(self, _abort_all, self._recv_links, self._send_links).atexit = False
@@ -229,6 +230,7 @@ class DirectTransport(KVTransport):
     def _on_control(self, message: dict[str, Any], answer: Callable[[dict[str, Any]], None]) -> None:
         """A receiver's message on the control channel (run in the channel's thread)."""
         if message.get("op") == "send":
+            self.send_marks = {"request": time.perf_counter()}
             uid = message.get("unique_id")
             self.serve_send(message["handoff"], message["receiver"], message["comm"], bytes.fromhex(uid) if uid else None,
                             float(message["timeout_s"]), answer)
@@ -261,11 +263,11 @@ class DirectTransport(KVTransport):
 
     def serve_send(self, handoff_id: str, receiver_key: str, comm_key: str, unique_id: bytes | None,
                    timeout_s: float, answer: Callable[[dict[str, Any]], None]) -> None:
-        """Answer a receiver's "send me this handoff" (`started`, `gone`, or why not), then send
+        """Answer a receiver's "send me this handoff" (`started`, `gone`, or why not), and send
         it. A pair's first handoff (with a `unique_id`: a new communicator, whose connect takes
-        a while) is sent from a worker thread; later ones right here, in the pair's control
-        thread, so nothing but the answer stands between the request and the NCCL send."""
-        self._sweep_links()
+        a while) is answered at once and sent from a worker thread; later ones right here, in
+        the pair's control thread, where the send is posted before the answer goes out: the
+        receiver has posted its receive already, so the transfer starts with the post."""
         parcel = self.outbox.peek(handoff_id)
         if parcel is None:
             status = GONE
@@ -275,19 +277,24 @@ class DirectTransport(KVTransport):
             status = "the sender no longer has this pair's communicator"
         else:
             status = STARTED
-        answer({"status": status})
         if status != STARTED:
+            answer({"status": status})
             return
         deadline = time.monotonic() + timeout_s
         if unique_id is None:
-            self._send_job(handoff_id, parcel, receiver_key, comm_key, None, deadline)
-            return
-        if self._senders is None:
-            self._senders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-send")
-        self._senders.submit(self._send_job, handoff_id, parcel, receiver_key, comm_key, unique_id, deadline)
+            self._send_job(handoff_id, parcel, receiver_key, comm_key, None, deadline, answer)
+        else:
+            answer({"status": status})
+            if self._senders is None:
+                self._senders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-send")
+            self._senders.submit(self._send_job, handoff_id, parcel, receiver_key, comm_key, unique_id, deadline)
+        self._sweep_links()
 
     def _send_job(self, handoff_id: str, parcel: Parcel, receiver_key: str, comm_key: str, unique_id: bytes | None,
-                  deadline: float) -> None:
+                  deadline: float, answer: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Send a parcel on the pair's communicator (made here from `unique_id` for a pair's
+        first handoff). `answer`, when given, is told `started` once the first send is posted,
+        or why it could not be."""
         link = None
         try:
             with self._peer_lock("send", receiver_key, deadline):
@@ -304,12 +311,20 @@ class DirectTransport(KVTransport):
                         raise PeerRefused("the pair's communicator was dropped")
                 for t in parcel.tensors:
                     link.comm.send(t, RECEIVER_RANK)
+                    if answer is not None:
+                        self.send_marks["posted"] = time.perf_counter()
+                        reply, answer = answer, None
+                        reply({"status": STARTED})
+                        self.send_marks["answered"] = time.perf_counter()
                     await_progress(link.comm, deadline, what="NCCL send")
                 link.last_used = time.monotonic()
+                self.send_marks["done"] = time.perf_counter()
             # Sent: the receiver has it (a receiver that failed at the very end finds it gone and
             # the request is retried), so no release message is needed on this route.
             self.outbox.take(handoff_id)
         except Exception as exc:  # the receiver times out too and takes the object store
+            if answer is not None:  # nothing was posted: say why, and the receiver takes the object store now
+                answer({"status": f"the send failed at the sender: {type(exc).__name__}: {exc}"})
             log.warning("KV handoff %s: NCCL send to receiver %s failed (%s: %s); communicator dropped",
                         handoff_id, receiver_key[:8], type(exc).__name__, exc)
             if link is not None:

@@ -504,6 +504,48 @@ def test_close_aborts_every_pair_and_empties_the_outbox():
     assert local_sender(transport.key) is None
 
 
+
+class _DoneComm:
+    """A communicator whose sends finish at once (or whose posts fail), logging what it does."""
+
+    stream = None
+
+    def __init__(self, log: list[str], fail: bool = False) -> None:
+        self.log, self.fail = log, fail
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        if self.fail:
+            raise RuntimeError("the post failed")
+        self.log.append("posted")
+
+    def progress(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        self.log.append("aborted")
+
+
+def test_a_later_handoff_is_posted_before_it_is_answered():
+    """On a connected pair the receiver has posted its receive before it asks, so the sender
+    posts its send first and answers after: the transfer starts with the post. A post that
+    fails is answered with the reason (not "started"), and the pair's communicator dropped."""
+    from bagel_ray.transport.direct import _Link
+
+    transport = NcclTransport(comms=StalledComms(), pull_host_contexts=True)
+    log: list[str] = []
+    transport._send_links["r"] = _Link(_DoneComm(log), "k")
+    payload = transport.send(make_contexts("text2img", torch.float32))
+    transport.serve_send(payload.handoff_id, "r", "k", None, 5.0, lambda reply: log.append(reply["status"]))
+    assert log == ["posted", "started"] and len(transport.outbox) == 0
+
+    log.clear()
+    transport._send_links["r"] = _Link(_DoneComm(log, fail=True), "k")
+    payload = transport.send(make_contexts("text2img", torch.float32))
+    transport.serve_send(payload.handoff_id, "r", "k", None, 5.0, lambda reply: log.append(reply["status"]))
+    assert len(log) == 2 and "the post failed" in log[0] and log[1] == "aborted"
+    assert "r" not in transport._send_links
+    transport.close()
+
 # -- a Serve replica as the sender ----------------------------------------------------------
 
 

@@ -91,7 +91,10 @@ class ContinuousDecoder:
         return sum(1 for s in self.active if s is None)
 
     def fits(self, ctx: KVContext, max_new_tokens: int) -> bool:
-        return ctx.length + max_new_tokens + 1 <= self.width
+        """Whether a sequence fits its slot's `width` rows: its context, one row a step, and the
+        steps it may run past its end (a chunk runs as many steps as its longest sequence needs,
+        up to `chunk`; the others keep writing a row a step until the chunk ends)."""
+        return ctx.length + max_new_tokens + self.chunk <= self.width
 
     @torch.inference_mode()
     def admit(self, key: object, ctx: KVContext, max_new_tokens: int) -> None:

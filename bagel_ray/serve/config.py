@@ -108,7 +108,8 @@ class StageConfig(StrictModel):
 class ThinkerConfig(StageConfig):
     max_batch_size: int = Field(8, ge=1, description="text requests decoded together (continuous batch slots)")
     max_decode_len: int = Field(
-        2048, ge=16, description="rows of each continuous-batch slot (context + new tokens); longer requests decode alone"
+        2048, ge=16, description="rows of each continuous-batch slot (context + new tokens + the 8 steps a sequence may "
+        "run past its end in a chunk); longer requests decode alone"
     )
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
     max_model_len: int = Field(32768, ge=16, description="longest context plus new tokens a request may use")

@@ -56,10 +56,29 @@ def test_cancel_frees_the_slot(thinker):
 
 def test_admit_checks_the_width(thinker):
     ctx = thinker.append_text(thinker.empty(), "hello there")
-    decoder = ContinuousDecoder(thinker, slots=1, width=ctx.length + 4)
-    assert not decoder.fits(ctx, 4) and decoder.fits(ctx, 3)
+    decoder = ContinuousDecoder(thinker, slots=1, width=ctx.length + 4 + 8, chunk=8)
+    assert not decoder.fits(ctx, 5) and decoder.fits(ctx, 4)
     with pytest.raises(ValueError):
-        decoder.admit("x", ctx, 4)
+        decoder.admit("x", ctx, 5)
+
+
+def test_a_sequence_that_ends_mid_chunk_stays_inside_its_slot(thinker):
+    """A chunk runs as many steps as its longest sequence needs; one that ends earlier keeps
+    writing a row a step until the chunk ends, so a full slot must leave room for that (the
+    cache row past the width was an IndexError here, a device assert on a GPU)."""
+    long, short = (thinker.append_text(thinker.empty(), p) for p in (PROMPTS[3], PROMPTS[1]))
+    decoder = ContinuousDecoder(thinker, slots=2, width=long.length + 20, chunk=8)
+    # each as many tokens as `fits` allows: the long prompt's budget ends mid-chunk, the short one's later
+    budgets = {key: max(n for n in range(1, 64) if decoder.fits(ctx, n)) for key, ctx in (("long", long), ("short", short))}
+    assert budgets["long"] % 8 and budgets["short"] > budgets["long"]
+    decoder.admit("long", long, budgets["long"])
+    decoder.admit("short", short, budgets["short"])
+    finished = {}
+    while any(s is not None for s in decoder.active):
+        finished.update((seq.key, seq) for seq in decoder.run())
+    for key, ctx in (("long", long), ("short", short)):
+        alone = thinker.decode([ctx], DecodeParams(max_new_tokens=budgets[key]))[0]
+        assert finished[key].token_ids == alone.token_ids
 
 
 def test_steps_run_only_the_leading_live_slots(thinker, monkeypatch):

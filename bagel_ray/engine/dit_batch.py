@@ -18,10 +18,15 @@ waits starts with a job queued before it, so every job gets its turn.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+
+import torch
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseJob, DiT
+
+log = logging.getLogger(__name__)
 
 
 class BatchDenoiser:
@@ -80,6 +85,22 @@ class BatchDenoiser:
             ended = [job for job in self.running if job.done]
             self.running = [job for job in self.running if not job.done]
         return ended + self._drop_cancelled()
+
+    def step_or_back_off(self) -> list[DenoiseJob]:
+        """`step`, and when its forward raises, `back_off` (out of memory: after handing the
+        allocator's cached blocks back, for the smaller retry), saying what happens next. The
+        loop body of every user of a batch (the Serve DiT worker, the bulk job's DiT stage)."""
+        try:
+            return self.step()
+        except Exception as exc:
+            size = len(self.running)
+            memory = isinstance(exc, torch.cuda.OutOfMemoryError)
+            if memory:
+                torch.cuda.empty_cache()
+            log.warning("%s denoising a batch of %d (%s: %s); %s", "out of accelerator memory" if memory else "a failure",
+                        size, type(exc).__name__, exc, f"retrying with {size // 2}" if size > 1 else "it fails alone",
+                        exc_info=not memory)
+            return self.back_off(exc)
 
     def back_off(self, error: BaseException) -> list[DenoiseJob]:
         """The running batch's step raised `error` (out of memory, or a failure of one job's

@@ -266,8 +266,6 @@ class DiTStage:
         """Step the jobs (keyed by their row, request and prepared image) until each has ended,
         and finish each row as its job ends. A job's `denoise_s` runs from the batch's start
         to its end, as `LocalPipeline.render` times an image denoised alone."""
-        import torch
-
         from bagel_ray.engine.dit_batch import BatchDenoiser
 
         if not jobs:
@@ -277,16 +275,7 @@ class DiTStage:
         for job in jobs:
             batch.submit(job)
         while not batch.idle:
-            try:
-                ended = batch.step()
-            except Exception as exc:  # out of memory, or one job's faulty inputs: halve the batch
-                size = len(batch.running)
-                if isinstance(exc, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()  # the cached blocks back, for the smaller retry
-                log.warning("a denoising step of %d images failed (%s: %s); %s", size, type(exc).__name__, exc,
-                            f"retrying with {size // 2} at a time" if size > 1 else "that image fails")
-                ended = batch.back_off(exc)
-            for job in ended:
+            for job in batch.step_or_back_off():
                 row, req, prepared = job.key
                 if job.error is not None:
                     row.fail(job.error, req)

@@ -435,18 +435,8 @@ class DenoiseWorker(InboxWorker):
         job.send(result)
 
     def _step(self) -> None:
-        try:
-            with self.lock.hold(observe=False):
-                ended = self.batch.step()
-        except Exception as exc:
-            size = len(self.batch.running)
-            then = f"retrying with {size // 2}" if size > 1 else "it fails alone"
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                release_memory()
-                log.warning("out of accelerator memory denoising a batch of %d; %s", size, then)
-            else:
-                log.exception("a denoising step of a batch of %d failed; %s", size, then)
-            ended = self.batch.back_off(exc)
+        with self.lock.hold(observe=False):
+            ended = self.batch.step_or_back_off()
         for done in ended:
             self._finish(done)
 

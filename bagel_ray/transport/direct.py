@@ -200,7 +200,7 @@ class DirectTransport(KVTransport):
         self._unreachable: set[str] = set()  # senders whose control channel refused or timed out a connection
         self._places: dict[torch.device, Placement] = {}
         self._warned: set[tuple[str, str]] = set()
-        self.send_marks: dict[str, float] = {}  # perf_counter marks of the last send request served (benchmarks)
+        self.send_marks: dict[str, float] = {}  # when the last send request came and its send was posted (benchmarks)
         _SENDERS[self.key] = self
         # Communicators die with the transport; at interpreter exit the process takes them.
         weakref.finalize(self, _abort_all, self._recv_links, self._send_links).atexit = False
@@ -315,10 +315,8 @@ class DirectTransport(KVTransport):
                         self.send_marks["posted"] = time.perf_counter()
                         reply, answer = answer, None
                         reply({"status": STARTED})
-                        self.send_marks["answered"] = time.perf_counter()
                     await_progress(link.comm, deadline, what="NCCL send")
                 link.last_used = time.monotonic()
-                self.send_marks["done"] = time.perf_counter()
             # Sent: the receiver has it (a receiver that failed at the very end finds it gone and
             # the request is retried), so no release message is needed on this route.
             self.outbox.take(handoff_id)

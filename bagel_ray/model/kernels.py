@@ -54,7 +54,8 @@ def eager() -> Iterator[None]:
         _EAGER.pop()
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether x's op runs as a Triton kernel: on a CUDA device with Triton, outside `eager()`."""
     return triton is not None and not _EAGER[-1] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -333,7 +334,7 @@ if triton is not None:  # pragma: no cover - compiled on GPU machines only
 
 
 def rms_norm(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | None, eps: float) -> torch.Tensor:
-    if not _use_triton(x) or weights.dtype not in (x.dtype, torch.float32):
+    if not use_triton(x) or weights.dtype not in (x.dtype, torch.float32):
         return rms_norm_reference(x, weights, experts, eps)
     return _launch_rms_norm(x, None, weights, experts, eps)[1]
 
@@ -344,7 +345,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weights: torch.Ten
     `delta` None (nothing pending: the first layer's input) gives (x, rms_norm(x))."""
     if delta is None:
         return x, rms_norm(x, weights, experts, eps)
-    if (not _use_triton(x) or delta.dtype != x.dtype or delta.shape != x.shape
+    if (not use_triton(x) or delta.dtype != x.dtype or delta.shape != x.shape
             or weights.dtype not in (x.dtype, torch.float32)):
         return add_rms_norm_reference(x, delta, weights, experts, eps)
     return _launch_rms_norm(x, delta, weights, experts, eps)
@@ -369,7 +370,7 @@ def qk_norm_rope(x: torch.Tensor, q_weights: torch.Tensor, k_weights: torch.Tens
                  experts: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float, fp32: bool) -> torch.Tensor:
     """The QK-norm and RoPE of a token's q heads (the first `q_heads` of x's heads, normed with
     `q_weights`) and k heads (the rest, `k_weights`) in one launch: [B, N, heads, hd]."""
-    if not _use_triton(x) or x.dtype == torch.float32:
+    if not use_triton(x) or x.dtype == torch.float32:
         return qk_norm_rope_reference(x, q_weights, k_weights, q_heads, experts, cos, sin, eps, fp32)
     B, N, H, HD = x.shape
     if x.stride(3) != 1 or x.stride(2) != HD or x.stride(0) != N * x.stride(1):
@@ -413,7 +414,7 @@ def decode_attention(qk: torch.Tensor, v: torch.Tensor, norm: QKNormRope, keys: 
     step). Static shapes and no host reads (CUDA graphs)."""
     B, _, HQK, HD = qk.shape
     KV, W, H = v.shape[2], keys.shape[1], norm.q_heads
-    fits = (_use_triton(qk) and qk.dtype != torch.float32 and HD in (64, 128) and H % KV == 0 and HQK == H + KV
+    fits = (use_triton(qk) and qk.dtype != torch.float32 and HD in (64, 128) and H % KV == 0 and HQK == H + KV
             and all(t.stride(3) == 1 and t.stride(2) == HD for t in (qk, v, keys)) and keys.stride() == values.stride()
             and norm.experts is None and norm.q_weights.shape[0] == norm.k_weights.shape[0] == 1
             and all(t.is_contiguous() for t in (norm.q_weights, norm.k_weights, norm.cos, norm.sin)))
@@ -442,7 +443,7 @@ def decode_attention(qk: torch.Tensor, v: torch.Tensor, norm: QKNormRope, keys: 
 def _gemv_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x as one contiguous row when the product should take the GEMV kernel (one row on the
     GPU: decoding at batch 1), else None. With more rows cuBLAS is faster (benchmarks/RESULTS.md)."""
-    if not (_use_triton(x) and x.dtype != torch.float32 and weight.dtype == x.dtype and weight.is_contiguous()
+    if not (use_triton(x) and x.dtype != torch.float32 and weight.dtype == x.dtype and weight.is_contiguous()
             and x.numel() == x.shape[-1] > 0):
         return None
     return x.reshape(-1).contiguous()
@@ -476,7 +477,7 @@ def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(gate_up) or gate_up.dtype == torch.float32:
+    if not use_triton(gate_up) or gate_up.dtype == torch.float32:
         return silu_mul_reference(gate_up)
     n = gate_up.shape[-1] // 2
     gu = gate_up.reshape(-1, 2 * n).contiguous()

@@ -7,6 +7,9 @@ The reference runs this model in fp32 on the CPU (spec 11.13); nothing here cast
 Geometry comes from a `VAEConfig`: the encoder has `len(ch_mult)` levels of `num_res_blocks`
 ResnetBlocks (a Downsample after every level but the last), the decoder mirrors it with one extra
 ResnetBlock per level and an Upsample on every level but level 0. Only the mid blocks attend.
+
+The GroupNorms (with the swish that follows most of them) go through `vae_kernels.group_norm`:
+Triton kernels on a GPU, PyTorch's own ops (the official numerics) on the CPU.
 """
 
 from __future__ import annotations
@@ -18,14 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bagel_ray.model.config import VAEConfig
+from bagel_ray.model.vae_kernels import group_norm
 
 _GROUPS = 32
 _EPS = 1e-6
-
-
-def swish(x: Tensor) -> Tensor:
-    """x * sigmoid(x), written out as the official code does (same numerics as F.silu on CPU fp32)."""
-    return x * torch.sigmoid(x)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -45,7 +44,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        hidden = self.norm(x)
+        hidden = group_norm(x, self.norm)
 
         def to_seq(t: Tensor) -> Tensor:  # [B, C, H, W] -> [B, 1 head, H*W, C]
             return t.reshape(b, 1, c, h * w).transpose(-1, -2).contiguous()
@@ -70,8 +69,8 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+        h = self.conv1(group_norm(x, self.norm1, then_swish=True))
+        h = self.conv2(group_norm(h, self.norm2, then_swish=True))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -164,7 +163,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(group_norm(h, self.norm_out, then_swish=True))
 
 
 class Decoder(nn.Module):
@@ -191,7 +190,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(group_norm(h, self.norm_out, then_swish=True))
 
 
 class AutoEncoder(nn.Module):

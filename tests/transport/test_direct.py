@@ -572,3 +572,14 @@ def test_pull_from_a_serve_replica(ray_local):
             assert digest(contexts) == digest(make_contexts(case, torch.float32))
     finally:
         serve.delete("kv-sender-test")
+
+
+def test_nccl_settings_are_defaults_the_environment_overrides():
+    from bagel_ray.transport.nccl import NCCL_SETTINGS, apply_nccl_settings
+
+    env: dict[str, str] = {}
+    apply_nccl_settings(env)
+    assert env == NCCL_SETTINGS and env["NCCL_GRAPH_MIXING_SUPPORT"] == "0"
+    mine = {"NCCL_GRAPH_MIXING_SUPPORT": "1"}
+    apply_nccl_settings(mine)
+    assert mine == {"NCCL_GRAPH_MIXING_SUPPORT": "1"}

@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Protocol
 
@@ -154,12 +154,13 @@ def library_candidates() -> Iterator[str]:
 # initialises, so applied before the library is loaded):
 # - NCCL_GRAPH_MIXING_SUPPORT=0: NCCL then skips the events that let its operations mix with
 #   CUDA graphs in other streams; we never capture NCCL in a graph, and without them a 500 MB
-#   handoff took 1.92 against 1.95-2.00 ms (2x H100) and 2.03 against 2.08 ms (2x H200, runs
-#   alternated), see benchmarks/RESULTS.md.
+#   handoff was faster in each of four same-machine comparisons, by 0.01-0.11 ms of ~2 ms
+#   (2x H100, 2x H200; benchmarks/RESULTS.md, "KV handoff").
 NCCL_SETTINGS = {"NCCL_GRAPH_MIXING_SUPPORT": "0"}
 
 
-def apply_nccl_settings(environ: dict[str, str] | os._Environ = os.environ) -> None:
+def apply_nccl_settings(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set each of `NCCL_SETTINGS` that `environ` does not set already (a user's value wins)."""
     for name, value in NCCL_SETTINGS.items():
         environ.setdefault(name, value)
 

@@ -309,3 +309,23 @@ def test_batched_llm_forward_equals_separate(pipeline, image):
             for (kb, vb), (k1, v1) in zip(kv, kv1):
                 torch.testing.assert_close(kb[j, :n], k1[0], rtol=0, atol=1e-5)
                 torch.testing.assert_close(vb[j, :n], v1[0], rtol=0, atol=1e-5)
+
+
+def test_the_stacked_norm_weights_follow_the_weights():
+    """The und/gen norm pair is stacked once; a change of either weight (in place, or a new
+    tensor) is seen by the next call."""
+    from bagel_ray.model.llm import RMSNorm, _weights
+
+    und, gen = RMSNorm(8, 1e-6), RMSNorm(8, 1e-6)
+    rows = ExpertRows.block_markers(1, 3, "cpu")
+    with torch.no_grad():
+        first = _weights(rows, und, gen)
+        assert _weights(rows, und, gen) is first
+        gen.weight.mul_(3)
+        assert torch.equal(_weights(rows, und, gen)[1], gen.weight)
+        und.weight = torch.nn.Parameter(torch.full((8,), 2.0))
+        assert torch.equal(_weights(rows, und, gen), torch.stack((und.weight, gen.weight)))
+    with torch.inference_mode():
+        inside = _weights(rows, und, gen)
+    assert inside.is_inference() and not _weights(rows, und, gen).is_inference()
+    assert torch.equal(_weights(None, und, gen), und.weight[None])

@@ -232,10 +232,10 @@ def _weights(rows: ExpertRows | None, und: RMSNorm, gen: RMSNorm | None) -> torc
         return und.weight[None]
     key = tuple((id(w), w.data_ptr(), w._version) for w in (und.weight, gen.weight)) + (
         torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-    kept = und.__dict__.get("_stacked_with_gen")
+    kept = getattr(und, "_stacked_with_gen", None)
     if kept is None or kept[0] != key:
         kept = (key, torch.stack((und.weight, gen.weight)))
-        und.__dict__["_stacked_with_gen"] = kept  # a plain attribute: not a parameter or buffer
+        und._stacked_with_gen = kept  # a tuple: a plain attribute, not a parameter or buffer
     return kept[1]
 
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bagel_ray.engine.kv_context import KVContext
+from bagel_ray.engine.prefill_graphs import PrefillGraphs
+from bagel_ray.model import kernels
 from bagel_ray.model.bagel import BagelModel
 from bagel_ray.model.image_transforms import grid_position_ids, latent_to_tokens, resize, to_rgb, to_tensor, vit_patchify
 from bagel_ray.model.llm import ExpertRows, ForwardMode, PrefixKV, attention_mask
@@ -68,13 +70,17 @@ class VaeBlock:
 
 class ContextBuilder:
     """Appends blocks to KV contexts with one model. Needs the `vit` part for ViT blocks and
-    the `gen` + `gen_heads` parts plus a VAE for VAE blocks."""
+    the `gen` + `gen_heads` parts plus a VAE for VAE blocks. With `cuda_graphs` on a GPU, a
+    text segment on an empty context (a prompt) replays a CUDA graph (`prefill_graphs`)."""
 
-    def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder | None = None) -> None:
+    def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.vae = vae
         self.cfg = model.cfg
+        self.cuda_graphs = cuda_graphs
+        self._prefill_graphs: PrefillGraphs | None = None
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +98,15 @@ class ContextBuilder:
     @torch.inference_mode()
     def append_text(self, ctx: KVContext, text: str) -> KVContext:
         """`<|im_start|> text <|im_end|>` at consecutive positions, causal, und expert."""
-        ids = torch.tensor(self.tokenizer.text_segment(text), dtype=torch.long, device=self.device)
+        segment = self.tokenizer.text_segment(text)
+        if (self.cuda_graphs and ctx.length == 0 and ctx.rope == 0 and self.device.type == "cuda"
+                and not kernels.in_eager()):
+            if self._prefill_graphs is None:
+                self._prefill_graphs = PrefillGraphs(self.model)
+            new_kv = self._prefill_graphs.prefill(segment)
+            if new_kv is not None:
+                return ctx.append(new_kv, len(segment))
+        ids = torch.tensor(segment, dtype=torch.long, device=self.device)
         _, new_kv = run_block(self.model, ctx, self.model.embed_tokens(ids), self._positions(ctx.rope, len(ids), False), None, True, ForwardMode(gen=False))
         return ctx.append(new_kv, len(ids))
 

@@ -70,9 +70,17 @@ class Thinker:
     def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder | None = None,
                  cuda_graphs: bool = True) -> None:
         self.model = model
-        self.cuda_graphs = cuda_graphs
         self.tokenizer = tokenizer
-        self.builder = ContextBuilder(model, tokenizer, vae)
+        self.builder = ContextBuilder(model, tokenizer, vae, cuda_graphs)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether greedy decoding and prompt prefills replay CUDA graphs (on a GPU)."""
+        return self.builder.cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
+        self.builder.cuda_graphs = on
 
     def empty(self) -> KVContext:
         return self.builder.empty()

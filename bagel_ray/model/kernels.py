@@ -54,6 +54,11 @@ def eager() -> Iterator[None]:
         _EAGER.pop()
 
 
+def in_eager() -> bool:
+    """Whether an `eager()` block is active (what is captured in CUDA graphs stays outside)."""
+    return _EAGER[-1]
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether x's op runs as a Triton kernel: on a CUDA device with Triton, outside `eager()`."""
     return triton is not None and not _EAGER[-1] and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)

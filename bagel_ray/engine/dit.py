@@ -24,6 +24,7 @@ from PIL import Image
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.cfg import RENORM_TYPES, combine
 from bagel_ray.engine.context import ContextBuilder
+from bagel_ray.engine.dit_graphs import DitGraphs
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.schedule import Schedule, cfg_active, euler_step, make_schedule
 from bagel_ray.model.bagel import BagelModel
@@ -122,12 +123,14 @@ class DiT:
     """Generation side of BAGEL. Needs the `und`, `gen` and `gen_heads` parts and a VAE; with
     `vit` it can build edit contexts on its own (`builder`)."""
 
-    def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder) -> None:
+    def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder, cuda_graphs: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.vae = vae
         self.builder = ContextBuilder(model, tokenizer, vae)
         self.cfg = model.cfg
+        self.cuda_graphs = cuda_graphs  # on a GPU, small forwards replay their layers as graphs
+        self._graphs = DitGraphs(model.llm)
         self._marker_rows: torch.Tensor | None = None
 
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -172,7 +175,8 @@ class DiT:
         n = n_lat + 2
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
-        hidden, _ = self.model.llm(rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
+        forward = self._graphs if self.cuda_graphs else lambda *args: self.model.llm(*args)[0]
+        hidden = forward(rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
         return self.model.velocity(hidden[:, 1:-1])
 
     def job(

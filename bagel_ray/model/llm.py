@@ -157,10 +157,12 @@ class PrefixKV:
 class RaggedKV:
     """Each sample attends over its own context (of its own length) and its whole block,
     without padding or a mask: the DiT's CFG branches. `past[b]` is sample b's per-layer
-    ([T_b, kv, hd], [T_b, kv, hd]) or None."""
+    ([T_b, kv, hd], [T_b, kv, hd]) or None. With `out` ([B, N, heads, hd]) the samples'
+    outputs are written there (where a CUDA graph reads them) instead of into a new tensor."""
 
-    def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None]) -> None:
+    def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None], out: torch.Tensor | None = None) -> None:
         self.past = past
+        self.out = out
 
     def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, KV]:
         q, k = _split_qk(qk, norm)
@@ -171,7 +173,7 @@ class RaggedKV:
                 kb = torch.cat((past[layer][0], kb))
                 vb = torch.cat((past[layer][1], vb))
             outs.append(sdpa(q[b : b + 1], kb[None], vb[None], None))
-        return torch.cat(outs), (k, v)
+        return torch.cat(outs, out=self.out), (k, v)
 
 
 class CachedKV:
@@ -264,28 +266,44 @@ class DecoderLayer(nn.Module):
         """`x` is the residual stream and `pending` the previous layer's MLP output, not yet
         added: each residual add runs fused with the RMSNorm that follows it. Returns the
         stream, this layer's MLP output (pending) and its K/V (None when the attention keeps them)."""
-        cfg = self.cfg
-        B, N, _ = x.shape
-        hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        x, h = self.before_attention(x, pending, rows)
+        attn, kv = self.attend(h, cos, sin, rows, attention, mode)
+        x, pending = self.after_attention(x, attn, rows)
+        return x, pending, kv
+
+    # The three parts of `forward`. Only `attend` reads the context or the positions, so the other
+    # two depend on nothing but the rows' shape: the DiT replays them as CUDA graphs.
+    def before_attention(self, x: torch.Tensor, pending: torch.Tensor | None, rows: ExpertRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and input norm, then the q/k/v projection: (stream, raw q/k/v rows)."""
         if rows is not None and self.gen is None:
             raise RuntimeError("this model was loaded without the generation expert")
         und, gen = self.und, self.gen
-        experts = None if rows is None else rows.experts
-        eps = cfg.rms_norm_eps
-
         x, h = kernels.add_rms_norm(x, pending, _weights(rows, und.input_layernorm, gen and gen.input_layernorm),
-                                    experts, eps)
-        h = route(h, rows, und.qkv, gen.qkv if gen is not None else None)
+                                    None if rows is None else rows.experts, self.cfg.rms_norm_eps)
+        return x, route(h, rows, und.qkv, gen.qkv if gen is not None else None)
+
+    def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: ExpertRows | None,
+               attention: KVAttention, mode: ForwardMode) -> tuple[torch.Tensor, KV | None]:
+        """QK-norm, RoPE and attention of the raw q/k/v rows `h`: ([B, N, heads * hd], K/V)."""
+        cfg, und, gen = self.cfg, self.und, self.gen
+        B, N, _ = h.shape
+        hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         qk = h[..., : und.q_size + und.kv_size].unflatten(-1, (nq + nkv, hd))
         v = h[..., und.q_size + und.kv_size :].unflatten(-1, (nkv, hd))
         norm = kernels.QKNormRope(_weights(rows, und.q_norm, gen and gen.q_norm),
-                                  _weights(rows, und.k_norm, gen and gen.k_norm), nq, experts, cos, sin, eps, mode.gen)
+                                  _weights(rows, und.k_norm, gen and gen.k_norm), nq,
+                                  None if rows is None else rows.experts, cos, sin, cfg.rms_norm_eps, mode.gen)
         attn, kv = attention(self.index, qk, v, norm)
-        attn = attn.reshape(B, N, nq * hd)
+        return attn.reshape(B, N, nq * hd), kv
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor, rows: ExpertRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection, the residual add and post-attention norm, then the MLP:
+        (stream, MLP output not yet added)."""
+        und, gen = self.und, self.gen
         x, h = kernels.add_rms_norm(x, route(attn, rows, und.out, gen.out if gen is not None else None),
                                     _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm),
-                                    experts, eps)
-        return x, route(h, rows, und.mlp, gen.mlp if gen is not None else None), kv
+                                    None if rows is None else rows.experts, self.cfg.rms_norm_eps)
+        return x, route(h, rows, und.mlp, gen.mlp if gen is not None else None)
 
 
 class MoTLanguageModel(nn.Module):
@@ -320,9 +338,12 @@ class MoTLanguageModel(nn.Module):
         for layer in self.layers:
             x, pending, kv = layer(x, pending, cos, sin, rows, attention, mode)
             new_kv.append(kv)
+        return self.final_norm(x, pending, rows), new_kv
+
+    def final_norm(self, x: torch.Tensor, pending: torch.Tensor, rows: ExpertRows | None) -> torch.Tensor:
+        """The last residual add and the final norm (`norm` / `norm_moe_gen` by row)."""
         weights = _weights(rows, self.norm, self.norm_moe_gen)
-        experts = None if rows is None else rows.experts
-        return kernels.add_rms_norm(x, pending, weights, experts, self.cfg.rms_norm_eps)[1], new_kv
+        return kernels.add_rms_norm(x, pending, weights, None if rows is None else rows.experts, self.cfg.rms_norm_eps)[1]
 
 
 def attention_mask(past_lens: torch.Tensor, past_width: int, new_lens: torch.Tensor, num_new: int, causal: bool) -> AttnMask:

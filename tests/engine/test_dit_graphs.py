@@ -1,0 +1,95 @@
+"""The DiT forward with its layers' non-attention work replayed as CUDA graphs (`DitGraphs`):
+eager on the CPU; on a GPU the same latents as the eager forward, for contexts of any length,
+with graphs captured once per shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bagel_ray.engine.dit_graphs import DitGraphs
+from bagel_ray.engine.request import GenerationRequest
+from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV
+
+PROMPTS = ("a red fox under an oak tree", "a cat")  # contexts of two lengths
+
+
+@torch.inference_mode()
+def test_on_the_cpu_the_forward_is_the_eager_one(pipeline):
+    model = pipeline.dit.model
+    graphs = DitGraphs(model.llm)
+    ctx = pipeline.thinker_engine.append_text(pipeline.thinker_engine.empty(), PROMPTS[0])
+    n = 6
+    embeds = torch.randn(2, n, model.cfg.llm.hidden_size)
+    positions = torch.full((2, n), ctx.rope)
+    rows = ExpertRows.block_markers(2, n, "cpu")
+    past = [[ctx.layer(i) for i in range(ctx.kv.shape[0])], None]
+    got = graphs(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
+    want, _ = model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
+    assert torch.equal(got, want)
+    assert graphs._captured == {}
+
+
+@pytest.fixture(scope="module")
+def gpu_pipeline(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bagel_ray.engine.pipeline import LocalPipeline
+    from bagel_ray.model.tiny import make_tiny_model
+
+    return LocalPipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny-gpu")), device="cuda",
+                                         dtype="bfloat16")
+
+
+def _latents(pipe, prompt: str, graphs: bool) -> torch.Tensor:
+    """text2img with cfg_text on part of the schedule: 2-branch steps, then 1-branch ones."""
+    req = GenerationRequest("text2img", prompt, seed=3, steps=6, height=64, width=64, cfg_interval=(0.5, 1.0))
+    prepared = pipe.prepare_image(req)
+    pipe.dit.cuda_graphs = graphs
+    try:
+        return pipe.dit.denoise(prepared.contexts, req.sampler(), prepared.noise)
+    finally:
+        pipe.dit.cuda_graphs = True
+
+
+def test_denoising_with_graphs_gives_the_eager_latents(gpu_pipeline):
+    pipe = gpu_pipeline
+    eager = [_latents(pipe, p, graphs=False) for p in PROMPTS]
+    graphed = [_latents(pipe, p, graphs=True) for p in PROMPTS]
+    again = _latents(pipe, PROMPTS[0], graphs=True)
+    captured = pipe.dit._graphs._captured
+    h, w = pipe.dit.latent_grid(64, 64)
+    assert {(b, n) for b, n, *_ in captured} == {(1, h * w + 2), (2, h * w + 2)}  # a block: markers + latents
+    assert all(c is not None for c in captured.values())
+    for got, want in zip(graphed + [again], eager + [eager[0]]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_shape_past_max_rows_runs_eagerly(gpu_pipeline):
+    pipe = gpu_pipeline
+    graphs = pipe.dit._graphs
+    saved, graphs.max_rows = graphs.max_rows, 1
+    before = dict(graphs._captured)
+    try:
+        got = _latents(pipe, PROMPTS[1], graphs=True)
+    finally:
+        graphs.max_rows = saved
+    assert graphs._captured == before
+    assert torch.equal(got, _latents(pipe, PROMPTS[1], graphs=False))
+
+
+def test_a_failed_capture_leaves_its_shape_eager(gpu_pipeline, monkeypatch):
+    from bagel_ray.engine.dit import DiT
+
+    pipe = gpu_pipeline
+    dit = DiT(pipe.dit.model, pipe.dit.tokenizer, pipe.dit.vae)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (_ for _ in ()).throw(RuntimeError("no memory")))
+    want = _latents(pipe, PROMPTS[0], graphs=False)
+    pipe_dit, pipe.dit = pipe.dit, dit
+    try:
+        first = _latents(pipe, PROMPTS[0], graphs=True)
+        second = _latents(pipe, PROMPTS[0], graphs=True)
+    finally:
+        pipe.dit = pipe_dit
+    assert dit._graphs._captured and all(c is None for c in dit._graphs._captured.values())
+    assert torch.equal(first, want) and torch.equal(second, want)

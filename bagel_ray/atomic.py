@@ -3,11 +3,12 @@ renamed over the final name (a rename within one folder is atomic on POSIX)."""
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 from PIL import Image
+
+from bagel_ray.png import encode_png
 
 
 def temp_path(final: Path) -> Path:
@@ -28,9 +29,7 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_png(image, level=6)
 
 
 def save_png(image: Image.Image, path: Path) -> None:

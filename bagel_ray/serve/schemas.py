@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from bagel_ray.engine.request import DEFAULT_MAX_THINK_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, GenerationRequest
+from bagel_ray.png import encode_png
 
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -217,8 +218,6 @@ def decode_data_url(url: str, param: str, max_bytes: int = MAX_IMAGE_BYTES, max_
 
 
 def png_base64(image: Image.Image) -> str:
-    """Lossless at zlib level 1: on the response's critical path, level 6 (PIL's default)
-    takes ~4x longer (39 against 9 ms for a smooth 512^2 image) for a ~35 % smaller file."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    """Lossless at zlib level 1: on the response's critical path, level 6 takes ~4x longer
+    (39 against 9 ms for a smooth 512^2 image with PIL) for a ~35 % smaller file."""
+    return base64.b64encode(encode_png(image, level=1)).decode("ascii")

@@ -231,3 +231,15 @@ def test_a_cancelled_request_leaves_its_batch(dit):
         assert g.timings["denoise_batch"] > 1  # denoised beside the long one
         assert torch.equal(g.latent_tokens, w.latent_tokens)
     assert after.timings["denoise_batch"] == 1  # the long one has gone
+
+
+def test_image_results_leave_a_gpu_dit_with_their_latents_on_the_cpu(args):
+    """A caller without a GPU (an ingress on a CPU node) must be able to unpickle the result."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gpu_args = {**args, "dit": {**args["dit"], "device": "cuda", "dtype": "bfloat16"}}
+    server = DiTServer.func_or_class(gpu_args)
+    req = image_requests(1)[0]
+    result = asyncio.run(server.generate(req))
+    assert result.latent_tokens.device.type == "cpu"
+    assert torch.equal(result.latent_tokens, server.pipeline.run(req).latent_tokens.cpu())

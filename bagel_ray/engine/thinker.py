@@ -75,7 +75,7 @@ class Thinker:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether greedy decoding and prompt prefills replay CUDA graphs (on a GPU)."""
+        """Whether greedy decoding and image requests' prompt prefills replay CUDA graphs (on a GPU)."""
         return self.builder.cuda_graphs
 
     @cuda_graphs.setter
@@ -85,8 +85,8 @@ class Thinker:
     def empty(self) -> KVContext:
         return self.builder.empty()
 
-    def append_text(self, ctx: KVContext, text: str) -> KVContext:
-        return self.builder.append_text(ctx, text)
+    def append_text(self, ctx: KVContext, text: str, graphed: bool = False) -> KVContext:
+        return self.builder.append_text(ctx, text, graphed)
 
     def append_vit(self, ctx: KVContext, image: Image.Image) -> KVContext:
         return self.builder.append_vit(ctx, image)

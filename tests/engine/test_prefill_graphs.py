@@ -50,8 +50,8 @@ def test_a_prompt_prefill_on_a_gpu_replays_one_graph_per_length(gpu_thinker):
     eager = [th.append_text(th.empty(), p) for p in prompts]
     th.cuda_graphs = True
     try:
-        graphed = [th.append_text(th.empty(), p) for p in prompts]
-        again = th.append_text(th.empty(), PROMPT)  # a replay after other lengths ran
+        graphed = [th.append_text(th.empty(), p, graphed=True) for p in prompts]
+        again = th.append_text(th.empty(), PROMPT, graphed=True)  # a replay after other lengths ran
     finally:
         th.cuda_graphs = True
     graphs = th.builder._prefill_graphs
@@ -64,12 +64,12 @@ def test_a_prompt_prefill_on_a_gpu_replays_one_graph_per_length(gpu_thinker):
 
 def test_a_prompt_past_the_longest_graph_prefills_eagerly(gpu_thinker):
     th = gpu_thinker
-    th.append_text(th.empty(), "warm")
+    th.append_text(th.empty(), "warm", graphed=True)
     graphs = th.builder._prefill_graphs
     before = dict(graphs._graphs)
     graphs.max_tokens, saved = 4, graphs.max_tokens
     try:
-        got = th.append_text(th.empty(), PROMPT)
+        got = th.append_text(th.empty(), PROMPT, graphed=True)
     finally:
         graphs.max_tokens = saved
     assert graphs._graphs == before
@@ -79,3 +79,19 @@ def test_a_prompt_past_the_longest_graph_prefills_eagerly(gpu_thinker):
     finally:
         th.cuda_graphs = True
     assert torch.equal(got.kv, want.kv)
+
+
+def test_a_prompt_not_asked_to_be_graphed_prefills_eagerly(gpu_thinker):
+    """Chat prompts (`graphed=False`, the default) never capture or replay a graph."""
+    th = gpu_thinker
+    th.append_text(th.empty(), "warm", graphed=True)
+    graphs = th.builder._prefill_graphs
+    before = dict(graphs._graphs)
+    calls = []
+    real = graphs.prefill
+    graphs.prefill = lambda ids: calls.append(ids) or real(ids)
+    try:
+        th.append_text(th.empty(), "a prompt of another length " * 5)
+    finally:
+        del graphs.prefill
+    assert calls == [] and graphs._graphs == before

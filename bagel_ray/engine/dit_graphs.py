@@ -49,13 +49,24 @@ class DitGraphs:
     most `max_rows` rows on a GPU. A shape's first call runs eagerly (it also warms up the
     kernels) and then captures; later calls replay. `rows` must be a function of the shape
     (the DiT's `ExpertRows.block_markers`): a shape's graphs keep the rows they were captured
-    with."""
+    with.
 
-    def __init__(self, llm: MoTLanguageModel, max_rows: int = 4096) -> None:
+    A captured shape holds its memory for good (for the 7B model ~0.5 MB a row: each layer's
+    q/k/v rows and the graphs' pool; 3.1 GB for the three 512² shapes), and batches of small
+    images come in many shapes (1 to 15 blocks of 258 rows at 256²), so shapes are captured
+    while their rows together stay within `max_total_rows`; later ones run eagerly."""
+
+    def __init__(self, llm: MoTLanguageModel, max_rows: int = 4096, max_total_rows: int = 8192) -> None:
         self.llm = llm
         self.max_rows = max_rows
-        self._captured: dict[tuple, _Captured | None] = {}  # None: capturing failed, stay eager
+        self.max_total_rows = max_total_rows
+        self._captured: dict[tuple, _Captured | None] = {}  # None: not captured (no room, or it failed): eager
         self._pool = None
+
+    def has_room(self, rows: int) -> bool:
+        """Whether a shape of `rows` rows may still be captured."""
+        held = sum(k[0] * k[1] for k, c in self._captured.items() if c is not None)
+        return rows <= self.max_rows and held + rows <= self.max_total_rows
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: ExpertRows, attention: RaggedKV,
                  mode: ForwardMode) -> torch.Tensor:
@@ -69,7 +80,7 @@ class DitGraphs:
         key = (B, N, embeds.dtype, embeds.device)
         if key not in self._captured:
             hidden = eager()
-            self._captured[key] = self._capture(embeds, rows)
+            self._captured[key] = self._capture(embeds, rows) if self.has_room(B * N) else None
             return hidden
         captured = self._captured[key]
         if captured is None:

@@ -93,3 +93,31 @@ def test_a_failed_capture_leaves_its_shape_eager(gpu_pipeline, monkeypatch):
         pipe.dit = pipe_dit
     assert dit._graphs._captured and all(c is None for c in dit._graphs._captured.values())
     assert torch.equal(first, want) and torch.equal(second, want)
+
+
+def test_shapes_are_captured_while_their_rows_fit_the_budget(pipeline):
+    graphs = DitGraphs(pipeline.dit.model.llm, max_rows=100, max_total_rows=250)
+    assert graphs.has_room(100) and not graphs.has_room(101)
+    graphs._captured[(1, 100, torch.bfloat16, "cuda")] = object()  # a captured shape holds its rows
+    graphs._captured[(3, 50, torch.bfloat16, "cuda")] = None  # one left eager holds nothing
+    assert graphs.has_room(100) and graphs.has_room(150 - 50)
+    graphs._captured[(2, 50, torch.bfloat16, "cuda")] = object()
+    assert graphs.has_room(50) and not graphs.has_room(51)
+
+
+def test_a_shape_past_the_budget_stays_eager(gpu_pipeline):
+    from bagel_ray.engine.dit import DiT
+
+    pipe = gpu_pipeline
+    dit = DiT(pipe.dit.model, pipe.dit.tokenizer, pipe.dit.vae)
+    h, w = dit.latent_grid(64, 64)
+    dit._graphs.max_total_rows = h * w + 2  # room for the 1-block shape only
+    want = _latents(pipe, PROMPTS[0], graphs=False)
+    pipe_dit, pipe.dit = pipe.dit, dit
+    try:
+        got = [_latents(pipe, PROMPTS[0], graphs=True) for _ in range(2)]
+    finally:
+        pipe.dit = pipe_dit
+    captured = dit._graphs._captured
+    assert {(b, c is not None) for (b, *_), c in captured.items()} == {(1, True), (2, False)}
+    assert all(torch.equal(g, want) for g in got)

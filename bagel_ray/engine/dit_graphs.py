@@ -94,9 +94,7 @@ class DitGraphs:
         c.embeds.copy_(embeds)
         for layer, graph, qkv in zip(self.llm.layers, c.graphs, c.qkv):
             graph.replay()
-            attn, _ = layer.attend(qkv, cos, sin, c.rows, into, mode)
-            if attn.data_ptr() != c.attn.data_ptr():  # the attention wrote elsewhere
-                c.attn.copy_(attn)
+            layer.attend(qkv, cos, sin, c.rows, into, mode)  # writes c.attn, which the next graph reads
         c.graphs[-1].replay()
         return c.hidden
 

@@ -225,6 +225,11 @@ class Expert(nn.Module):
         return kernels.silu_mul_linear(kernels.linear(x, self.gate_up_proj.weight), self.down_proj.weight)
 
 
+def _experts(rows: ExpertRows | None) -> torch.Tensor | None:
+    """The per-row expert index the norm and QK-norm kernels take (None: every row und)."""
+    return None if rows is None else rows.experts
+
+
 def _weights(rows: ExpertRows | None, und: RMSNorm, gen: RMSNorm | None) -> torch.Tensor:
     """[E, D] norm weights for per-row selection: und only, or und and gen. The pair is stacked
     once and kept on the und norm while neither weight changes (same storage, no in-place
@@ -279,7 +284,7 @@ class DecoderLayer(nn.Module):
             raise RuntimeError("this model was loaded without the generation expert")
         und, gen = self.und, self.gen
         x, h = kernels.add_rms_norm(x, pending, _weights(rows, und.input_layernorm, gen and gen.input_layernorm),
-                                    None if rows is None else rows.experts, self.cfg.rms_norm_eps)
+                                    _experts(rows), self.cfg.rms_norm_eps)
         return x, route(h, rows, und.qkv, gen.qkv if gen is not None else None)
 
     def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: ExpertRows | None,
@@ -292,7 +297,7 @@ class DecoderLayer(nn.Module):
         v = h[..., und.q_size + und.kv_size :].unflatten(-1, (nkv, hd))
         norm = kernels.QKNormRope(_weights(rows, und.q_norm, gen and gen.q_norm),
                                   _weights(rows, und.k_norm, gen and gen.k_norm), nq,
-                                  None if rows is None else rows.experts, cos, sin, cfg.rms_norm_eps, mode.gen)
+                                  _experts(rows), cos, sin, cfg.rms_norm_eps, mode.gen)
         attn, kv = attention(self.index, qk, v, norm)
         return attn.reshape(B, N, nq * hd), kv
 
@@ -302,7 +307,7 @@ class DecoderLayer(nn.Module):
         und, gen = self.und, self.gen
         x, h = kernels.add_rms_norm(x, route(attn, rows, und.out, gen.out if gen is not None else None),
                                     _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm),
-                                    None if rows is None else rows.experts, self.cfg.rms_norm_eps)
+                                    _experts(rows), self.cfg.rms_norm_eps)
         return x, route(h, rows, und.mlp, gen.mlp if gen is not None else None)
 
 
@@ -343,7 +348,7 @@ class MoTLanguageModel(nn.Module):
     def final_norm(self, x: torch.Tensor, pending: torch.Tensor, rows: ExpertRows | None) -> torch.Tensor:
         """The last residual add and the final norm (`norm` / `norm_moe_gen` by row)."""
         weights = _weights(rows, self.norm, self.norm_moe_gen)
-        return kernels.add_rms_norm(x, pending, weights, None if rows is None else rows.experts, self.cfg.rms_norm_eps)[1]
+        return kernels.add_rms_norm(x, pending, weights, _experts(rows), self.cfg.rms_norm_eps)[1]
 
 
 def attention_mask(past_lens: torch.Tensor, past_width: int, new_lens: torch.Tensor, num_new: int, causal: bool) -> AttnMask:

@@ -44,6 +44,20 @@ def pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gpu_pipeline(tmp_path_factory):
+    """The embedded tiny model in bfloat16 on a CUDA GPU (the CUDA graph tests); skips without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bagel_ray.engine.pipeline import LocalPipeline
+    from bagel_ray.model.tiny import make_tiny_model
+
+    return LocalPipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny-gpu")), device="cuda",
+                                         dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
 def image():
     """A 80x64 random picture (an input for ViT and VAE blocks)."""
     import numpy as np

@@ -44,11 +44,7 @@ def run_block(
     states [N, D] and this block's per-layer K/V."""
     n = embeds.shape[0]
     past = [(k[None], v[None]) for k, v in (ctx.layer(i) for i in range(ctx.kv.shape[0]))] if ctx.length else None
-    mask = None
-    if causal and n > 1:
-        dev = embeds.device
-        mask = attention_mask(torch.tensor([ctx.length], device=dev), ctx.length, torch.tensor([n], device=dev), n, causal=True)
-    hidden, new_kv = model.llm(embeds[None], positions[None], rows, PrefixKV(past, mask), mode)
+    hidden, new_kv = model.llm(embeds[None], positions[None], rows, PrefixKV(past, causal=causal), mode)
     return hidden[0], new_kv
 
 
@@ -70,9 +66,8 @@ class VaeBlock:
 
 class ContextBuilder:
     """Appends blocks to KV contexts with one model. Needs the `vit` part for ViT blocks and
-    the `gen` + `gen_heads` parts plus a VAE for VAE blocks. With `cuda_graphs` on a GPU, an
-    image request's prompt (a text segment on an empty context, `graphed=True`) replays a CUDA
-    graph (`prefill_graphs`)."""
+    the `gen` + `gen_heads` parts plus a VAE for VAE blocks. With `cuda_graphs` on a GPU, a
+    prompt (a text segment on an empty context) replays a CUDA graph (`prefill_graphs`)."""
 
     def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder | None = None,
                  cuda_graphs: bool = False) -> None:
@@ -97,16 +92,12 @@ class ContextBuilder:
         return torch.arange(rope, rope + n, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def append_text(self, ctx: KVContext, text: str, graphed: bool = False) -> KVContext:
-        """`<|im_start|> text <|im_end|>` at consecutive positions, causal, und expert.
-
-        `graphed`: on an empty context, replay the prefill as a CUDA graph (when `cuda_graphs`
-        is on). The image path asks for it (a text2img prompt's prefill, 30 ms eagerly, is 7 ms
-        replayed); chat prompts stay eager: with them replayed too, the first 32-stream chat
-        burst after image requests ran at 899-1,068 tok/s against 2,678-2,888 with no graphs
-        (Serve, H100), for a reason not found."""
+    def append_text(self, ctx: KVContext, text: str) -> KVContext:
+        """`<|im_start|> text <|im_end|>` at consecutive positions, causal, und expert. On an
+        empty context with `cuda_graphs` on, the prefill replays a CUDA graph (a prompt's
+        prefill, ~20 ms eagerly on an H100, is ~7 ms replayed)."""
         segment = self.tokenizer.text_segment(text)
-        if (graphed and self.cuda_graphs and ctx.length == 0 and ctx.rope == 0 and self.device.type == "cuda"
+        if (self.cuda_graphs and ctx.length == 0 and ctx.rope == 0 and self.device.type == "cuda"
                 and not kernels.in_eager()):
             if self._prefill_graphs is None:
                 self._prefill_graphs = PrefillGraphs(self.model)
@@ -122,8 +113,8 @@ class ContextBuilder:
         """`append_text(contexts[b], texts[b])` for every b, in one forward instead of one per
         context: a forward reads all the weights and launches every kernel once, whatever the
         batch, so a burst of arriving prompts costs about one prefill. Segments are padded to
-        the longest and contexts to the longest; the mask keeps each sample to its own rows, and
-        each returned context keeps only its real rows."""
+        the longest and contexts to the longest; a mask keeps each sample to its own rows (over
+        empty contexts the causal mask does), and each returned context keeps only its real rows."""
         if len(contexts) != len(texts):
             raise ValueError(f"{len(contexts)} contexts but {len(texts)} texts")
         if len(contexts) <= 1:
@@ -135,12 +126,14 @@ class ContextBuilder:
         n, t = max(new_lens), max(past_lens)
         tokens = torch.tensor([row + [0] * (n - len(row)) for row in ids], dtype=torch.long, device=dev)
         positions = torch.stack([self._positions(ctx.rope, n, False) for ctx in contexts])
-        past = None
         if t:
             padded = torch.stack([F.pad(ctx.kv, (0, 0, 0, 0, 0, t - ctx.length)) for ctx in contexts])  # [B, L, 2, T, kv, hd]
             past = [(padded[:, i, 0], padded[:, i, 1]) for i in range(padded.shape[1])]
-        mask = attention_mask(torch.tensor(past_lens, device=dev), t, torch.tensor(new_lens, device=dev), n, causal=True)
-        _, new_kv = self.model.llm(self.model.embed_tokens(tokens), positions, None, PrefixKV(past, mask), ForwardMode(gen=False))
+            mask = attention_mask(torch.tensor(past_lens, device=dev), t, torch.tensor(new_lens, device=dev), n, causal=True)
+            attention = PrefixKV(past, mask)
+        else:  # prompts padded at their end: under the causal mask no real row sees a padded one
+            attention = PrefixKV(None, causal=True)
+        _, new_kv = self.model.llm(self.model.embed_tokens(tokens), positions, None, attention, ForwardMode(gen=False))
         return [ctx.append([(k[b : b + 1, :m], v[b : b + 1, :m]) for k, v in new_kv], m)
                 for b, (ctx, m) in enumerate(zip(contexts, new_lens))]
 

@@ -173,8 +173,8 @@ class LocalPipeline:
             default = min(DEFAULT_SIZE, self.cfg.max_image_side)
             height, width = req.height or default, req.width or default
         cfg_text = gen.cut
-        gen = th.append_text(gen, req.prompt, graphed=True)
-        cfg_img = gen.cut if req.modality == "text2img" else th.append_text(cfg_img, req.prompt, graphed=True)
+        gen = th.append_text(gen, req.prompt)
+        cfg_img = gen.cut if req.modality == "text2img" else th.append_text(cfg_img, req.prompt)
         think_text = think_ids = None
         if req.think:
             out = th.decode([gen], req.decode_params(think=True), _seeded(req.seed), should_stop=should_stop)[0]

@@ -2,7 +2,7 @@
 graph, one graph per padded length.
 
 Such a prefill reads the und expert's weights once for a few dozen tokens: ~6 ms of GPU work
-on an H100, but ~27 ms of wall time, because the host launches ~30 kernels a layer and the GPU
+on an H100, but 15-30 ms of wall time, because the host launches ~30 kernels a layer and the GPU
 waits for them. It sits on the critical path of every chat and text2img request. Replayed as
 one graph it costs about its GPU time.
 
@@ -15,11 +15,11 @@ pool; prompts longer than `max_tokens` prefill eagerly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from bagel_ray.engine.cuda_graph import capture
 from bagel_ray.model.bagel import BagelModel
 from bagel_ray.model.llm import KV, ForwardMode, PrefixKV
 
@@ -28,16 +28,12 @@ def padded_length(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
 
-def prefill_padded(model: BagelModel, ids: torch.Tensor, mask: torch.Tensor) -> list[KV]:
-    """The per-layer K/V ([1, P, kv, hd]) of a prefill of `ids` [P] (padded at the end) at
-    positions 0..P-1 over an empty context, under the causal `mask` [1, P, P]."""
+def prefill_padded(model: BagelModel, ids: torch.Tensor) -> list[KV]:
+    """The per-layer K/V ([1, P, kv, hd]) of a causal prefill of `ids` [P] (padded at the end)
+    at positions 0..P-1 over an empty context."""
     positions = torch.arange(ids.shape[0], device=ids.device)[None]
-    _, new_kv = model.llm(model.embed_tokens(ids)[None], positions, None, PrefixKV(None, mask), ForwardMode(gen=False))
+    _, new_kv = model.llm(model.embed_tokens(ids)[None], positions, None, PrefixKV(None, causal=True), ForwardMode(gen=False))
     return new_kv
-
-
-def causal_mask(length: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]
 
 
 @dataclass
@@ -48,7 +44,6 @@ class _Graph:
 
     graph: torch.cuda.CUDAGraph
     ids: torch.Tensor  # [P], the graph's input
-    mask: torch.Tensor  # [1, P, P], read by every layer's attention
     kv: list[KV]  # the graph's outputs, overwritten by each replay
 
 
@@ -77,18 +72,8 @@ class PrefillGraphs:
     def _capture(self, length: int) -> _Graph:
         device = self.model.device
         ids = torch.zeros(length, dtype=torch.long, device=device)
-        mask = causal_mask(length, device)
-        run: Callable[[], list[KV]] = lambda: prefill_padded(self.model, ids, mask)  # noqa: E731
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: cuBLAS / cuDNN / Triton pick and load their kernels
-            run()
-        torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (a transport sending) may not break the capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            kv = run()
-        self._graphs[length] = _Graph(graph, ids, mask, kv)
+        graph, kv = capture(lambda: prefill_padded(self.model, ids), device, pool=self._pool)
+        self._graphs[length] = _Graph(graph, ids, kv)
         return self._graphs[length]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.context import ContextBuilder
+from bagel_ray.engine.cuda_graph import capture
 from bagel_ray.engine.kv_context import KVContext
 from bagel_ray.engine.sampling import greedy, sample
 from bagel_ray.model.bagel import BagelModel
@@ -75,7 +76,7 @@ class Thinker:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether greedy decoding and image requests' prompt prefills replay CUDA graphs (on a GPU)."""
+        """Whether greedy decoding and prompt prefills replay CUDA graphs (on a GPU)."""
         return self.builder.cuda_graphs
 
     @cuda_graphs.setter
@@ -85,8 +86,8 @@ class Thinker:
     def empty(self) -> KVContext:
         return self.builder.empty()
 
-    def append_text(self, ctx: KVContext, text: str, graphed: bool = False) -> KVContext:
-        return self.builder.append_text(ctx, text, graphed)
+    def append_text(self, ctx: KVContext, text: str) -> KVContext:
+        return self.builder.append_text(ctx, text)
 
     def append_vit(self, ctx: KVContext, image: Image.Image) -> KVContext:
         return self.builder.append_vit(ctx, image)
@@ -207,23 +208,17 @@ class Thinker:
 
 def _graphed(step, state: tuple[torch.Tensor, ...]):
     """Capture `step` (which reads and updates only tensors that stay in place) in a CUDA
-    graph; returns a function that replays it and gives the step's logits. Capturing runs
-    the step once for warm-up; `state` is restored afterwards, so the first replay is the
+    graph; returns a function that replays it and gives the step's logits. The warm-up and the
+    capture each run the step once; `state` is restored after both, so the first replay is the
     first real step."""
     saved = [t.clone() for t in state[1:]]  # the cache (state[0]) only gains a row the replay rewrites
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    for t, s in zip(state[1:], saved):
-        t.copy_(s)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: CUDA calls of other threads (a transport sending) may not break the capture
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        logits = step()
-    for t, s in zip(state[1:], saved):
-        t.copy_(s)
+
+    def restore() -> None:
+        for t, s in zip(state[1:], saved):
+            t.copy_(s)
+
+    graph, logits = capture(step, state[0].device, after_warm_up=restore)
+    restore()
 
     def replay() -> torch.Tensor:
         graph.replay()

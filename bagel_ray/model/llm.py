@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bagel_ray.model import kernels
+from bagel_ray.model.attention import attend
 from bagel_ray.model.config import LLMConfig
 
 # (official name fragment, fused parameter fragment, shard index) for the loader.
@@ -122,12 +123,12 @@ class ForwardMode:
     gen: bool = False
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | None) -> torch.Tensor:
-    """[B, Lq, H, hd] queries over [B, Lk, kv, hd] keys/values (GQA), mask [B, Lq, Lk] or None."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=None if mask is None else mask.unsqueeze(1), enable_gqa=True,
-    )
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | None, causal: bool = False,
+         flash: bool = False) -> torch.Tensor:
+    """[B, Lq, H, hd] queries over [B, Lk, kv, hd] keys/values (GQA), mask [B, Lq, Lk] or None;
+    `causal` and `flash` as in `attention.attend`."""
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                 None if mask is None else mask.unsqueeze(1), causal, flash)
     return out.transpose(1, 2)
 
 
@@ -139,11 +140,14 @@ def _split_qk(qk: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor,
 
 class PrefixKV:
     """Attend over `[cached context ; this call's rows]`: prefill and single contexts. `past`
-    holds per-layer [B, T, kv, hd] keys and values (None: no context); `mask` [B, N, T+N] or
-    None (every row sees every key)."""
+    holds per-layer [B, T, kv, hd] keys and values (None: no context). Which keys a row sees:
+    all of them; with `causal`, all of the context and the rows up to its own (a text block);
+    or `mask` [B, N, T+N] (padded batches). Prefill lengths change with every prompt and
+    image, so this attention takes the kernel that needs no per-length plan (`attention`)."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None, mask: AttnMask | None = None) -> None:
-        self.past, self.mask = past, mask
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None, mask: AttnMask | None = None,
+                 causal: bool = False) -> None:
+        self.past, self.mask, self.causal = past, mask, causal
 
     def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, KV]:
         q, k = _split_qk(qk, norm)
@@ -151,7 +155,7 @@ class PrefixKV:
         if self.past is not None:
             keys = torch.cat((self.past[layer][0], k), dim=1)
             values = torch.cat((self.past[layer][1], v), dim=1)
-        return sdpa(q, keys, values, self.mask), (k, v)
+        return sdpa(q, keys, values, self.mask, self.causal, flash=True), (k, v)
 
 
 class RaggedKV:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bagel_ray.model.attention import attend
 from bagel_ray.model.config import ViTConfig
 
 
@@ -33,7 +34,7 @@ class SiglipAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = (proj(x).view(N, self.heads, -1).transpose(0, 1) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = attend(q[None], k[None], v[None], attn_mask, flash=True)[0]  # image sizes vary: no per-length plan
         return self.out_proj(out.transpose(0, 1).reshape(N, -1))
 
 

@@ -4,7 +4,6 @@ with graphs captured once per shape."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from bagel_ray.engine.dit_graphs import DitGraphs
@@ -28,17 +27,6 @@ def test_on_the_cpu_the_forward_is_the_eager_one(pipeline):
     want, _ = model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
     assert torch.equal(got, want)
     assert graphs._captured == {}
-
-
-@pytest.fixture(scope="module")
-def gpu_pipeline(tmp_path_factory):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from bagel_ray.engine.pipeline import LocalPipeline
-    from bagel_ray.model.tiny import make_tiny_model
-
-    return LocalPipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny-gpu")), device="cuda",
-                                         dtype="bfloat16")
 
 
 def _latents(pipe, prompt: str, graphs: bool) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagel_ray.engine.prefill_graphs import causal_mask, padded_length, prefill_padded
+from bagel_ray.engine.prefill_graphs import padded_length, prefill_padded
 
 PROMPT = "A photo of a red fox sleeping under an old oak tree"
 
@@ -24,23 +24,16 @@ def test_padding_at_the_end_leaves_the_prompt_rows_as_they_were(pipeline):
     n = len(ids)
     length = padded_length(n, 16) + 16  # a whole padded bucket more than needed
     padded = torch.tensor(ids + [0] * (length - n))
-    got = prefill_padded(builder.model, padded, causal_mask(length, padded.device))
+    got = prefill_padded(builder.model, padded)
     want = builder.append_text(builder.empty(), PROMPT)
     assert want.length == n and want.rope == n
     kv = torch.stack([torch.stack((k[0, :n], v[0, :n])) for k, v in got])
     torch.testing.assert_close(kv, want.kv, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def gpu_thinker(tmp_path_factory):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from bagel_ray.engine.pipeline import LocalPipeline
-    from bagel_ray.model.tiny import make_tiny_model
-
-    pipe = LocalPipeline.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny-gpu")), device="cuda",
-                                         dtype="bfloat16")
-    return pipe.thinker_engine
+@pytest.fixture
+def gpu_thinker(gpu_pipeline):
+    return gpu_pipeline.thinker_engine
 
 
 def test_a_prompt_prefill_on_a_gpu_replays_one_graph_per_length(gpu_thinker):
@@ -50,8 +43,8 @@ def test_a_prompt_prefill_on_a_gpu_replays_one_graph_per_length(gpu_thinker):
     eager = [th.append_text(th.empty(), p) for p in prompts]
     th.cuda_graphs = True
     try:
-        graphed = [th.append_text(th.empty(), p, graphed=True) for p in prompts]
-        again = th.append_text(th.empty(), PROMPT, graphed=True)  # a replay after other lengths ran
+        graphed = [th.append_text(th.empty(), p) for p in prompts]
+        again = th.append_text(th.empty(), PROMPT)  # a replay after other lengths ran
     finally:
         th.cuda_graphs = True
     graphs = th.builder._prefill_graphs
@@ -64,12 +57,12 @@ def test_a_prompt_prefill_on_a_gpu_replays_one_graph_per_length(gpu_thinker):
 
 def test_a_prompt_past_the_longest_graph_prefills_eagerly(gpu_thinker):
     th = gpu_thinker
-    th.append_text(th.empty(), "warm", graphed=True)
+    th.append_text(th.empty(), "warm")
     graphs = th.builder._prefill_graphs
     before = dict(graphs._graphs)
     graphs.max_tokens, saved = 4, graphs.max_tokens
     try:
-        got = th.append_text(th.empty(), PROMPT, graphed=True)
+        got = th.append_text(th.empty(), PROMPT)
     finally:
         graphs.max_tokens = saved
     assert graphs._graphs == before
@@ -79,19 +72,3 @@ def test_a_prompt_past_the_longest_graph_prefills_eagerly(gpu_thinker):
     finally:
         th.cuda_graphs = True
     assert torch.equal(got.kv, want.kv)
-
-
-def test_a_prompt_not_asked_to_be_graphed_prefills_eagerly(gpu_thinker):
-    """Chat prompts (`graphed=False`, the default) never capture or replay a graph."""
-    th = gpu_thinker
-    th.append_text(th.empty(), "warm", graphed=True)
-    graphs = th.builder._prefill_graphs
-    before = dict(graphs._graphs)
-    calls = []
-    real = graphs.prefill
-    graphs.prefill = lambda ids: calls.append(ids) or real(ids)
-    try:
-        th.append_text(th.empty(), "a prompt of another length " * 5)
-    finally:
-        del graphs.prefill
-    assert calls == [] and graphs._graphs == before

@@ -19,7 +19,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bagel_ray.engine.dit import DiT
-from bagel_ray.engine.kv_context import ImageContexts
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.engine.thinker import DecodeParams, Thinker

@@ -42,7 +42,6 @@ def run_block(
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """One LLM forward of a block of N rows over one context (batch 1). Returns the hidden
     states [N, D] and this block's per-layer K/V."""
-    n = embeds.shape[0]
     past = [(k[None], v[None]) for k, v in (ctx.layer(i) for i in range(ctx.kv.shape[0]))] if ctx.length else None
     hidden, new_kv = model.llm(embeds[None], positions[None], rows, PrefixKV(past, causal=causal), mode)
     return hidden[0], new_kv

@@ -13,9 +13,19 @@ denoising attention keeps the default (cuDNN): faster at its shapes (40 against 
 
 Where flash cannot run (the CPU, fp32, a padding mask), the call is the plain SDPA with the
 mask spelled out, as the official code computes it.
+
+A DiT replica still met a new length with every prompt length it had not seen: its first
+request at that length paid the plan (80-90 ms at 512²). A thread that calls `defer_plans`
+runs such a call on flash instead and keeps its shape; `build_plan`, called when the thread
+has nothing else to do, builds the default kernel's plan for one kept shape, and from then on
+that shape runs on the default kernel. The two kernels' results differ by bf16 rounding (as
+batched and unbatched requests already do), so a request's latents can depend, at that level,
+on which lengths its replica had planned.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +47,61 @@ def _flash_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool)
     return torch.backends.cuda.can_use_flash_attention(params)
 
 
+class _Plans(threading.local):
+    """Per thread, as PyTorch keeps the cuDNN plans: whether this thread defers them, the
+    layouts (q, k, v) it has planned, and those waiting for `build_plan`."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.built: set[tuple] = set()
+        self.pending: set[tuple] = set()
+
+
+_plans = _Plans()
+
+
+def defer_plans() -> None:
+    """From now on this thread runs default-kernel calls of an unplanned shape on flash, and
+    builds their plans in `build_plan` (a serving thread, when it is idle)."""
+    _plans.deferring = True
+
+
+def plans_pending() -> int:
+    """How many shapes this thread has run on flash while waiting for their plans."""
+    return len(_plans.pending)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def build_plan() -> bool:
+    """Build the default kernel's plan for one shape waiting for it (one call on uninitialised
+    tensors of the same layout: the plan depends on shapes and strides, not values); False when
+    none waits."""
+    if not _plans.pending:
+        return False
+    layouts = _plans.pending.pop()
+    q, k, v = (torch.empty_strided(shape, stride, dtype=dtype, device=device) for shape, stride, dtype, device in layouts)
+    with torch.no_grad():
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+    _plans.built.add(layouts)
+    return True
+
+
+def _deferred(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this default-kernel call runs on flash because its plan is not built yet."""
+    if not _plans.deferring:
+        return False
+    layouts = (_layout(q), _layout(k), _layout(v))
+    if layouts in _plans.pending:
+        return True
+    if layouts in _plans.built or not _flash_fits(q, k, v, False):
+        return False
+    _plans.pending.add(layouts)
+    return True
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
            causal: bool = False, flash: bool = False) -> torch.Tensor:
     """q [B, H, Lq, d] over k, v [B, kv, Lk, d] (grouped-query when kv < H). `causal`: the
@@ -47,7 +112,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         raise ValueError("give a mask or causal=True, not both")
     gqa = q.shape[1] != k.shape[1]
     num_q, num_k = q.shape[-2], k.shape[-2]
-    if flash and mask is None and _flash_fits(q, k, v, causal):
+    if mask is None and ((flash and _flash_fits(q, k, v, causal)) or (not flash and not causal and _deferred(q, k, v))):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             if causal and num_q != num_k:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(num_q, num_k), enable_gqa=gqa)

@@ -35,6 +35,7 @@ from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline, PreparedImage
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
+from bagel_ray.model import attention
 from bagel_ray.model.bagel import ALL_PARTS, THINKER_PARTS
 from bagel_ray.model.loader import load_checkpoint
 from bagel_ray.model.tokenizer import BagelTokenizer, clean_generated_text
@@ -389,6 +390,8 @@ class DenoiseWorker(InboxWorker):
     def __init__(self, pipeline: LocalPipeline, lock: EngineLock, max_batch_size: int) -> None:
         self.pipeline, self.lock = pipeline, lock
         self.batch = BatchDenoiser(pipeline.dit, max_batch_size)
+        self.plans_waiting = 0  # attention shapes on flash until this thread builds their plans
+        self.plans_built = 0
         super().__init__()
 
     def _fail(self, job: ImageJob, exc: BaseException) -> None:
@@ -440,19 +443,32 @@ class DenoiseWorker(InboxWorker):
     def _step(self) -> None:
         with self.lock.hold(observe=False):
             ended = self.batch.step_or_back_off()
+        self.plans_waiting = attention.plans_pending()
         for done in ended:
             self._finish(done)
 
     def _loop(self) -> None:
+        # A prompt length this replica has not denoised yet would cost its request a cuDNN
+        # attention plan (80-90 ms at 512²): such shapes run on flash, and their plans are
+        # built here between requests (`attention.defer_plans`).
+        attention.defer_plans()
         while True:
             arrived: list[ImageJob] = []
             try:
-                # block only when nothing is denoising or waiting for a batch
-                arrived.append(self.inbox.get(block=self.batch.idle))
+                # block only when nothing is denoising or waiting for a batch, or for a plan
+                arrived.append(self.inbox.get(block=self.batch.idle and not attention.plans_pending()))
                 while True:
                     arrived.append(self.inbox.get_nowait())
             except queue.Empty:
                 pass
+            if not arrived and self.batch.idle:  # idle, with plans to build: one at a time
+                try:
+                    with self.lock.hold(observe=False):
+                        self.plans_built += attention.build_plan()
+                except Exception:  # the shape stays on flash; its next request asks again
+                    log.exception("building an attention plan failed")
+                self.plans_waiting = attention.plans_pending()
+                continue
             for job in arrived:
                 try:
                     self._start(job)

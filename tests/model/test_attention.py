@@ -1,11 +1,15 @@
 """`attention.attend`: the bottom-right causal mask, and on a GPU the flash kernel for
-`flash=True` calls (no per-length plan), with the masked call's results."""
+`flash=True` calls (no per-length plan), with the masked call's results; a thread that defers
+plans runs unplanned shapes on flash until `build_plan` has built them."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
+from bagel_ray.model import attention
 from bagel_ray.model.attention import attend, bottom_right_causal
 
 
@@ -60,3 +64,93 @@ def test_on_a_gpu_flash_calls_run_the_flash_kernel_with_the_masked_calls_result(
     exact = _exact(q, k, v, mask)
     err, masked_err = (got.double() - exact).abs(), (masked.double() - exact).abs()
     assert err.max() <= 2 * masked_err.max() + 1e-3 and err.mean() <= 2 * masked_err.mean() + 1e-4
+
+
+def _in_a_thread(fn):
+    """fn's result in a fresh thread (plans are per thread, as PyTorch keeps cuDNN's)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _dit_branch(nq: int, nk: int, device: str = "cpu", dtype=torch.float32):
+    """q as the DiT has it (a strided view of the normed q/k heads) over a branch's K/V."""
+    g = torch.Generator(device=device).manual_seed(nk)
+    qk = torch.randn(1, nq, 28 + 4, 128, generator=g, device=device).to(dtype)
+    kv = torch.randn(2, 1, nk, 4, 128, generator=g, device=device).to(dtype)
+    return qk[:, :, :28].transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+
+
+def test_a_deferring_thread_keeps_unplanned_shapes_until_build_plan(monkeypatch):
+    """The bookkeeping, on the CPU (which has a flash kernel of its own) with flash made to fit."""
+    monkeypatch.setattr(attention, "_flash_fits", lambda q, k, v, causal: True)
+    a, b = _dit_branch(8, 20), _dit_branch(8, 24)
+
+    def deferring():
+        attention.defer_plans()
+        seen = []
+        for call in (a, a, b, a):
+            attend(*call)
+            seen.append(attention.plans_pending())
+        built = [attention.build_plan() for _ in range(3)]
+        attend(*a)
+        attend(*b)
+        return seen, built, attention.plans_pending()
+
+    assert _in_a_thread(deferring) == ([1, 1, 2, 2], [True, True, False], 0)
+    # other threads, this one included, do not defer
+    attend(*a)
+    assert attention.plans_pending() == 0 and _in_a_thread(lambda: (attend(*b), attention.plans_pending())[1]) == 0
+    # masked and causal calls are never deferred: flash cannot take the mask
+    def masked():
+        attention.defer_plans()
+        q, k, v = a
+        attend(q, k, v, torch.ones(8, 20, dtype=torch.bool))
+        attend(q, k, v, causal=True)
+        return attention.plans_pending()
+
+    assert _in_a_thread(masked) == 0
+
+
+def test_on_a_gpu_a_deferred_shape_runs_flash_then_the_default_kernel_once_planned():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch.profiler import ProfilerActivity, profile
+
+    call = _dit_branch(1026, 1070, "cuda", torch.bfloat16)
+
+    def kernels(fn):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = fn()
+            torch.cuda.synchronize()
+        return out, [e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def deferring():
+        attention.defer_plans()
+        before, names_before = kernels(lambda: attend(*call))
+        waiting = attention.plans_pending()
+        built = attention.build_plan()
+        after, names_after = kernels(lambda: attend(*call))
+        return before, names_before, waiting, built, after, names_after, attention.plans_pending()
+
+    before, names_before, waiting, built, after, names_after, left = _in_a_thread(deferring)
+    assert waiting == 1 and built and left == 0
+    assert any("flash" in n for n in names_before) and not any("cudnn" in n for n in names_before), names_before
+    _, names_default = kernels(lambda: attend(*call))  # this thread does not defer: the default kernel (cuDNN on an H100)
+    assert any("cudnn" in n for n in names_after) == any("cudnn" in n for n in names_default), (names_after, names_default)
+    forced = attend(*call, flash=True)
+    assert torch.equal(before, forced)  # the deferred call is the flash call, bit for bit
+    assert torch.equal(after, attend(*call))  # the planned call is the default call
+    exact = _exact(*call, None)
+    assert (before.double() - exact).abs().max() <= 2 * (after.double() - exact).abs().max() + 1e-3

@@ -1,6 +1,6 @@
 """Where the GPU time of one step goes: a kernel table for the steps the issue-6 targets hang on.
 
-    python -m benchmarks.profile_steps [--cases decode1,decode32,t2i512,edit512,t2i1024] [--top 15] [--smoke]
+    python -m benchmarks.profile_steps [--cases decode1,decode32,t2i512,edit512,t2i1024,edit1024] [--top 15] [--smoke]
 
 For each case it times the step alone (wall, device synchronized) and profiles a few steps
 with torch.profiler: the sum of kernel time against the wall time says whether the step is
@@ -114,6 +114,7 @@ def main() -> None:
         "t2i512": GenerationRequest("text2img", PROMPT, height=side, width=side, steps=20, cfg_img_scale=1.5),
         "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(side), steps=20),
         "t2i1024": GenerationRequest("text2img", PROMPT, height=2 * side, width=2 * side),  # notebook settings
+        "edit1024": GenerationRequest("img2img", EDIT_PROMPT, image=image(2 * side)),  # edit defaults
     }
     for name, req in requests.items():
         if name not in cases:

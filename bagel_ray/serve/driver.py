@@ -52,7 +52,7 @@ from bagel_ray.serve.schemas import (
     parse_size,
     png_base64,
 )
-from bagel_ray.serve.stages import EngineOutOfMemory, ModelInfo
+from bagel_ray.serve.stages import EngineOutOfMemory, ModelInfo, logs_into_serve
 
 log = logging.getLogger("bagel_ray.serve")
 api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")
@@ -239,6 +239,7 @@ api.openapi = openapi
 @serve.ingress(api)
 class Driver:
     def __init__(self, thinker: DeploymentHandle, dit: DeploymentHandle, app_config: dict) -> None:
+        logs_into_serve()
         self.thinker = thinker
         self.dit = dit
         self.config = AppConfig.model_validate(app_config)

@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.continuous import ContinuousDecoder
@@ -44,6 +45,22 @@ from bagel_ray.serve.config import AppConfig, StageConfig
 from bagel_ray.transport.base import make_transport
 
 log = logging.getLogger("bagel_ray.serve")
+
+
+def logs_into_serve() -> None:
+    """In a Serve replica, this package's log records go where the replica's own do (its log
+    file and the console of `serve run`): Serve sets up only its `ray.serve` logger there, so
+    our INFO records (a stage ready, its load time, the transport it took) went nowhere.
+    Outside a replica (tests, the engines alone) logging is left as it is."""
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return
+    serve_logger, ours = logging.getLogger("ray.serve"), logging.getLogger("bagel_ray")
+    ours.handlers = list(serve_logger.handlers)
+    ours.setLevel(serve_logger.level)
+    ours.propagate = False
+
 
 EDIT_PARTS = frozenset({"gen", "gen_heads", "vae"})
 DIT_ONLY_PARTS = frozenset({"und", "gen", "gen_heads", "vae"})
@@ -488,6 +505,7 @@ class DenoiseWorker(InboxWorker):
 @serve.deployment(name="Thinker")
 class ThinkerServer:
     def __init__(self, app_config: dict) -> None:
+        logs_into_serve()
         self.config = AppConfig.model_validate(app_config)
         device, dtype = resolve_device(self.config.thinker)
         t0 = time.perf_counter()
@@ -582,6 +600,7 @@ class ThinkerServer:
 @serve.deployment(name="DiT")
 class DiTServer:
     def __init__(self, app_config: dict) -> None:
+        logs_into_serve()
         self.config = AppConfig.model_validate(app_config)
         device, dtype = resolve_device(self.config.dit)
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,17 @@ def png_pixels(b64: str) -> np.ndarray:
 
 def data_url(image: Image.Image) -> str:
     return f"data:image/png;base64,{png_base64(image)}"
+
+
+def test_every_replica_logs_into_its_serve_log_that_it_is_ready(serve_app):
+    """Our INFO records reach the replicas' Serve log files (and `serve run`'s console)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    for stage, line in (("Thinker", "Thinker ready in"), ("DiT", "DiT ready in"), ("Driver", "Driver ready")):
+        files = list(logs.glob(f"replica_{serve_app.name}_{stage}_*.log"))
+        assert files, sorted(p.name for p in logs.iterdir())
+        assert any(line in f.read_text() for f in files), (stage, [f.read_text()[-2000:] for f in files])
 
 
 def test_health_and_models(serve_app):

@@ -235,6 +235,34 @@ def test_a_cancelled_request_leaves_its_batch(dit):
     assert after.timings["denoise_batch"] == 1  # the long one has gone
 
 
+def test_the_denoising_thread_builds_waiting_plans_when_idle_and_keeps_serving(dit, monkeypatch):
+    """The worker's side of deferred attention plans (`attention.build_plan` itself needs a
+    GPU: tests/model/test_attention.py): with plans waiting, an idle worker builds them one at
+    a time in its own thread, and requests are served between and after."""
+    from bagel_ray.model import attention
+
+    waiting, built_in = [3], []
+
+    def build_plan() -> bool:
+        built_in.append(threading.current_thread().name)
+        time.sleep(0.05)
+        waiting[0] -= 1
+        return True
+
+    monkeypatch.setattr(attention, "plans_pending", lambda: waiting[0])
+    monkeypatch.setattr(attention, "build_plan", build_plan)
+    before = dit.worker.plans_built
+    req = image_requests(1)[0]
+    first = asyncio.run(dit.generate(req))  # wakes the worker (it blocked with nothing waiting)
+    deadline = time.monotonic() + 30
+    while waiting[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert waiting[0] == 0 and dit.worker.plans_built == before + 3 and dit.worker.plans_waiting == 0
+    assert built_in == ["dit-denoise"] * 3
+    again = asyncio.run(dit.generate(req))  # the worker blocks again, and wakes for the next request
+    assert torch.equal(first.latent_tokens, again.latent_tokens) and len(built_in) == 3
+
+
 def test_image_results_leave_a_gpu_dit_with_their_latents_on_the_cpu(args):
     """A caller without a GPU (an ingress on a CPU node) must be able to unpickle the result."""
     if not torch.cuda.is_available():

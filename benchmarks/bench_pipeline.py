@@ -80,6 +80,19 @@ def gemm_row(reps: int) -> dict:
     return {"row": "gemm", "seconds": seconds / 10, "tflops": 2 * 8192**3 / (seconds / 10) / 1e12}
 
 
+def random_pipeline(smoke: bool) -> LocalPipeline:
+    """The pipeline the engine benchmarks time: full-size random bf16 weights on the GPU, or with
+    `smoke` the tiny config in fp32 on the CPU (to check a script itself)."""
+    from bagel_ray.model.tiny import TINY_CONFIG
+
+    device = "cpu" if smoke else "cuda"
+    cfg = TINY_CONFIG if smoke else BagelConfig()
+    model = random_model(device=device, dtype=torch.float32 if smoke else torch.bfloat16, cfg=cfg)
+    vae = random_vae(cfg, device=device)
+    tok = tokenizer()
+    return LocalPipeline(Thinker(model, tok, vae), DiT(model, tok, vae))
+
+
 def image(side: int) -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
@@ -104,13 +117,8 @@ def main() -> None:
         results.append(gemm_row(args.reps))
         print(results[-1], flush=True)
     t0 = time.perf_counter()
-    from bagel_ray.model.tiny import TINY_CONFIG
-
-    cfg = TINY_CONFIG if args.smoke else BagelConfig()
-    model = random_model(device=dev, dtype=torch.float32 if args.smoke else torch.bfloat16, cfg=cfg)
-    vae = random_vae(cfg, device=dev)
-    tok = tokenizer()
-    pipe = LocalPipeline(Thinker(model, tok, vae), DiT(model, tok, vae))
+    pipe = random_pipeline(args.smoke)
+    cfg = pipe.cfg
     print(f"model built in {time.perf_counter() - t0:.1f}s", flush=True)
 
     if "forward" in rows:

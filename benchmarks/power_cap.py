@@ -27,14 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bagel_ray.engine.dit import DiT
-from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.engine.thinker import Thinker
-from bagel_ray.model.config import BagelConfig
-from bagel_ray.model.random_init import random_model, random_vae, tokenizer
-from bagel_ray.model.tiny import TINY_CONFIG
-from benchmarks.bench_pipeline import PROMPT
+from benchmarks.bench_pipeline import PROMPT, random_pipeline
 
 QUERY = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
 
@@ -88,11 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    cfg = TINY_CONFIG if args.smoke else BagelConfig()
-    model = random_model(device=device, dtype=dtype, cfg=cfg)
-    vae = random_vae(cfg, device=device)
-    tok = tokenizer()
-    pipe = LocalPipeline(Thinker(model, tok, vae), DiT(model, tok, vae))
+    pipe = random_pipeline(args.smoke)
     side = 64 if args.smoke else 1024
     req = GenerationRequest("text2img", PROMPT, height=side, width=side)  # notebook settings
     prepared = pipe.prepare_image(req)

@@ -18,14 +18,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bagel_ray.engine.dit import DiT
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.engine.thinker import DecodeParams, Thinker
-from bagel_ray.model.config import BagelConfig
-from bagel_ray.model.random_init import random_model, random_vae, tokenizer
-from bagel_ray.model.tiny import TINY_CONFIG
-from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image
+from bagel_ray.engine.thinker import DecodeParams
+from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image, random_pipeline
 
 
 def sync() -> None:
@@ -74,14 +70,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")
     args = parser.parse_args()
     cases = args.cases.split(",")
-    dev = "cpu" if args.smoke else "cuda"
     side = 64 if args.smoke else 512
     print(f"device: {'cpu (smoke)' if args.smoke else torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    cfg = TINY_CONFIG if args.smoke else BagelConfig()
-    model = random_model(device=dev, dtype=torch.float32 if args.smoke else torch.bfloat16, cfg=cfg)
-    vae = random_vae(cfg, device=dev)
-    tok = tokenizer()
-    pipe = LocalPipeline(Thinker(model, tok, vae), DiT(model, tok, vae))
+    pipe = random_pipeline(args.smoke)
     th, dit = pipe.thinker, pipe.dit
 
     for batch in (1, 32):

@@ -14,16 +14,26 @@ network). Each carries the sender transport's key, a random 128-bit id that only
 one of its payloads know; a message with another key closes the connection. Requests get a
 one-line JSON answer, notices none. The handler answers through a callback, so it answers
 when it chooses (the sender posts its NCCL send, then says it has).
+
+Why the sender may spin: on an idle pair (2x H200), a thread asleep in `poll` saw the
+receiver's request 0.16-0.2 ms after the receive began and posted its NCCL send 0.1-0.13 ms
+later; polling without sleeping since the payload went out, it saw the request at 0.12 ms
+and posted 0.1 ms later (benchmarks/RESULTS.md, "KV handoff"). So when a payload has just gone
+out (`expect`), the connection that sent the last message polls its socket instead of
+sleeping, until as many messages came as were expected or the window closed: one thread, for
+a bounded time, which gives the GIL up in every poll.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import select
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,10 @@ class ControlServer:
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._expected = 0  # messages announced by `expect` and not come yet
+        self._spin_until = 0.0  # time.monotonic
+        self._last: socket.socket | None = None  # the connection that sent the last message
+        self._wakers: dict[socket.socket, int] = {}  # each connection's pipe that `expect` wakes it by
         threading.Thread(target=self._accept, name="kv-control-accept", daemon=True).start()
 
     def _accept(self) -> None:
@@ -70,10 +84,67 @@ class ControlServer:
                 self._connections.add(conn)
             threading.Thread(target=self._serve, args=(_tuned(conn),), name="kv-control", daemon=True).start()
 
+    def expect(self, within_s: float) -> None:
+        """A message is likely within `within_s` (a payload went out): until it comes, or
+        until then, the connection that sent the last message polls instead of sleeping."""
+        with self._lock:
+            self._expected += 1
+            self._spin_until = max(self._spin_until, time.monotonic() + within_s)
+            waker = self._wakers.get(self._last)
+            if waker is not None:  # it may be asleep in `poll`; under the lock, so the pipe is open
+                try:
+                    os.write(waker, b"\0")
+                except BlockingIOError:  # full: it has been woken already
+                    pass
+
+    def _spinning(self, conn: socket.socket) -> bool:
+        return conn is self._last and self._expected > 0 and time.monotonic() < self._spin_until
+
+    def _lines(self, conn: socket.socket) -> Iterator[bytes]:
+        """The connection's messages, a line each. Between them the thread sleeps in `poll`
+        on the socket and its waker, or polls without sleeping while `_spinning`."""
+        wake, waker = os.pipe()
+        os.set_blocking(wake, False)
+        os.set_blocking(waker, False)
+        poller = select.poll()  # not select.select: a Ray worker's descriptors may pass 1024
+        poller.register(conn, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        with self._lock:
+            self._wakers[conn] = waker
+        pending = bytearray()
+        try:
+            while True:
+                end = pending.find(b"\n")
+                if end >= 0:
+                    line = bytes(pending[:end + 1])
+                    del pending[:end + 1]
+                    with self._lock:
+                        self._expected = max(0, self._expected - 1)
+                        if not self._expected:
+                            self._spin_until = 0.0
+                        self._last = conn
+                    yield line
+                    continue
+                if len(pending) > MAX_LINE:
+                    raise ValueError(f"a message longer than {MAX_LINE} bytes")
+                events = dict(poller.poll(0 if self._spinning(conn) else None))
+                if wake in events:
+                    os.read(wake, 64)
+                if conn.fileno() in events:
+                    chunk = conn.recv(MAX_LINE)
+                    if not chunk:
+                        return
+                    pending += chunk
+        finally:
+            with self._lock:
+                self._wakers.pop(conn, None)
+                os.close(wake)
+                os.close(waker)
+
     def _serve(self, conn: socket.socket) -> None:
         try:
-            with conn, conn.makefile("rb") as lines:
-                while line := lines.readline(MAX_LINE):
+            with conn:
+                for line in self._lines(conn):
                     message = json.loads(line)
                     if not isinstance(message, dict) or message.get("key") != self.key:
                         log.warning("KV control: a message without this sender's key; closing the connection")
@@ -86,6 +157,8 @@ class ControlServer:
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                if self._last is conn:
+                    self._last = None
 
     def close(self) -> None:
         with self._lock:
@@ -139,8 +212,9 @@ class ControlClient:
         """Whether the sender has closed the connection (or it broke), without waiting. Only
         meaningful between requests, when the sender has nothing to say."""
         try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            return bool(readable) and not self._sock.recv(1, socket.MSG_PEEK)
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            return bool(poller.poll(0)) and not self._sock.recv(1, socket.MSG_PEEK)
         except OSError:
             return True
 

@@ -27,6 +27,16 @@ are aborted; so is everything when the transport closes or is collected with its
 A handoff the sender no longer has (too old, evicted, sender gone) raises `HandoffGone`,
 which the driver retries like a replica that died: nothing here waits without a deadline.
 
+A NCCL handoff starts when both sides have posted, and on an idle pair the posts, not the
+link, were the slow part: a thread that has just woken ran its allocation and NCCL call at
+a third to half its warm speed. Two things take work off that path. The sender's control
+channel polls for the request for `request_spin_s` after each send instead of sleeping
+(`ControlServer.expect`); the receiver, while a transfer runs, makes the buffer of the next
+one (`spare_buffers`; one spare per receiver, the size of its last context, used when the
+next one fits it and it is at most a quarter bigger: that much more memory on the receiver's
+GPU, and none when there is no room for it). In same-host comparisons on 2x H200 they took a
+500 MB handoff from 2.00-2.17 to 1.90-2.11 ms (benchmarks/RESULTS.md, "KV handoff").
+
 Host contexts (a CPU Thinker) are pushed through the object store at once, as
 `object_store` does; `pull_host_contexts` keeps them in the outbox instead (the pull path of
 GPU contexts with no direct route, exercised on CPU by the tests).
@@ -170,15 +180,19 @@ class DirectTransport(KVTransport):
 
     def __init__(self, *, outbox_bytes: int = 8 << 30, outbox_ttl_s: float = 600.0, connect_timeout_s: float = 30.0,
                  transfer_timeout_s: float = 10.0, reply_timeout_s: float = 5.0, fetch_timeout_s: float = 120.0,
-                 link_idle_s: float = 900.0, pull_host_contexts: bool = False, comms: CommFactory | None = None,
+                 link_idle_s: float = 900.0, request_spin_s: float = 0.02, spare_buffers: bool = True,
+                 pull_host_contexts: bool = False, comms: CommFactory | None = None,
                  placement: Callable[[torch.device], Placement] | None = None) -> None:
         """`outbox_bytes`, `outbox_ttl_s`: what the sender keeps for receivers to pull.
         Deadlines: `connect_timeout_s` (added to a pair's first handoff: NCCL init),
         `transfer_timeout_s` (each NCCL handoff), `reply_timeout_s` (the sender's answer to
         "send me this", which a live sender gives at once: Ray may take a minute to call a
         dead replica dead), `fetch_timeout_s` (the object-store fallback). `link_idle_s`: a
-        pair's communicator unused this long is aborted. `comms` and `placement` replace NCCL
-        and this process's own placement (tests)."""
+        pair's communicator unused this long is aborted. `request_spin_s`: after a send, how
+        long the sender's control channel polls for the receiver's request rather than sleep
+        (0: never). `spare_buffers`: a receiver makes the next handoff's receive buffer while
+        a transfer runs. `comms` and `placement` replace NCCL and this process's own placement
+        (tests)."""
         self.key = uuid.uuid4().hex
         self.outbox = Outbox(outbox_bytes, outbox_ttl_s)
         self.connect_timeout_s = connect_timeout_s
@@ -186,6 +200,8 @@ class DirectTransport(KVTransport):
         self.reply_timeout_s = reply_timeout_s
         self.fetch_timeout_s = fetch_timeout_s
         self.link_idle_s = link_idle_s
+        self.request_spin_s = request_spin_s
+        self.spare_buffers = spare_buffers
         self.pull_host_contexts = pull_host_contexts
         self._comms: CommFactory = comms if comms is not None else NcclComms()
         self._placement = placement
@@ -199,6 +215,7 @@ class DirectTransport(KVTransport):
         self._clients: dict[str, ControlClient] = {}  # by sender key
         self._unreachable: set[str] = set()  # senders whose control channel refused or timed out a connection
         self._places: dict[torch.device, Placement] = {}
+        self._spare: torch.Tensor | None = None  # bytes for the next NCCL receive, made during the last
         self._warned: set[tuple[str, str]] = set()
         self.send_marks: dict[str, float] = {}  # when the last send request came and its send was posted (benchmarks)
         _SENDERS[self.key] = self
@@ -247,13 +264,13 @@ class DirectTransport(KVTransport):
             return packed(contexts)
         if device.type == "cuda":
             # Whoever reads the tensors (IPC, NCCL's stream, a fetch) reads finished data.
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(device))
-            ready.synchronize()
+            torch.cuda.current_stream(device).synchronize()
         layout = ContextsLayout.of(contexts)
         handoff_id = uuid.uuid4().hex
         control = self._control_address()
         self.outbox.put(handoff_id, tensors, layout)
+        if self.request_spin_s > 0 and device.type == "cuda" and self._send_links:  # NCCL receivers ask
+            self._control.expect(self.request_spin_s)
         ipc = tuple(cuda.export_ipc(t) for t in tensors) if device.type == "cuda" and "cuda_ipc" in self.routes else None
         return DirectPayload(handoff_id, self.key, self.placement(device), control, self._actor, layout, ipc,
                              time.perf_counter() - t0)
@@ -347,7 +364,6 @@ class DirectTransport(KVTransport):
         if isinstance(payload, PackedContexts):
             contexts = unpacked(payload, device)
             return contexts, TransferStats(payload.buffer.nbytes, payload.send_s, time.perf_counter() - t0, "object_store")
-        self._sweep_links()
         local = local_sender(payload.sender_key)
         if local is None and payload.actor is None:
             raise RuntimeError(f"KV handoff {payload.handoff_id} comes from a process that is neither this one nor a "
@@ -376,6 +392,7 @@ class DirectTransport(KVTransport):
                             payload.handoff_id, route.name, type(exc).__name__, exc)
                 route = Route("fetch", f"{route.name} failed")
         contexts = payload.layout.assemble(tensors) if tensors is not None else self._fetch(payload, device)
+        self._sweep_links()
         return contexts, TransferStats(payload.nbytes, payload.send_s, time.perf_counter() - t0, route.name, phases)
 
     def _client(self, payload: DirectPayload) -> ControlClient:
@@ -459,6 +476,8 @@ class DirectTransport(KVTransport):
                     marks.append(("alloc", time.perf_counter()))
                     link.comm.recv(received[0], SENDER_RANK)
                     marks.append(("post", time.perf_counter()))
+                    if self.spare_buffers:  # while the transfer runs
+                        self._make_spare(link, payload.nbytes, device)
                 status = client.answer(min(self.reply_timeout_s, deadline - time.monotonic())).get("status")
                 marks.append(("answer", time.perf_counter()))
                 if status == GONE:
@@ -493,11 +512,33 @@ class DirectTransport(KVTransport):
         marks.append(("handover", time.perf_counter()))
         return received, tuple((name, t - marks[i][1]) for i, (name, t) in enumerate(marks[1:]))
 
+    def _receive_buffers(self, link: _Link, payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
+        """Empty tensors for the payload's contexts: the spare buffer when it fits (up to a
+        quarter bigger), else new ones. Whichever pair made the spare, any may fill it: it
+        is nobody else's memory until then, and NCCL is done with it before the engine reads."""
+        with self._links_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.device == device and payload.nbytes <= spare.numel() <= payload.nbytes * 5 // 4:
+            return payload.layout.views(spare)
+        del spare
+        return payload.layout.views(self._buffer(link, payload.nbytes, device))
+
+    def _make_spare(self, link: _Link, nbytes: int, device: torch.device) -> None:
+        """The next receive's buffer, if there is room for it: without one, that receive
+        allocates its own, as it would anyway."""
+        try:
+            spare = self._buffer(link, nbytes, device)
+        except torch.OutOfMemoryError:
+            log.debug("KV transport: no room for a spare receive buffer of %d bytes", nbytes)
+            return
+        with self._links_lock:
+            self._spare = spare
+
     @staticmethod
-    def _receive_buffers(link: _Link, payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
-        """Empty tensors for the payload's contexts, in the memory of the communicator's stream."""
+    def _buffer(link: _Link, nbytes: int, device: torch.device) -> torch.Tensor:
+        """Flat bytes in the memory of the communicator's stream (NCCL writes them there)."""
         with torch.cuda.stream(link.comm.stream) if link.comm.stream is not None else nullcontext():
-            return payload.layout.empty(device)
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def _fetch(self, payload: DirectPayload, device: torch.device) -> ImageContexts:
         from ray.exceptions import GetTimeoutError

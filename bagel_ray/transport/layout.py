@@ -43,7 +43,7 @@ class ContextsLayout:
     @property
     def sizes(self) -> tuple[int, ...]:
         """Bytes of each context tensor."""
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        itemsize = self.torch_dtype.itemsize
         return tuple(math.prod(shape) * itemsize for shape in self.shapes)
 
     @property
@@ -59,6 +59,15 @@ class ContextsLayout:
 
     def empty(self, device: torch.device) -> list[torch.Tensor]:
         return [torch.empty(shape, dtype=self.torch_dtype, device=device) for shape in self.shapes]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The context tensors over the start of `flat` (bytes, at least `nbytes`), one after
+        the other: what a receive fills in place."""
+        out, start = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            out.append(flat[start:start + size].view(self.torch_dtype).view(shape))
+            start += size
+        return out
 
     def assemble(self, tensors: list[torch.Tensor]) -> ImageContexts:
         """The contexts over `tensors` (in layout order), without copying them."""

@@ -161,6 +161,7 @@ class GpuPeer:
         self.device = torch.device("cuda", 0)
         torch.cuda.set_device(self.device)
         self.held: threading.Event | None = None
+        self.received_at = 0
 
     def gpu(self) -> str:
         return str(torch.cuda.get_device_properties(self.device).uuid)
@@ -176,7 +177,14 @@ class GpuPeer:
         t0 = time.perf_counter()
         contexts, stats = self.transport.receive(payload, self.device)
         torch.cuda.synchronize(self.device)
+        self.received_at = contexts.gen.kv.data_ptr()
         return stats.route, digest(contexts), time.perf_counter() - t0
+
+    def received_into(self) -> tuple[int, int | None]:
+        """Where the last receive put the contexts, and where this receiver's spare buffer is
+        (None without one)."""
+        spare = self.transport._spare
+        return self.received_at, None if spare is None else spare.data_ptr()
 
     def hold_pair(self, receiver_key: str, seconds: float) -> None:
         """Keep the pair with `receiver_key` busy for `seconds` (a send that cannot start)."""

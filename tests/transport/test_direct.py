@@ -583,3 +583,40 @@ def test_nccl_settings_are_defaults_the_environment_overrides():
     mine = {"NCCL_GRAPH_MIXING_SUPPORT": "1"}
     apply_nccl_settings(mine)
     assert mine == {"NCCL_GRAPH_MIXING_SUPPORT": "1"}
+
+
+@pytest.mark.parametrize("spare_bytes, used", [(0, True), (40_000, True), (-2, False), (60_000, False)])
+def test_a_receive_fills_the_pairs_spare_buffer_when_it_fits(spare_bytes, used):
+    """The spare (made during the previous transfer) is used when the contexts fit it and it
+    is at most a quarter bigger; either way the receiver has no spare afterwards."""
+    from types import SimpleNamespace
+
+    from bagel_ray.transport.direct import _Link
+
+    sent = make_contexts("img2img", torch.bfloat16)  # two context tensors
+    layout = ContextsLayout.of(sent)
+    receiver = NcclTransport(comms=StalledComms(), placement=FixedPlacement(RECEIVER_GPU))
+    receiver._spare = spare = torch.empty(layout.nbytes + spare_bytes, dtype=torch.uint8)
+    link = _Link(_DoneComm([]), "k")
+    tensors = receiver._receive_buffers(link, SimpleNamespace(layout=layout, nbytes=layout.nbytes), CPU)
+    assert receiver._spare is None
+    starts = [tensors[0].data_ptr(), tensors[1].data_ptr()]
+    assert (starts == [spare.data_ptr(), spare.data_ptr() + layout.sizes[0]]) == used
+    for t, want in zip(tensors, ContextsLayout.tensors(sent)):
+        t.copy_(want)
+    assert digest(layout.assemble(tensors)) == digest(sent)
+
+
+def test_no_room_for_a_spare_buffer_leaves_the_receive_as_it_was(monkeypatch):
+    from bagel_ray.transport.direct import DirectTransport, _Link
+
+    def full(link, nbytes, device):
+        raise torch.OutOfMemoryError("no room")
+
+    receiver = NcclTransport(comms=StalledComms(), placement=FixedPlacement(RECEIVER_GPU))
+    link = _Link(_DoneComm([]), "k")
+    receiver._make_spare(link, 1024, CPU)
+    assert receiver._spare is not None and receiver._spare.numel() == 1024
+    monkeypatch.setattr(DirectTransport, "_buffer", staticmethod(full))
+    receiver._make_spare(link, 2048, CPU)
+    assert receiver._spare.numel() == 1024  # kept; the next receive allocates if it does not fit

@@ -136,6 +136,24 @@ def test_nccl_across_two_gpus_one_communicator_per_pair(gpu_peers, ray_local, tr
     assert ray_local.get(sender.links.remote()) == (0, 1)
 
 
+@two_gpus
+def test_nccl_receives_into_the_buffer_made_during_the_previous_transfer(gpu_peers, ray_local):
+    sender, receiver = pair(gpu_peers, ray_local, "nccl", same_gpu=False)
+    assert handoff(ray_local, sender, receiver, "text2img") == "nccl"  # connects the pair
+    for case in CASES:
+        assert handoff(ray_local, sender, receiver, case) == "nccl"
+        _, spare = ray_local.get(receiver.received_into.remote())
+        assert spare is not None
+        assert handoff(ray_local, sender, receiver, case) == "nccl"  # the same size: fits the spare
+        assert ray_local.get(receiver.received_into.remote())[0] == spare
+    ray_local.kill(receiver)  # its GPU, for a receiver that keeps no spare
+    plain = gpu_peers("nccl", 1, spare_buffers=False)
+    assert ray_local.get(plain.gpu.remote()) != ray_local.get(sender.gpu.remote())
+    for _ in range(2):
+        assert handoff(ray_local, sender, plain, "img2img") == "nccl"
+        assert ray_local.get(plain.received_into.remote())[1] is None
+
+
 @pytest.mark.parametrize("transport, same_gpu, route", [
     ("object_store", True, "object_store"),
     ("nccl", True, "fetch"),  # NCCL cannot connect a GPU to itself

@@ -21,7 +21,13 @@ later; polling without sleeping since the payload went out, it saw the request a
 and posted 0.1 ms later (benchmarks/RESULTS.md, "KV handoff"). So when a payload has just gone
 out (`expect`), the connection that sent the last message polls its socket instead of
 sleeping, until as many messages came as were expected or the window closed: one thread, for
-a bounded time, which gives the GIL up in every poll.
+a bounded time. The price, on a sender whose other threads are busy: the poller takes the GIL
+back after every poll, and a thread running small torch ops (each gives the GIL up) ran at
+30-40 % of its speed meanwhile (CPU probe, 2 cores). The window closes when the request
+comes, ~1 ms after the payload left in `kv_transfer`; so a busy Thinker loses well under a
+millisecond a handoff. Napping while the process's other threads used CPU was tried and
+dropped: the handoff got slower than without polling, likely because the process's own Ray
+and NCCL threads made an idle sender look busy (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ one of its payloads know; a message with another key closes the connection. Requ
 one-line JSON answer, notices none. The handler answers through a callback, so it answers
 when it chooses (the sender posts its NCCL send, then says it has).
 
-Why the sender may spin: on an idle pair (2x H200), a thread asleep in `poll` saw the
-receiver's request 0.16-0.2 ms after the receive began and posted its NCCL send 0.1-0.13 ms
-later; polling without sleeping since the payload went out, it saw the request at 0.12 ms
-and posted 0.1 ms later (benchmarks/RESULTS.md, "KV handoff"). So when a payload has just gone
+Why the sender may spin: on an idle pair, a thread asleep in `poll` saw the receiver's
+request 0.16-0.22 ms after the receive began; one that had polled without sleeping since
+the payload went out, at 0.12-0.19 ms, and it posted its NCCL send sooner after it (two 2x H200
+hosts, benchmarks/RESULTS.md, "KV handoff"). So when a payload has just gone
 out (`expect`), the connection that sent the last message polls its socket instead of
 sleeping, until as many messages came as were expected or the window closed: one thread, for
 a bounded time. The price, on a sender whose other threads are busy: the poller takes the GIL

@@ -10,18 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def bench(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from benchmarks.bench_pipeline import loop_ms
 
 
 def main() -> None:
@@ -39,11 +28,11 @@ def main() -> None:
                     return F.scaled_dot_product_attention(q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1))
                 try:
                     with sdpa_kernel(backend):
-                        ms = bench(run)
+                        ms = loop_ms(run, 20, "cuda")[0]
                     print(f"Lq={lq} Lk={lk} {name:9s} gqa={gqa!s:5s} {ms:7.3f} ms  {flop / ms / 1e9:6.0f} TFLOP/s", flush=True)
                 except RuntimeError as exc:
                     print(f"Lq={lq} Lk={lk} {name:9s} gqa={gqa!s:5s} unsupported: {str(exc).splitlines()[0][:80]}", flush=True)
-        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        ms = loop_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), 20, "cuda")[0]
         print(f"Lq={lq} Lk={lk} default   gqa=True  {ms:7.3f} ms  {flop / ms / 1e9:6.0f} TFLOP/s", flush=True)
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from bagel_ray.model.attention import attend
+from benchmarks.bench_pipeline import loop_ms, timed
 
 CASES = (  # name, batch, query rows, context rows before them, causal; a new length adds a context row (DiT) or a query row
     ("dit512_branch", 1, 1026, 42, False),
@@ -29,36 +29,6 @@ CASES = (  # name, batch, query rows, context rows before them, causal; a new le
     ("prompts_x12", 12, 42, 0, True),
     ("prompt_after_image", 1, 30, 1090, True),
 )
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def first_call_ms(fn, device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - t0) * 1000
-
-
-def steady_us(fn, device: str, reps: int) -> float:
-    fn()
-    if device != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e6
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    sync(device)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    sync(device)
-    return start.elapsed_time(end) / reps * 1000
 
 
 def main() -> None:
@@ -85,9 +55,10 @@ def main() -> None:
                 q, k, v = qkv(batch, num_q + extra * grows_query, num_q + context + extra)
                 return lambda: attend(q, k, v, causal=causal, flash=flash)
 
-            warm = first_call_ms(call(), device)
-            firsts = [first_call_ms(call(extra), device) for extra in (1, 2, 3)]
-            row = {"row": f"{name}_{way}", "steady_us": steady_us(call(), device, 3 if args.smoke else 20),
+            warm = timed(call(), 1)[0] * 1e3  # one call, its wall time
+            firsts = [timed(call(extra), 1)[0] * 1e3 for extra in (1, 2, 3)]
+            steady_ms = loop_ms(call(), 3 if args.smoke else 20, device, warm_up=1)[0]
+            row = {"row": f"{name}_{way}", "steady_us": steady_ms * 1e3,
                    "new_length_first_call_ms": statistics.median(firsts), "all_first_calls_ms": firsts,
                    "warm_up_ms": warm}
             rows.append(row)

@@ -63,6 +63,27 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def loop_ms(fn, reps: int, device: str, warm_up: int = 3) -> tuple[float, float, float]:
+    """(ms a call, wall-clock start, end) of `reps` back-to-back calls after `warm_up` calls:
+    timed by CUDA events on the GPU (no host sync between calls), by the host clock on the CPU."""
+    for _ in range(warm_up):
+        fn()
+    if device != "cuda":
+        t0 = time.time()
+        for _ in range(reps):
+            fn()
+        return (time.time() - t0) / reps * 1e3, t0, time.time()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.time()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps, t0, time.time()
+
+
 def forward_flops(cfg: BagelConfig, n_query: int, n_context: int) -> float:
     llm = cfg.llm
     d, kv = llm.hidden_size, llm.num_key_value_heads * llm.head_dim

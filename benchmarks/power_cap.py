@@ -22,13 +22,12 @@ import shutil
 import statistics
 import subprocess
 import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from bagel_ray.engine.request import GenerationRequest
-from benchmarks.bench_pipeline import PROMPT, random_pipeline
+from benchmarks.bench_pipeline import PROMPT, loop_ms, random_pipeline
 
 QUERY = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
 
@@ -53,26 +52,6 @@ class Sampler:
             when = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
             samples.append((when, float(mhz), float(watts), reasons))
         return samples
-
-
-def loop_ms(fn: Callable[[], None], reps: int, device: str) -> tuple[float, float, float]:
-    """(ms a call, start, end) of `reps` calls after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    if device != "cuda":
-        t0 = time.time()
-        for _ in range(reps):
-            fn()
-        return (time.time() - t0) / reps * 1e3, t0, time.time()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.time()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps, t0, time.time()
 
 
 def main() -> None:

@@ -21,12 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.engine.thinker import DecodeParams
-from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image, random_pipeline
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image, random_pipeline, sync
 
 
 def kernel_table(prof, steps: int, top: int) -> tuple[float, list[tuple[str, float, int]]]:

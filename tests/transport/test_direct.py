@@ -586,7 +586,7 @@ def test_nccl_settings_are_defaults_the_environment_overrides():
 
 
 @pytest.mark.parametrize("spare_bytes, used", [(0, True), (40_000, True), (-2, False), (60_000, False)])
-def test_a_receive_fills_the_pairs_spare_buffer_when_it_fits(spare_bytes, used):
+def test_a_receive_fills_the_spare_buffer_when_it_fits(spare_bytes, used):
     """The spare (made during the previous transfer) is used when the contexts fit it and it
     is at most a quarter bigger; either way the receiver has no spare afterwards."""
     from types import SimpleNamespace

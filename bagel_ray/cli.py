@@ -1,8 +1,9 @@
 """`bagel-ray`: the command line.
 
-`generate` mirrors vllm-omni's BAGEL `end2end.py`. Each request flag maps onto the
+`generate` mirrors vllm-omni's BAGEL `end2end.py`. Each request flag is a knob of
+`bagel_ray.knobs` (`--num-inference-steps`, or `--steps` as in end2end.py), maps onto the
 `GenerationRequest` field of the same name and defaults to None, so the request model's
-per-modality official defaults apply (the help text reads them from there). Everything that
+per-modality official defaults apply (the help text reads them from the knob). Everything that
 can be checked without the weights (prompts, image, sizes) is checked before the model loads;
 bad input ends with one `error: ...` line on stderr and exit code 2.
 
@@ -34,9 +35,10 @@ from tqdm import tqdm
 from bagel_ray.atomic import save_png, temp_path
 from bagel_ray.engine.dit import StepRecord
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline
-from bagel_ray.engine.request import IMAGE_INPUT, MODALITIES, GenerationRequest, GenerationResult
+from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.flags import UsageError, add_request_flags, default_dtype, fit_size, read_image, request_fields
 from bagel_ray.model.loader import DEFAULT_MODEL, CheckpointError, read_config, resolve_model_path
+from bagel_ray.routes import IMAGE_INPUT, MODALITIES
 
 RESULTS_FILE = "results.jsonl"
 RANDOM_SIZES = ("tiny", "7b")  # make-random-model: the embedded tiny geometry, or BAGEL-7B-MoT's

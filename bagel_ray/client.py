@@ -1,8 +1,10 @@
 """Python client of a running bagel-ray app, over a Serve handle or over HTTP.
 
-Both paths take the same keyword knobs as the HTTP API (`num_inference_steps`, `seed`,
-`cfg_text_scale`, ..., validated by the same model) and return text or PIL images. Image
-results carry the seed used, and the think text if any, in `image.info`.
+Both paths take the knobs of `bagel_ray.knobs` as keywords, named as in the HTTP API
+(`num_inference_steps`, `seed`, `cfg_text_scale`, ..., `taylorseer`), and check them here with
+the HTTP API's own model before anything is sent, so a bad value fails the same way on either
+path. They return text or PIL images; image results carry the seed used, and the think text if
+any, in `image.info`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import requests
 from PIL import Image
 
+from bagel_ray.routes import modality_for
 from bagel_ray.serve.schemas import BagelKnobs, parse_size, png_base64
 
 
@@ -22,6 +25,15 @@ class ClientError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+
+
+def _form_text(value: Any) -> str:
+    """A knob as a form field of /v1/images/edits (read back by `ImageEditRequest.from_form`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 class Client:
@@ -44,9 +56,9 @@ class Client:
 
     def chat(self, prompt: str, image: Image.Image | None = None, **knobs: Any) -> str:
         """Text answer to a prompt, about an image if one is given (text2text / img2text)."""
+        parsed = BagelKnobs.model_validate(knobs)
         if self.handle is not None:
-            modality = "img2text" if image is not None else "text2text"
-            return self._via_handle(modality, prompt, image, None, knobs).text
+            return self._via_handle(modality_for(image is not None, False), prompt, image, None, parsed).text
         content: Any = prompt
         if image is not None:
             content = [{"type": "text", "text": prompt},
@@ -56,24 +68,25 @@ class Client:
 
     def generate_image(self, prompt: str, size: str | None = None, **knobs: Any) -> Image.Image:
         """text2img; `size` is 'WxH' (default: 1024x1024, or the model's largest)."""
+        parsed = BagelKnobs.model_validate(knobs)
         if self.handle is not None:
-            return self._image(self._via_handle("text2img", prompt, None, size, knobs))
+            return self._image(self._via_handle(modality_for(False, True), prompt, None, size, parsed))
         body = self._post("/v1/images/generations", json={"prompt": prompt, **({"size": size} if size else {}), **knobs})
         return self._decoded(body["data"][0])
 
     def edit_image(self, image: Image.Image, prompt: str, **knobs: Any) -> Image.Image:
         """img2img at the input's (VAE-resized) size."""
+        parsed = BagelKnobs.model_validate(knobs)
         if self.handle is not None:
-            return self._image(self._via_handle("img2img", prompt, image, None, knobs))
-        fields = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in knobs.items()}
+            return self._image(self._via_handle(modality_for(True, True), prompt, image, None, parsed))
+        fields = {k: _form_text(v) for k, v in knobs.items()}
         png = base64.b64decode(png_base64(image))
         body = self._post("/v1/images/edits", files={"image": ("image.png", png, "image/png")}, data={"prompt": prompt, **fields})
         return self._decoded(body["data"][0])
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _via_handle(self, modality: str, prompt: str, image: Image.Image | None, size: str | None, knobs: dict):
-        parsed = BagelKnobs.model_validate(knobs)
+    def _via_handle(self, modality: str, prompt: str, image: Image.Image | None, size: str | None, parsed: BagelKnobs):
         height, width = parse_size(size, 1 << 30, 16)
         seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**31)
         req = parsed.request(modality, prompt, image, seed, height, width)

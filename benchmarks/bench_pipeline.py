@@ -159,22 +159,22 @@ def main() -> None:
         print(results[-1], flush=True)
 
     cases = {
-        "t2i512": GenerationRequest("text2img", PROMPT, height=small, width=small, steps=20, cfg_img_scale=1.5),
-        "t2i1024": GenerationRequest("text2img", PROMPT, height=big, width=big, steps=50),
-        "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(small), steps=20),
-        "edit1024": GenerationRequest("img2img", EDIT_PROMPT, image=image(big), steps=50),
+        "t2i512": GenerationRequest("text2img", PROMPT, height=small, width=small, num_inference_steps=20, cfg_img_scale=1.5),
+        "t2i1024": GenerationRequest("text2img", PROMPT, height=big, width=big, num_inference_steps=50),
+        "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(small), num_inference_steps=20),
+        "edit1024": GenerationRequest("img2img", EDIT_PROMPT, image=image(big), num_inference_steps=50),
     }
     for name, req in cases.items():
         if name not in rows:
             continue
-        pipe.run(GenerationRequest(**{**req.__dict__, "steps": 3}))  # warm-up at this size
+        pipe.run(GenerationRequest(**{**req.__dict__, "num_inference_steps": 3}))  # warm-up at this size
         seconds, result = timed(lambda: pipe.run(req), args.reps)
         results.append({"row": name, "seconds": seconds, **{k: round(v, 4) for k, v in result.timings.items()}})
         print(results[-1], flush=True)
 
     if "guard" in rows:
         # the fused path against the eager reference ops (same engines, same seed)
-        req = GenerationRequest("text2img", PROMPT, height=small, width=small, steps=12, cfg_img_scale=1.5, seed=3)
+        req = GenerationRequest("text2img", PROMPT, height=small, width=small, num_inference_steps=12, cfg_img_scale=1.5, seed=3)
         fused = pipe.run(req)
         with kernels.eager():
             plain = pipe.run(req)
@@ -227,7 +227,7 @@ def main() -> None:
             latents = {}
             for graphs in (False, True):  # warm-up, and the graphs' capture
                 pipe.dit.cuda_graphs = graphs
-                pipe.run(GenerationRequest(**{**req.__dict__, "steps": 3}))
+                pipe.run(GenerationRequest(**{**req.__dict__, "num_inference_steps": 3}))
             for _ in range(args.reps):
                 for graphs in (False, True):
                     pipe.dit.cuda_graphs = graphs
@@ -242,7 +242,7 @@ def main() -> None:
 
     if "dit_batch" in rows:
         th, dit = pipe.thinker, pipe.dit
-        params = GenerationRequest("text2img", PROMPT, height=small, width=small, steps=20, cfg_img_scale=1.5).sampler()
+        params = GenerationRequest("text2img", PROMPT, height=small, width=small, num_inference_steps=20, cfg_img_scale=1.5).sampler()
         prompts = [th.append_text(th.empty(), f"{PROMPT} ({i})") for i in range(8)]
         contexts = [ImageContexts(c, th.empty().cut, c.cut, small, small) for c in prompts]
         noises = [dit.initial_noise(small, small, torch.Generator().manual_seed(i)) for i in range(8)]

@@ -97,8 +97,8 @@ def main() -> None:
             print(f"  {ms:8.3f} ms  {calls:5d}x  {kernel}")
 
     requests = {
-        "t2i512": GenerationRequest("text2img", PROMPT, height=side, width=side, steps=20, cfg_img_scale=1.5),
-        "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(side), steps=20),
+        "t2i512": GenerationRequest("text2img", PROMPT, height=side, width=side, num_inference_steps=20, cfg_img_scale=1.5),
+        "edit512": GenerationRequest("img2img", EDIT_PROMPT, image=image(side), num_inference_steps=20),
         "t2i1024": GenerationRequest("text2img", PROMPT, height=2 * side, width=2 * side),  # notebook settings
         "edit1024": GenerationRequest("img2img", EDIT_PROMPT, image=image(2 * side)),  # edit defaults
     }

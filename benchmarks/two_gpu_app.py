@@ -48,11 +48,11 @@ def requests_to_check() -> dict[str, GenerationRequest]:
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
     return {
-        "text2img": GenerationRequest("text2img", "A red fox sleeps under an old oak tree.", seed=7, steps=5,
+        "text2img": GenerationRequest("text2img", "A red fox sleeps under an old oak tree.", seed=7, num_inference_steps=5,
                                       height=64, width=64, cfg_img_scale=1.5),
-        "text2img think": GenerationRequest("text2img", "a castle", think=True, max_think_tokens=5, seed=2, steps=4,
+        "text2img think": GenerationRequest("text2img", "a castle", think=True, max_think_tokens=5, seed=2, num_inference_steps=4,
                                             height=32, width=32),
-        "img2img": GenerationRequest("img2img", "Make it night.", image=picture, seed=21, steps=5),
+        "img2img": GenerationRequest("img2img", "Make it night.", image=picture, seed=21, num_inference_steps=5),
     }
 
 

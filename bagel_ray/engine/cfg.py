@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-RENORM_TYPES = ("global", "channel", "text_channel")
+from bagel_ray.knobs import RENORM_TYPES
 EPS = 1e-8
 
 

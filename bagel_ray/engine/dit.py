@@ -46,19 +46,22 @@ def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DenoiseParams:
-    """Sampler knobs with the official notebook text2img defaults."""
+    """Sampler knobs with the official notebook text2img defaults (names, ranges and the
+    per-modality defaults: `bagel_ray.knobs`). `taylorseer` turns on the official TaylorSeer
+    step cache (`enable_taylorseer`), which approximates the exact path with fewer forwards."""
 
-    num_timesteps: int = 50
+    num_inference_steps: int = 50
     timestep_shift: float = 3.0
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
+    taylorseer: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if not math.isfinite(self.timestep_shift) or self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be a finite number > 0, got {self.timestep_shift}")
         if self.cfg_renorm_type not in RENORM_TYPES:
@@ -193,7 +196,7 @@ class DiT:
         h, w = self.latent_grid(contexts.height, contexts.width)
         if tuple(noise.shape) != (h * w, self.cfg.patch_latent_dim):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(h * w, self.cfg.patch_latent_dim)}")
-        schedule = make_schedule(params.num_timesteps, params.timestep_shift)
+        schedule = make_schedule(params.num_inference_steps, params.timestep_shift)
         dev = self.model.device
         return DenoiseJob(
             contexts, params, (h, w), schedule, schedule.timesteps.to(dev), schedule.dts.to(dev),

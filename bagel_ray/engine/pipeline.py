@@ -19,8 +19,9 @@ from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.dit import DiT, StepRecord
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
-from bagel_ray.engine.request import DEFAULT_SIZE, GenerationRequest, GenerationResult
+from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
+from bagel_ray.knobs import DEFAULT_SIZE
 from bagel_ray.model.bagel import ALL_PARTS
 from bagel_ray.model.image_transforms import resize, to_rgb
 from bagel_ray.model.loader import load_checkpoint

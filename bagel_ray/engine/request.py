@@ -2,7 +2,9 @@
 
 Fields left as None take the default of the request's modality: the notebook's text2img
 settings (cfg_img 1.0, interval [0.4, 1], global renorm) or its edit settings (cfg_img 2.0,
-interval [0, 1], text_channel renorm). The serving layer validates user input into this.
+interval [0, 1], text_channel renorm). The knob fields, their ranges and defaults are those of
+`bagel_ray.knobs`, and a request checks each of them there, so a request made by the CLI, a
+bulk item, a Serve handle or the HTTP API is held to the same rules.
 """
 
 from __future__ import annotations
@@ -14,23 +16,12 @@ from PIL import Image
 
 from bagel_ray.engine.dit import DenoiseParams
 from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.knobs import BY_NAME, DEFAULT_SEED, KNOBS, sampler_defaults
+from bagel_ray.routes import IMAGE_INPUT, IMAGE_OUTPUT, MODALITIES, route
 
-MODALITIES = ("text2img", "img2img", "img2text", "text2text")
-IMAGE_OUTPUT = ("text2img", "img2img")
-IMAGE_INPUT = ("img2img", "img2text")
-
-# Official notebook settings (spec 6.5): text2img and edit columns.
-SAMPLER_DEFAULTS: dict[str, DenoiseParams] = {
-    "text2img": DenoiseParams(50, 3.0, 4.0, 1.0, (0.4, 1.0), "global", 0.0),
-    "img2img": DenoiseParams(50, 3.0, 4.0, 2.0, (0.0, 1.0), "text_channel", 0.0),
-}
-DEFAULT_SEED = 42  # the notebook's
-DEFAULT_SIZE = 1024
-DEFAULT_MAX_TOKENS = 512  # the app's understanding tab (max_new_tokens)
-# The notebook's max_think_token_n = 1000 is a max_length that counts the leading
-# <|im_start|>, so at most 999 tokens come out.
-DEFAULT_MAX_THINK_TOKENS = 999
-DEFAULT_TEMPERATURE = 0.3
+# Official notebook settings (spec 6.5): the text2img and edit columns, by knob name.
+SAMPLER_DEFAULTS: dict[str, DenoiseParams] = {m: DenoiseParams(**sampler_defaults(m)) for m in IMAGE_OUTPUT}
+SAMPLER_KNOBS = tuple(k.name for k in KNOBS if k.sampler)
 
 
 @dataclass(frozen=True)
@@ -38,8 +29,9 @@ class GenerationRequest:
     modality: str
     prompt: str
     image: Image.Image | None = field(default=None, repr=False)
+    # The knobs (bagel_ray.knobs; None: the modality's official default).
     seed: int = DEFAULT_SEED
-    steps: int | None = None
+    num_inference_steps: int | None = None
     height: int | None = None
     width: int | None = None
     cfg_text_scale: float | None = None
@@ -48,32 +40,28 @@ class GenerationRequest:
     cfg_renorm_type: str | None = None
     cfg_renorm_min: float | None = None
     timestep_shift: float | None = None
-    think: bool = False
-    max_think_tokens: int = DEFAULT_MAX_THINK_TOKENS
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    do_sample: bool = False
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = 1.0
+    taylorseer: bool = BY_NAME["taylorseer"].default
+    think: bool = BY_NAME["think"].default
+    max_think_tokens: int = BY_NAME["max_think_tokens"].default
+    max_tokens: int = BY_NAME["max_tokens"].default
+    do_sample: bool = BY_NAME["do_sample"].default
+    temperature: float = BY_NAME["temperature"].default
+    top_p: float = BY_NAME["top_p"].default
     init_noise: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"unknown modality {self.modality!r}; choose from {', '.join(MODALITIES)}")
-        if self.modality in IMAGE_INPUT and self.image is None:
+        path = route(self.modality)
+        if path.image_in and self.image is None:
             raise ValueError(f"{self.modality} needs an input image")
-        if self.modality not in IMAGE_INPUT and self.image is not None:
+        if not path.image_in and self.image is not None:
             raise ValueError(f"{self.modality} takes no input image")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.modality == "img2img" and (self.height is not None or self.width is not None):
-            raise ValueError("img2img generates at the input image's size; height and width cannot be set")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 16 or value % 16):
-                raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
-        if self.max_tokens < 1 or self.max_think_tokens < 1:
-            raise ValueError("max_tokens and max_think_tokens must be >= 1")
-        self.sampler()  # validates the sampler knobs of image modalities
+        for knob in KNOBS:
+            value = getattr(self, knob.name)
+            if value is not None:
+                object.__setattr__(self, knob.name, knob.check(value))  # an interval given as a list becomes a tuple
+        if path.size_from_input and (self.height is not None or self.width is not None):
+            raise ValueError(f"{self.modality} generates at the input image's size; height and width cannot be set")
+        self.sampler()  # the sampler's own checks of image modalities
         self.decode_params()
 
     @property
@@ -84,17 +72,8 @@ class GenerationRequest:
         """The denoising knobs, defaults filled in (None for text modalities)."""
         if not self.outputs_image:
             return None
-        base = SAMPLER_DEFAULTS[self.modality]
-        given = {
-            "num_timesteps": self.steps,
-            "timestep_shift": self.timestep_shift,
-            "cfg_text_scale": self.cfg_text_scale,
-            "cfg_img_scale": self.cfg_img_scale,
-            "cfg_interval": None if self.cfg_interval is None else tuple(self.cfg_interval),
-            "cfg_renorm_type": self.cfg_renorm_type,
-            "cfg_renorm_min": self.cfg_renorm_min,
-        }
-        return replace(base, **{k: v for k, v in given.items() if v is not None})
+        given = {name: getattr(self, name) for name in SAMPLER_KNOBS}
+        return replace(SAMPLER_DEFAULTS[self.modality], **{k: v for k, v in given.items() if v is not None})
 
     def decode_params(self, think: bool = False) -> DecodeParams:
         return DecodeParams(

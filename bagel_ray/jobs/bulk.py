@@ -5,7 +5,7 @@ resumably; meant to run as a Ray job:
         --model /shared/BAGEL-7B-MoT --input prompts.jsonl --output /shared/out --dit-replicas 4
 
 The input is a `.txt` (one prompt a line, all of `--modality`) or a `.jsonl` (one item a line:
-`id`, `prompt`, optional `modality`, `image` and request parameters named as the flags below;
+`id`, `prompt`, optional `modality`, `image` and knobs named as the flags below (or their aliases);
 see `bagel_ray.jobs.inputs`). Request flags given here are the defaults of every item. The
 file is read as a stream, so memory stays flat for millions of lines.
 
@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Sequence
 
 from bagel_ray.engine.pipeline import DTYPES
-from bagel_ray.engine.request import IMAGE_INPUT, MODALITIES, GenerationRequest
+from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.flags import UsageError, add_request_flags, read_image, request_fields
 from bagel_ray.jobs.inputs import JobInput, scan
 from bagel_ray.jobs.progress import Progress
 from bagel_ray.jobs.store import RESULTS_FILE, ResultStore
 from bagel_ray.model.loader import DEFAULT_MODEL
+from bagel_ray.routes import IMAGE_INPUT, MODALITIES
 
 # Standalone-only flags (dest -> flag) and their defaults (DataOptions' fields of the same names).
 DATA_FLAGS = {

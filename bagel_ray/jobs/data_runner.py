@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from bagel_ray.engine.request import IMAGE_OUTPUT, GenerationRequest
+from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.flags import default_dtype, fit_size
 from bagel_ray.jobs.inputs import Chunk, ItemError, JobInput, Scan, build_request, failed_outcome, read_chunk
 from bagel_ray.jobs.store import Outcome
+from bagel_ray.routes import DIT, IMAGE_OUTPUT, TEXT_OUTPUT, THINKER, stage_parts, visits
 
 if TYPE_CHECKING:
     from bagel_ray.engine.dit import DenoiseJob
@@ -43,8 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bagel_ray.jobs")
 
-TEXT_OUTPUT = frozenset({"text2text", "img2text"})
-THINKER_WORK = TEXT_OUTPUT | {"text2img"}
+# The standalone job builds edit contexts on the DiT actors (no KV handoff for img2img).
+EDIT_CONTEXTS_ON = DIT
+THINKER_WORK = visits(THINKER, EDIT_CONTEXTS_ON)
+DIT_WORK = visits(DIT, EDIT_CONTEXTS_ON)
 COLUMNS = ("id", "modality", "request", "handoff", "record", "data")
 ONE_ROW = 1  # target_max_block_size in bytes: any row exceeds it, so blocks hold one row
 MAX_INPUT_BLOCKS = 1000  # blocks of chunk descriptors; a reader task takes one block
@@ -162,10 +165,9 @@ class ThinkerStage:
     def __init__(self, engine: EngineSpec) -> None:
         from bagel_ray.engine.pipeline import LocalPipeline
         from bagel_ray.engine.thinker import Thinker
-        from bagel_ray.model.bagel import THINKER_PARTS
         from bagel_ray.transport.base import make_transport
 
-        ckpt = engine.load(THINKER_PARTS)
+        ckpt = engine.load(stage_parts(THINKER, EDIT_CONTEXTS_ON))
         self.pipeline = LocalPipeline(Thinker(ckpt.model, ckpt.tokenizer, ckpt.vae), None)
         self.transport = make_transport("object_store")
 
@@ -174,7 +176,7 @@ class ThinkerStage:
         todo = [r for r in rows if r.pending and r.modality in THINKER_WORK]
         self._understand([r for r in todo if r.modality in TEXT_OUTPUT])
         for row in todo:
-            if row.modality == "text2img":
+            if row.modality in IMAGE_OUTPUT:  # its context, handed on to the DiT
                 self._prepare(row)
         return table_of(rows)
 
@@ -220,10 +222,9 @@ class DiTStage:
         from bagel_ray.engine.dit import DiT
         from bagel_ray.engine.pipeline import LocalPipeline
         from bagel_ray.engine.thinker import Thinker
-        from bagel_ray.model.bagel import ALL_PARTS
         from bagel_ray.transport.base import make_transport
 
-        ckpt = engine.load(ALL_PARTS)
+        ckpt = engine.load(stage_parts(DIT, EDIT_CONTEXTS_ON))
         self.pipeline = LocalPipeline(Thinker(ckpt.model, ckpt.tokenizer, ckpt.vae), DiT(ckpt.model, ckpt.tokenizer, ckpt.vae))
         self.device = ckpt.model.device
         self.transport = make_transport("object_store")
@@ -238,7 +239,7 @@ class DiTStage:
         rows = rows_of(table)
         jobs = []
         for row in rows:
-            if row.pending and row.modality in IMAGE_OUTPUT:
+            if row.pending and row.modality in DIT_WORK:
                 req = pickle.loads(row.request)
                 try:
                     prepared = self._prepared(req, row.handoff)
@@ -350,7 +351,7 @@ class DataRunner:
         stages = []
         if any(m in THINKER_WORK for m in scan.modalities):
             stages.append(("Thinker", ThinkerStage, o.thinker_batch_size))
-        if any(m in IMAGE_OUTPUT for m in scan.modalities):
+        if any(m in DIT_WORK for m in scan.modalities):
             stages.append(("DiT", DiTStage, o.dit_batch_size))
         # Readers ask for the first stage's CPU share, so that Ray Data fuses them into its actors.
         first = pools[stages[0][0]] if stages else Pool(1, 0.0, 1.0)

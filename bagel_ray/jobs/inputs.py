@@ -4,9 +4,9 @@
   id is its line number, zero-padded (`00000042`), so it stays the same across reruns.
 - `.jsonl`: one JSON object a line with `id` (letters, digits, `.`, `_`, `-`; at most 128),
   `prompt`, optional `modality` (default: the job's `--modality`), optional `image` (a path
-  relative to the input file's folder) and optional request parameters named as the CLI's
-  flags (`steps`, `seed`, `height`, `width`, `max_tokens`, `think`, `cfg_text_scale`, ...),
-  which override the job's flags for that item.
+  relative to the input file's folder) and optional knobs (`bagel_ray.knobs`: `num_inference_steps`
+  or its alias `steps`, `seed`, `height`, `width`, `max_tokens`, `think`, `cfg_text_scale`, ...),
+  which override the job's flags for that item. Their types and ranges are the HTTP API's.
 
 `scan` reads the file once before anything runs: it counts the items, checks that every line
 is a JSON object with a valid, unique id (else the job stops before loading anything, naming
@@ -20,19 +20,20 @@ from __future__ import annotations
 import io
 import json
 import re
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from bagel_ray.engine.request import DEFAULT_SEED, IMAGE_INPUT, GenerationRequest
-from bagel_ray.flags import REQUEST_FLAGS, UsageError, read_image, request_fields
+from bagel_ray.engine.request import GenerationRequest
+from bagel_ray.flags import UsageError, read_image, request_fields
 from bagel_ray.jobs.store import Outcome
+from bagel_ray.knobs import BY_NAME, DEFAULT_SEED, KNOBS, by_name
+from bagel_ray.routes import IMAGE_INPUT
 
 KINDS = (".txt", ".jsonl")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-ITEM_KEYS = frozenset({"id", "modality", "prompt", "image", *REQUEST_FLAGS})
+ITEM_KEYS = frozenset({"id", "modality", "prompt", "image", *by_name(KNOBS)})  # knobs by name and alias
 CHUNK_ITEMS = 16  # items a chunk holds at most: the unit one reader task parses
 
 
@@ -182,32 +183,6 @@ def read_chunk(job: JobInput, chunk: Chunk) -> Iterator[Item]:
 
 # -- one item -> one request ------------------------------------------------------------------
 
-_HINTS = typing.get_type_hints(GenerationRequest)
-
-
-def _check_type(name: str, value: Any) -> None:
-    """A JSON value against the request field's type (the CLI's flag type)."""
-    hint = _HINTS[name]
-    kinds = set(typing.get_args(hint)) - {type(None)} or {hint}
-    if value is None:
-        return
-    if bool in kinds:
-        ok = isinstance(value, bool)
-    elif int in kinds:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif float in kinds:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif str in kinds:
-        ok = isinstance(value, str)
-    else:  # cfg_interval: two numbers
-        ok = (isinstance(value, list) and len(value) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
-    if not ok:
-        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-        expected = next((want[k] for k in (bool, int, float, str) if k in kinds), "a list of two numbers")
-        raise ItemError(f"{name} must be {expected}, got {json.dumps(value)}")
-
-
 def build_request(item: Item, job: JobInput) -> GenerationRequest:
     """The item's request: the job's flags, overridden by the item's own fields. Reads the
     input image. Raises ItemError naming the problem."""
@@ -223,11 +198,11 @@ def build_request(item: Item, job: JobInput) -> GenerationRequest:
         raise ItemError("prompt must be a non-empty string")
     if image_path is not None and not isinstance(image_path, str):
         raise ItemError(f"image must be a path, got {json.dumps(image_path)}")
-    for name in REQUEST_FLAGS:
-        if name in fields:
-            _check_type(name, fields[name])
     given = dict(job.defaults)
-    given.update(request_fields(fields))
+    try:
+        given.update(request_fields(fields))  # checked before the image is read
+    except ValueError as exc:
+        raise ItemError(str(exc)) from None
     if image_path is not None:
         image_path = job.image_path(image_path)
     elif modality in IMAGE_INPUT:
@@ -239,10 +214,12 @@ def build_request(item: Item, job: JobInput) -> GenerationRequest:
         raise ItemError(str(exc)) from None
 
 
-
 def failed_outcome(item: Item, job: JobInput, error: str) -> Outcome:
     """The record of an item that cannot run, with its modality and seed as asked (where valid)."""
     modality = item.fields.get("modality", job.modality)
     seed = item.fields.get("seed", job.defaults.get("seed", DEFAULT_SEED))
-    return Outcome.failed(item.id, error, modality if isinstance(modality, str) else None,
-                          seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+    try:
+        seed = BY_NAME["seed"].check(seed)
+    except ValueError:
+        seed = None
+    return Outcome.failed(item.id, error, modality if isinstance(modality, str) else None, seed)

@@ -34,7 +34,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
-from bagel_ray.engine.request import DEFAULT_SIZE, GenerationRequest, GenerationResult
+from bagel_ray.engine.request import GenerationRequest, GenerationResult
+from bagel_ray.knobs import DEFAULT_SIZE
+from bagel_ray.routes import DIT, THINKER, modality_for, route
 from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.serve import metrics
 from bagel_ray.serve.access import AccessControl
@@ -340,12 +342,13 @@ class Driver:
         """The stage calls of one attempt. If this attempt ends early (deadline, client gone,
         a failed stage) its calls are cancelled, and the replicas stop their work."""
         calls: list[DeploymentResponse] = []
+        stages = route(req.modality).stages(self.config.edit_contexts_on)
         try:
-            if not req.outputs_image:
+            if stages == (THINKER,):
                 calls.append(self.thinker.understand.remote(req))
-            elif req.modality == "img2img" and self.config.edit_contexts_on == "dit":
+            elif stages == (DIT,):
                 calls.append(self.dit.generate.remote(req))
-            else:
+            else:  # (THINKER, DIT): the context's KV handed over
                 calls.append(self.thinker.prepare_image.remote(req))
                 calls.append(self.dit.render.remote(req, calls[0]))
             return await calls[-1]
@@ -361,9 +364,10 @@ class Driver:
 
     async def _stream_calls(self, req: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
         upstream: list[DeploymentResponse] = []
-        if not req.outputs_image:
+        stages = route(req.modality).stages(self.config.edit_contexts_on)
+        if stages == (THINKER,):
             gen = self.thinker.options(stream=True).understand_stream.remote(req)
-        elif req.modality == "img2img" and self.config.edit_contexts_on == "dit":
+        elif stages == (DIT,):
             gen = self.dit.options(stream=True).render_stream.remote(req, None)
         else:
             upstream.append(self.thinker.prepare_image.remote(req))
@@ -447,17 +451,14 @@ class Driver:
         image = None
         if image_url:
             image = decode_data_url(image_url, "messages", self.config.max_image_bytes, self.config.max_image_pixels)
-        wants_image = body.modalities == ["image"]
-        if wants_image:
-            modality = "img2img" if image is not None else "text2img"
-        else:
-            modality = "img2text" if image is not None else "text2text"
-            if body.size is not None:
-                raise InputError("size applies to image output only", "size", 422)
-        if modality == "img2img" and body.size is not None:
-            raise InputError("img2img generates at the input image's size; size cannot be set", "size", 422)
+        modality = modality_for(image_in=image is not None, image_out=body.modalities == ["image"])
+        path = route(modality)
+        if not path.image_out and body.size is not None:
+            raise InputError("size applies to image output only", "size", 422)
+        if path.size_from_input and body.size is not None:
+            raise InputError(f"{modality} generates at the input image's size; size cannot be set", "size", 422)
         height, width = await self._size(body.size)
-        if modality == "text2img" and height is None:
+        if path.image_out and not path.size_from_input and height is None:
             height = width = await self._default_size()
         req = body.request(modality, prompt, image, self._seed(body), height, width)
         await self.check_length(req, "messages")
@@ -529,7 +530,7 @@ class Driver:
         if height is None:
             height = width = await self._default_size()
         seed = self._seed(body)
-        reqs = [body.request("text2img", body.prompt, None, seed + i, height, width) for i in range(body.n)]
+        reqs = [body.request("text2img", body.prompt, None, s, height, width) for s in body.seeds(seed)]
         await self.check_length(reqs[0], "prompt")
         return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
 
@@ -567,17 +568,11 @@ class Driver:
             if not isinstance(value, str):
                 raise InputError(f"{key} must be a form field, not a file", key, 422)
             fields[key] = value
-        if "cfg_interval" in fields:
-            text = fields["cfg_interval"].strip()
-            try:
-                fields["cfg_interval"] = json.loads(text) if text.startswith("[") else text.split(",")
-            except ValueError:
-                raise InputError("cfg_interval must be 'lo,hi' or '[lo, hi]'", "cfg_interval", 422) from None
-        body = ImageEditRequest.model_validate(fields)
+        body = ImageEditRequest.from_form(fields)
         if body.model not in (None, self.config.model_name):
             raise InputError(f"model {body.model!r} is not served here", "model", 404)
         image = decode_image(await uploads[0].read(), "image", self.config.max_image_bytes, self.config.max_image_pixels)
         seed = self._seed(body)
-        reqs = [body.request("img2img", body.prompt, image, seed + i) for i in range(body.n)]
+        reqs = [body.request("img2img", body.prompt, image, s) for s in body.seeds(seed)]
         await self.check_length(reqs[0], "prompt")
         return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))

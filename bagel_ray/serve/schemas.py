@@ -12,12 +12,14 @@ import base64
 import binascii
 import io
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic import Strict as Exact
 
-from bagel_ray.engine.request import DEFAULT_MAX_THINK_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, GenerationRequest
+from bagel_ray.engine.request import GenerationRequest
+from bagel_ray.knobs import BOOL, CHOICE, FLOAT, INT, INTERVAL, KNOBS, MAX_SEED, Knob
 from bagel_ray.png import encode_png
 
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -52,41 +54,45 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BagelKnobs(Strict):
-    """Every BAGEL knob. None = the official default for the request's modality."""
+def knob_field(knob: Knob) -> tuple[Any, Any]:
+    """The pydantic (annotation, Field) of a knob: its strict type, its bounds (for the OpenAPI
+    schema too) and, after them, the knob's own check, so HTTP refuses what the CLI and bulk
+    jobs refuse."""
+    if knob.kind == INTERVAL:
+        bound = Annotated[float, Exact(), Field(ge=knob.ge, le=knob.le, allow_inf_nan=False)]
+        kind: Any = tuple[bound, bound]
+        limits: dict[str, Any] = {}
+    else:
+        kind = {INT: int, FLOAT: float, BOOL: bool, CHOICE: Literal[knob.choices]}[knob.kind]  # type: ignore[index]
+        limits = {"strict": knob.kind != CHOICE or None,  # a Literal is exact already
+                  "ge": knob.ge, "gt": knob.gt, "le": knob.le, "multiple_of": knob.multiple_of}
+        if knob.kind == FLOAT:
+            limits["allow_inf_nan"] = False
+    default = knob.http_field_default
+    if default is None:
+        kind = kind | None
+        official = knob.default_text() if knob.per_modality else None
+    else:
+        official = None
+    description = knob.help if official is None else f"{knob.help} (default: {official})"
+    check = AfterValidator(lambda value, knob=knob: value if value is None else knob.check(value))
+    return Annotated[kind, check], Field(default, description=description, **{k: v for k, v in limits.items() if v is not None})
 
-    num_inference_steps: int | None = Field(None, ge=1, le=500, description="official num_timesteps (50); N steps run N-1 model evaluations")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="random when not given; the seed used is returned")
-    cfg_text_scale: float | None = Field(None, ge=0, le=50, description="4.0")
-    cfg_img_scale: float | None = Field(None, ge=0, le=50, description="1.0 for text2img, 2.0 for img2img")
-    cfg_interval: tuple[float, float] | None = Field(None, description="[0.4, 1.0] for text2img, [0.0, 1.0] for img2img")
-    cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = Field(None, description="global for text2img, text_channel for img2img")
-    cfg_renorm_min: float | None = Field(None, ge=0, le=1, description="0.0")
-    timestep_shift: float | None = Field(None, gt=0, le=100, description="3.0")
-    think: bool = Field(False, description="reason in text before the image or answer")
-    max_think_tokens: int = Field(DEFAULT_MAX_THINK_TOKENS, ge=1, le=32768)
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=32768, description="new text tokens")
-    do_sample: bool = Field(False, description="sample text instead of greedy decoding (official default: greedy)")
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=5)
-    top_p: float = Field(1.0, gt=0, le=1)
 
-    @field_validator("cfg_interval")
-    @classmethod
-    def _interval(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not 0.0 <= value[0] <= value[1] <= 1.0:
-            raise ValueError("must be [lo, hi] with 0 <= lo <= hi <= 1")
-        return value
+HTTP_KNOBS = {k.name: k for k in KNOBS if k.http}
+_KnobFields = create_model("_KnobFields", __base__=Strict, **{name: knob_field(k) for name, k in HTTP_KNOBS.items()})
+
+
+class BagelKnobs(_KnobFields):
+    """Every BAGEL knob (`bagel_ray.knobs.KNOBS`) as a typed top-level field. None = the
+    official default for the request's modality (for `seed`: a random one)."""
 
     def request(self, modality: str, prompt: str, image: Image.Image | None, seed: int,
                 height: int | None = None, width: int | None = None) -> GenerationRequest:
+        given = {name: getattr(self, name) for name in HTTP_KNOBS if name != "seed"}
         try:
-            return GenerationRequest(
-                modality=modality, prompt=prompt, image=image, seed=seed, steps=self.num_inference_steps,
-                height=height, width=width, cfg_text_scale=self.cfg_text_scale, cfg_img_scale=self.cfg_img_scale,
-                cfg_interval=self.cfg_interval, cfg_renorm_type=self.cfg_renorm_type, cfg_renorm_min=self.cfg_renorm_min,
-                timestep_shift=self.timestep_shift, think=self.think, max_think_tokens=self.max_think_tokens,
-                max_tokens=self.max_tokens, do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-            )
+            return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
+                                     **{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise InputError(str(exc), status=422) from exc
 
@@ -134,24 +140,53 @@ class ChatCompletionRequest(BagelKnobs):
         return "\n".join(texts), images[0] if images else None
 
 
-class ImageGenerationRequest(BagelKnobs):
+class ImagesRequest(BagelKnobs):
+    """What the two image endpoints share: `n` images, made with seeds seed, seed+1, ..."""
+
     prompt: Text = Field(min_length=1)
     model: str | None = None
-    n: int = Field(1, ge=1, le=8, description="images generated with seeds seed, seed+1, ...")
-    size: str | None = None
+    n: int = Field(1, strict=True, ge=1, le=8, description="images generated with seeds seed, seed+1, ..., seed+n-1")
     response_format: Literal["b64_json"] = "b64_json"
     user: str | None = None
 
+    @field_validator("n")
+    @classmethod
+    def _seeds_fit(cls, n: int, info: ValidationInfo) -> int:
+        """The seeds used are returned, so each must be one a client can send back."""
+        seed = info.data.get("seed")
+        if seed is not None and seed + n - 1 > MAX_SEED:
+            raise ValueError(f"the images' seeds seed..seed+n-1 must stay <= 2**63-1; with n={n}, seed must be "
+                             f"<= {MAX_SEED - n + 1}")
+        return n
 
-class ImageEditRequest(BagelKnobs):
+    def seeds(self, first: int) -> range:
+        return range(first, first + self.n)
+
+
+class ImageGenerationRequest(ImagesRequest):
+    size: str | None = None
+
+
+class ImageEditRequest(ImagesRequest):
     """Form fields of /v1/images/edits besides the image file. The output has the input's
     (VAE-resized) size, so there is no size field."""
 
-    prompt: Text = Field(min_length=1)
-    model: str | None = None
-    n: int = Field(1, ge=1, le=8)
-    response_format: Literal["b64_json"] = "b64_json"
-    user: str | None = None
+    @classmethod
+    def from_form(cls, fields: dict[str, str]) -> "ImageEditRequest":
+        """Form fields are text: each knob's is parsed as the CLI parses its flag (an interval as
+        'lo,hi' or '[lo, hi]', a boolean as true/false), then validated as a JSON body is."""
+        typed: dict[str, Any] = {}
+        for key, text in fields.items():
+            try:
+                if key in HTTP_KNOBS:
+                    typed[key] = HTTP_KNOBS[key].parse(text)
+                elif key == "n":
+                    typed[key] = int(text) if text.strip().lstrip("+-").isdigit() else text
+                else:
+                    typed[key] = text
+            except ValueError as exc:
+                raise InputError(str(exc), key, 422) from None
+        return cls.model_validate(typed)
 
 
 class ErrorDetail(BaseModel):

@@ -37,9 +37,9 @@ from bagel_ray.engine.pipeline import DTYPES, LocalPipeline, PreparedImage
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
 from bagel_ray.model import attention
-from bagel_ray.model.bagel import ALL_PARTS, THINKER_PARTS
 from bagel_ray.model.loader import load_checkpoint
 from bagel_ray.model.tokenizer import BagelTokenizer, clean_generated_text
+from bagel_ray.routes import DIT, THINKER, stage_parts
 from bagel_ray.serve import metrics
 from bagel_ray.serve.config import AppConfig, StageConfig
 from bagel_ray.transport.base import make_transport
@@ -60,10 +60,6 @@ def logs_into_serve() -> None:
     ours.handlers = list(serve_logger.handlers)
     ours.setLevel(serve_logger.level)
     ours.propagate = False
-
-
-EDIT_PARTS = frozenset({"gen", "gen_heads", "vae"})
-DIT_ONLY_PARTS = frozenset({"und", "gen", "gen_heads", "vae"})
 
 
 @dataclass
@@ -98,11 +94,11 @@ def resolve_device(stage: StageConfig) -> tuple[str, torch.dtype]:
 
 
 def thinker_parts(app: AppConfig) -> frozenset[str]:
-    return THINKER_PARTS | EDIT_PARTS if app.edit_contexts_on == "thinker" else THINKER_PARTS
+    return stage_parts(THINKER, app.edit_contexts_on)
 
 
 def dit_parts(app: AppConfig) -> frozenset[str]:
-    return ALL_PARTS if app.edit_contexts_on == "dit" else DIT_ONLY_PARTS
+    return stage_parts(DIT, app.edit_contexts_on)
 
 
 class EngineOutOfMemory(RuntimeError):

@@ -33,16 +33,16 @@ def square(size: int = 64) -> Image.Image:
 
 REQUESTS = {
     # cfg_img equals gen (text2img without think): that branch is never run
-    "fox": GenerationRequest("text2img", "a red fox", seed=1, steps=6, height=64, width=64, cfg_img_scale=1.5),
+    "fox": GenerationRequest("text2img", "a red fox", seed=1, num_inference_steps=6, height=64, width=64, cfg_img_scale=1.5),
     # CFG only inside (0.2, 0.9], channel renorm, its own number of steps
-    "boat": GenerationRequest("text2img", "a boat on a lake", seed=2, steps=9, height=64, width=64, cfg_text_scale=3.0,
+    "boat": GenerationRequest("text2img", "a boat on a lake", seed=2, num_inference_steps=9, height=64, width=64, cfg_text_scale=3.0,
                               cfg_interval=(0.2, 0.9), cfg_renorm_type="channel"),
     # an edit: cfg_img is a context of its own
-    "edit": GenerationRequest("img2img", "make it night", image=square(), seed=3, steps=5),
+    "edit": GenerationRequest("img2img", "make it night", image=square(), seed=3, num_inference_steps=5),
     # no CFG at all: one block a step
-    "plain": GenerationRequest("text2img", "plain", seed=4, steps=4, height=64, width=64, cfg_text_scale=1.0),
+    "plain": GenerationRequest("text2img", "plain", seed=4, num_inference_steps=4, height=64, width=64, cfg_text_scale=1.0),
     # another latent grid: its own forward in the same step
-    "wide": GenerationRequest("text2img", "a castle", seed=5, steps=5, height=32, width=48, cfg_img_scale=1.5),
+    "wide": GenerationRequest("text2img", "a castle", seed=5, num_inference_steps=5, height=32, width=48, cfg_img_scale=1.5),
 }
 
 
@@ -94,7 +94,7 @@ def test_jobs_stepped_together_match_each_alone(dit, prepared, alone, monkeypatc
     while not all(job.done for job in jobs):
         dit.step(jobs)
     for job in jobs:
-        assert job.error is None and job.index == job.total == REQUESTS[job.key].steps - 1
+        assert job.error is None and job.index == job.total == REQUESTS[job.key].num_inference_steps - 1
         torch.testing.assert_close(job.x, alone[job.key], **TOL)
         assert [r.index for r in records[job.key]] == list(range(job.total))
     # step 0: fox 2 blocks (cfg_img skipped), boat 1 (outside its interval), edit 3, plain 1 in one

@@ -31,7 +31,7 @@ def test_on_the_cpu_the_forward_is_the_eager_one(pipeline):
 
 def _latents(pipe, prompt: str, graphs: bool) -> torch.Tensor:
     """text2img with cfg_text on part of the schedule: 2-branch steps, then 1-branch ones."""
-    req = GenerationRequest("text2img", prompt, seed=3, steps=6, height=64, width=64, cfg_interval=(0.5, 1.0))
+    req = GenerationRequest("text2img", prompt, seed=3, num_inference_steps=6, height=64, width=64, cfg_interval=(0.5, 1.0))
     prepared = pipe.prepare_image(req)
     pipe.dit.cuda_graphs = graphs
     try:

@@ -114,7 +114,7 @@ def image_request(case: dict, golden_dir, tensors: dict | None) -> GenerationReq
         "img2img" if case["kind"] == "img2img" else "text2img",
         case["prompt"],
         seed=case["seed"],
-        steps=case["num_timesteps"],
+        num_inference_steps=case["num_timesteps"],
         cfg_text_scale=hyper["cfg_text_scale"],
         cfg_img_scale=hyper["cfg_img_scale"],
         cfg_interval=tuple(hyper["cfg_interval"]),

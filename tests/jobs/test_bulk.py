@@ -32,8 +32,6 @@ def prompts(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--max-in-flight", "4"], "--max-in-flight only applies with --app"),
     (["--app", "bagel", "--thinker-replicas", "2", "--device", "cpu"], "--device, --thinker-replicas only apply without --app"),
-    (["--steps", "0"], "steps must be >= 1"),
-    (["--height", "20"], "height must be a positive multiple of 16"),
     (["--image-path", "x.png"], "--image-path does not apply to text2img"),
     (["--modality", "img2img"], "img2img needs an input image"),
     (["--modality", "img2img", "--image-path", "missing.png"], "cannot read image"),
@@ -43,6 +41,24 @@ def prompts(tmp_path):
 def test_bad_flags(prompts, tmp_path, capsys, extra, message):
     assert main(["--model", "tiny", "--input", str(prompts), "--output", str(tmp_path / "out"), *extra]) == 2
     assert message in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "argument --num-inference-steps/--steps: num_inference_steps must be >= 1 and <= 500, got 0"),
+    (["--height", "20"], "argument --height: height must be >= 16 and a multiple of 16, got 20"),
+    (["--seed", str(2**70)], "argument --seed: seed must be >= 0 and <= 9223372036854775807"),
+    (["--seed", "-1"], "argument --seed: seed must be >= 0"),
+    (["--max-tokens", str(10**12)], "argument --max-tokens: max_tokens must be >= 1 and <= 32768"),
+    (["--num-inference-steps", "2.0"], "num_inference_steps must be an integer, got '2.0'"),
+])
+def test_knob_flags_out_of_range(prompts, tmp_path, capsys, extra, message):
+    """The HTTP API's ranges, refused by argparse: one error line, exit status 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny", "--input", str(prompts), "--output", str(tmp_path / "out"), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("python -m bagel_ray.jobs.bulk: error: ") and message in err, err
+    assert "Traceback" not in err
 
 
 def test_batch_size_flags_reach_the_data_options(prompts, tmp_path, capsys, monkeypatch):

@@ -71,7 +71,7 @@ def test_mixed_job_matches_local(job_cluster, model_dir, tmp_path):
     with one_thread_pipeline(model_dir) as local:
         records = {r["id"]: r for r in assert_matches_local(out, expected, local)}
     assert "cannot read image" in records["broken-image"]["error"]
-    assert records["broken-steps"]["error"] == 'steps must be an integer, got "many"'
+    assert records["broken-steps"]["error"] == 'num_inference_steps must be an integer, got "many"'
     assert records["t2i"]["timings"]["handoff_bytes"] > 0  # Thinker -> DiT through the KV handoff
 
 
@@ -86,9 +86,9 @@ def test_images_denoised_together_match_local(job_cluster, model_dir, tmp_path):
              for i in range(5)]
     items += [{"id": "i2i", "modality": "img2img", "prompt": "Make it night.", "image": "in.png", "seed": 9, **every_step},
               {"id": "broken", "prompt": "x", "height": 20}]
-    expected = {item["id"]: GenerationRequest("text2img", item["prompt"], seed=item["seed"], height=32, width=32, steps=4,
+    expected = {item["id"]: GenerationRequest("text2img", item["prompt"], seed=item["seed"], height=32, width=32, num_inference_steps=4,
                                               cfg_interval=(0.0, 1.0)) for item in items[:5]}
-    expected |= {"i2i": GenerationRequest("img2img", "Make it night.", image=picture, seed=9, steps=4, cfg_interval=(0.0, 1.0)),
+    expected |= {"i2i": GenerationRequest("img2img", "Make it night.", image=picture, seed=9, num_inference_steps=4, cfg_interval=(0.0, 1.0)),
                  "broken": None}
     inputs = write_jsonl(tmp_path / "input.jsonl", items)
     out = tmp_path / "out"

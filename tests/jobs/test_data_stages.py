@@ -34,14 +34,14 @@ from bagel_ray.model.tiny import tiny_model_path
 from tests.engine.spies import spy_forwards
 from tests.jobs.reference import one_thread_pipeline
 
-EVERY_STEP = {"cfg_interval": (0.0, 1.0), "steps": 4}
+EVERY_STEP = {"cfg_interval": (0.0, 1.0), "num_inference_steps": 4}
 PICTURE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
 REQUESTS = {
     "fox": GenerationRequest("text2img", "a red fox", seed=1, height=32, width=32, **EVERY_STEP),
     "boat": GenerationRequest("text2img", "a boat on a lake", seed=2, height=32, width=32, cfg_text_scale=3.0,
                               cfg_renorm_type="channel", **EVERY_STEP),
     "castle": GenerationRequest("text2img", "a castle", seed=3, height=32, width=32, cfg_img_scale=1.5, **EVERY_STEP),
-    "longer": GenerationRequest("text2img", "a long road", seed=4, height=32, width=32, cfg_interval=(0.0, 1.0), steps=6),
+    "longer": GenerationRequest("text2img", "a long road", seed=4, height=32, width=32, cfg_interval=(0.0, 1.0), num_inference_steps=6),
     "wide": GenerationRequest("text2img", "a wide field", seed=5, height=32, width=48, **EVERY_STEP),
     "edit": GenerationRequest("img2img", "make it night", image=PICTURE, seed=6, **EVERY_STEP),
     "answer": GenerationRequest("text2text", "Tell me a fact.", max_tokens=4, seed=7),

@@ -79,7 +79,7 @@ def test_integer_ids_are_accepted(tmp_path):
 def job(tmp_path) -> JobInput:
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
-    return JobInput(str(tmp_path / "in.jsonl"), "text2img", {"steps": 9, "seed": 1})
+    return JobInput(str(tmp_path / "in.jsonl"), "text2img", {"num_inference_steps": 9, "seed": 1})
 
 
 def item(**fields) -> Item:
@@ -88,7 +88,7 @@ def item(**fields) -> Item:
 
 def test_item_fields_override_job_flags(job):
     req = build_request(item(prompt="p", seed=5, cfg_interval=[0.1, 0.9], think=True), job)
-    assert req == GenerationRequest("text2img", "p", steps=9, seed=5, cfg_interval=(0.1, 0.9), think=True)
+    assert req == GenerationRequest("text2img", "p", num_inference_steps=9, seed=5, cfg_interval=(0.1, 0.9), think=True)
 
 
 def test_image_is_relative_to_the_input_file(job):
@@ -104,15 +104,29 @@ def test_job_image_applies_to_image_input_items_only(job, tmp_path):
 
 @pytest.mark.parametrize("fields, message", [
     ({"prompt": "p", "stepz": 3}, "unknown field stepz"),
-    ({"prompt": "p", "steps": "many"}, 'steps must be an integer, got "many"'),
-    ({"prompt": "p", "steps": 2.5}, "steps must be an integer"),
+    ({"prompt": "p", "steps": "many"}, 'num_inference_steps must be an integer, got "many"'),
+    ({"prompt": "p", "steps": 2.5}, "num_inference_steps must be an integer"),
     ({"prompt": "p", "think": "yes"}, "think must be true or false"),
     ({"prompt": "p", "cfg_text_scale": True}, "cfg_text_scale must be a number"),
     ({"prompt": "p", "cfg_interval": [0.5]}, "cfg_interval must be a list of two numbers"),
     ({"prompt": "p", "cfg_renorm_type": 3}, "cfg_renorm_type must be a string"),
     ({"prompt": "p", "cfg_renorm_type": "bogus"}, "cfg_renorm_type must be one of"),
-    ({"prompt": "p", "steps": 0}, "steps must be >= 1"),
-    ({"prompt": "p", "height": 30}, "height must be a positive multiple of 16"),
+    ({"prompt": "p", "steps": 0}, "num_inference_steps must be >= 1 and <= 500, got 0"),
+    ({"prompt": "p", "height": 30}, "height must be >= 16 and a multiple of 16, got 30"),
+    # the HTTP API's types and ranges (issue 25 items 4 and 7)
+    ({"prompt": "p", "seed": -1}, "seed must be >= 0 and <= 9223372036854775807, got -1"),
+    ({"prompt": "p", "seed": 2**70}, "seed must be >= 0"),
+    ({"prompt": "p", "num_inference_steps": 10**6}, "num_inference_steps must be >= 1 and <= 500"),
+    ({"prompt": "p", "modality": "text2text", "max_tokens": 10**12}, "max_tokens must be >= 1 and <= 32768"),
+    ({"prompt": "p", "num_inference_steps": True}, "num_inference_steps must be an integer, got true"),
+    ({"prompt": "p", "num_inference_steps": "2"}, 'num_inference_steps must be an integer, got "2"'),
+    ({"prompt": "p", "num_inference_steps": 2.0}, "num_inference_steps must be an integer, got 2.0"),
+    ({"prompt": "p", "cfg_text_scale": float("nan")}, "cfg_text_scale must be a finite number"),
+    ({"prompt": "p", "cfg_img_scale": -1}, "cfg_img_scale must be >= 0"),
+    ({"prompt": "p", "temperature": 0}, "temperature must be > 0"),
+    ({"prompt": "p", "cfg_interval": [0.9, 0.1]}, r"cfg_interval must be \[lo, hi\] with lo <= hi"),
+    ({"prompt": "p", "taylorseer": 1}, "taylorseer must be true or false"),
+    ({"prompt": "p", "steps": 3, "num_inference_steps": 4}, "steps and num_inference_steps are the same knob"),
     ({"prompt": "p", "modality": "text2video"}, "unknown modality 'text2video'"),
     ({"prompt": ""}, "prompt must be a non-empty string"),
     ({}, "prompt must be a non-empty string"),
@@ -125,9 +139,24 @@ def test_bad_items_fail_with_a_reason(job, fields, message):
         build_request(item(**fields), job)
 
 
+def test_aliases_and_new_knobs_reach_the_request(job):
+    req = build_request(item(prompt="p", steps=7, taylorseer=True, cfg_interval=[0, 1]), job)
+    assert (req.num_inference_steps, req.taylorseer, req.cfg_interval) == (7, True, (0.0, 1.0))
+    assert req.sampler().num_inference_steps == 7 and req.sampler().taylorseer is True
+
+
+def test_a_bad_knob_fails_before_the_image_is_read(job, monkeypatch):
+    opened = []
+    monkeypatch.setattr(inputs, "read_image", lambda path: opened.append(path))
+    with pytest.raises(ItemError, match="seed must be >= 0"):
+        build_request(item(prompt="p", modality="img2text", image="imgs/a.png", seed=-1), job)
+    assert opened == []
+
+
 def test_failed_outcome_keeps_valid_modality_and_seed(job):
     outcome = inputs.failed_outcome(item(prompt="p", modality="img2img", seed=3), job, "boom")
     assert outcome.record == {"id": "x", "status": "failed", "error": "boom", "output": None, "modality": "img2img",
                               "seed": 3, "timings": {}}
-    outcome = inputs.failed_outcome(item(prompt="p", modality=5, seed="s"), job, "boom")
-    assert (outcome.record["modality"], outcome.record["seed"]) == (None, None)
+    for seed in ("s", -1, 2**70, True):
+        outcome = inputs.failed_outcome(item(prompt="p", modality=5, seed=seed), job, "boom")
+        assert (outcome.record["modality"], outcome.record["seed"]) == (None, None)

@@ -32,7 +32,7 @@ def test_edit_positions_and_lengths(pipeline, image):
     rope 2+n; KV length (h*w+2)+(m+2)+n. cfg_img holds the prompt at 0..n-1. The generated block
     sits at 2+n in gen, 2 in cfg_text and n in cfg_img."""
     prompt = "make the sky green"
-    req = GenerationRequest("img2img", prompt, image=image, steps=3)
+    req = GenerationRequest("img2img", prompt, image=image, num_inference_steps=3)
     calls: list[list[list[int]]] = []
     hook = pipeline.thinker.model.llm.register_forward_pre_hook(lambda _m, args: calls.append(args[1].tolist()))
     try:

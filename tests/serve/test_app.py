@@ -85,7 +85,7 @@ def test_text2img_matches_local(serve_app, local):
     resp = post(serve_app, "/v1/images/generations", json=body)
     assert resp.status_code == 200, resp.text
     item = resp.json()["data"][0]
-    want = local.run(GenerationRequest("text2img", body["prompt"], seed=7, steps=6, height=48, width=64, cfg_img_scale=1.5))
+    want = local.run(GenerationRequest("text2img", body["prompt"], seed=7, num_inference_steps=6, height=48, width=64, cfg_img_scale=1.5))
     assert item["seed"] == 7
     assert np.array_equal(png_pixels(item["b64_json"]), np.asarray(want.image))
 
@@ -95,8 +95,8 @@ def test_handoff_keeps_latents_bit_identical(serve_app, local):
     import torch
 
     for req in (
-        GenerationRequest("text2img", "a castle", seed=1, steps=5, height=64, width=64, cfg_img_scale=1.5),
-        GenerationRequest("text2img", "a castle", seed=2, steps=4, height=32, width=48, think=True, max_think_tokens=6),
+        GenerationRequest("text2img", "a castle", seed=1, num_inference_steps=5, height=64, width=64, cfg_img_scale=1.5),
+        GenerationRequest("text2img", "a castle", seed=2, num_inference_steps=4, height=32, width=48, think=True, max_think_tokens=6),
     ):
         got = serve_app.handle.generate.remote(req).result(timeout_s=120)
         assert torch.equal(got.latent_tokens, local.run(req).latent_tokens)
@@ -109,7 +109,7 @@ def test_img2img_matches_local(serve_app, local, picture):
     resp = post(serve_app, "/v1/images/edits", files={"image": ("in.png", buf.getvalue(), "image/png")},
                 data={"prompt": "Make the sky purple.", "num_inference_steps": "5", "seed": "11"})
     assert resp.status_code == 200, resp.text
-    want = local.run(GenerationRequest("img2img", "Make the sky purple.", image=picture, seed=11, steps=5))
+    want = local.run(GenerationRequest("img2img", "Make the sky purple.", image=picture, seed=11, num_inference_steps=5))
     assert np.array_equal(png_pixels(resp.json()["data"][0]["b64_json"]), np.asarray(want.image))
 
 
@@ -119,7 +119,7 @@ def test_think_text2img_matches_local(serve_app, local):
     resp = post(serve_app, "/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text
     parts = resp.json()["choices"][0]["message"]["content"]
-    want = local.run(GenerationRequest("text2img", "A lighthouse at dusk", think=True, max_think_tokens=8, steps=4, seed=3,
+    want = local.run(GenerationRequest("text2img", "A lighthouse at dusk", think=True, max_think_tokens=8, num_inference_steps=4, seed=3,
                                        height=32, width=32))
     assert parts[0] == {"type": "text", "text": want.think_text}
     url = parts[1]["image_url"]["url"]

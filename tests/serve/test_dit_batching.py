@@ -18,7 +18,7 @@ from bagel_ray.engine.request import GenerationRequest
 
 
 def request(i: int, steps: int) -> GenerationRequest:
-    return GenerationRequest("text2img", f"a picture of thing number {i}", seed=100 + i, steps=steps + i, height=64, width=64,
+    return GenerationRequest("text2img", f"a picture of thing number {i}", seed=100 + i, num_inference_steps=steps + i, height=64, width=64,
                              cfg_interval=(0.0, 1.0), cfg_img_scale=1.0 + 0.5 * (i % 2))
 
 

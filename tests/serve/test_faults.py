@@ -41,7 +41,7 @@ def faulty(serve_app):
 
 def image_request(i: int) -> tuple[str, dict, GenerationRequest]:
     body = {"prompt": f"picture {i}", "size": "128x128", "num_inference_steps": 100, "seed": 100 + i, "cfg_interval": EVERY_STEP}
-    return "/v1/images/generations", body, GenerationRequest("text2img", body["prompt"], seed=100 + i, steps=100, height=128,
+    return "/v1/images/generations", body, GenerationRequest("text2img", body["prompt"], seed=100 + i, num_inference_steps=100, height=128,
                                                              width=128, cfg_interval=tuple(EVERY_STEP))
 
 
@@ -62,7 +62,7 @@ def thinker_heavy_request(i: int) -> tuple[str, dict, GenerationRequest]:
     body = {"messages": [{"role": "user", "content": f"picture {i}"}], "modalities": ["image"], "think": True,
             "max_think_tokens": 400, "num_inference_steps": 10, "size": "64x64", "seed": i, "cfg_interval": EVERY_STEP}
     return "/v1/chat/completions", body, GenerationRequest("text2img", f"picture {i}", think=True, max_think_tokens=400,
-                                                           steps=10, height=64, width=64, seed=i, cfg_interval=tuple(EVERY_STEP))
+                                                           num_inference_steps=10, height=64, width=64, seed=i, cfg_interval=tuple(EVERY_STEP))
 
 
 def driver_retries() -> int:
@@ -166,7 +166,7 @@ def test_bulk_job_through_the_app_survives_replica_kills(faulty, local, tmp_path
         if i % 3:
             item = {"id": f"img-{i:02d}", "modality": "text2img", "prompt": f"picture {i}", "height": 128, "width": 128,
                     "steps": 80, "seed": i, "cfg_interval": EVERY_STEP}
-            want[item["id"]] = GenerationRequest("text2img", item["prompt"], height=128, width=128, steps=80, seed=i,
+            want[item["id"]] = GenerationRequest("text2img", item["prompt"], height=128, width=128, num_inference_steps=80, seed=i,
                                                  cfg_interval=tuple(EVERY_STEP))
         else:
             item = {"id": f"txt-{i:02d}", "modality": "text2text", "prompt": f"question {i}", "max_tokens": 400, "seed": i}

@@ -85,7 +85,7 @@ def test_oom_splits_the_batch_and_fails_only_the_request_that_cannot_fit(thinker
 
 
 def test_oom_in_image_stages_fails_the_request_and_the_replica_goes_on(thinker, dit, monkeypatch):
-    req = GenerationRequest("text2img", "a fox", steps=3, height=32, width=32, seed=2)
+    req = GenerationRequest("text2img", "a fox", num_inference_steps=3, height=32, width=32, seed=2)
     monkeypatch.setattr(thinker.pipeline, "prepare_image", lambda *a, **k: (_ for _ in ()).throw(oom()))
     with pytest.raises(EngineOutOfMemory):
         asyncio.run(thinker.prepare_image(req))
@@ -101,7 +101,7 @@ def test_oom_in_image_stages_fails_the_request_and_the_replica_goes_on(thinker, 
 def test_cancelling_a_call_stops_denoising_at_the_next_step(dit, monkeypatch):
     steps: list[float] = []
     monkeypatch.setattr(metrics, "count_step", lambda: steps.append(time.monotonic()))
-    req = GenerationRequest("text2img", "a long one", steps=500, height=128, width=128, seed=3)
+    req = GenerationRequest("text2img", "a long one", num_inference_steps=500, height=128, width=128, seed=3)
 
     async def cancel_after_a_few_steps() -> int:
         task = asyncio.create_task(dit.generate(req))
@@ -133,7 +133,7 @@ def test_cancelling_stops_decoding(thinker, dit):
     assert all(isinstance(r, Cancelled) for r in out)
 
     # think decoding of an image request, on the Thinker and on a DiT that builds contexts itself
-    think = GenerationRequest("text2img", "plan first", think=True, max_think_tokens=20000, steps=2, height=32, width=32)
+    think = GenerationRequest("text2img", "plan first", think=True, max_think_tokens=20000, num_inference_steps=2, height=32, width=32)
 
     async def cancel_soon(call) -> float:
         task = asyncio.create_task(call)
@@ -167,7 +167,7 @@ def image_requests(n: int, steps: int = 6) -> list[GenerationRequest]:
     """Same-size text2img requests of different prompts, seeds and steps, with CFG at every
     step (two blocks a step each: bit for bit equal batched or alone on the CI's CPU; within
     `TOL` on other CPUs' BLAS, see tests/engine/test_dit_batch.py)."""
-    return [GenerationRequest("text2img", f"picture {i}", seed=10 + i, steps=steps + i, height=32, width=32,
+    return [GenerationRequest("text2img", f"picture {i}", seed=10 + i, num_inference_steps=steps + i, height=32, width=32,
                               cfg_interval=(0.0, 1.0), cfg_img_scale=1.0 + 0.5 * i) for i in range(n)]
 
 
@@ -214,7 +214,7 @@ def test_oom_halves_the_image_batch_and_fails_only_the_request_that_cannot_fit(d
 
 def test_a_cancelled_request_leaves_its_batch(dit):
     reqs = image_requests(3)
-    long = GenerationRequest("text2img", "a long one", seed=3, steps=5000, height=32, width=32, cfg_interval=(0.0, 1.0))
+    long = GenerationRequest("text2img", "a long one", seed=3, num_inference_steps=5000, height=32, width=32, cfg_interval=(0.0, 1.0))
     want = [dit.pipeline.run(r) for r in reqs]
 
     async def scenario():

@@ -13,7 +13,7 @@ from tests.serve.test_app import png_pixels, post
 
 
 def test_img2img_through_the_thinker_matches_local(two_stage_app, local, picture):  # noqa: F811
-    req = GenerationRequest("img2img", "Make it night.", image=picture, seed=21, steps=5)
+    req = GenerationRequest("img2img", "Make it night.", image=picture, seed=21, num_inference_steps=5)
     got = two_stage_app.handle.generate.remote(req).result(timeout_s=120)
     want = local.run(req)
     assert torch.equal(got.latent_tokens, want.latent_tokens)

@@ -40,10 +40,10 @@ def _parser_of(knob: Knob, one: bool = False) -> Callable[[str], Any]:
     return parse
 
 
-def add_request_flags(parser: argparse.ArgumentParser, title: str, table: tuple[Knob, ...] = KNOBS) -> None:
-    """One flag per knob of `table`, in an argument group called `title`."""
+def add_request_flags(parser: argparse.ArgumentParser, title: str, table: tuple[Knob, ...] | None = None) -> None:
+    """One flag per knob of `table` (default: `KNOBS`), in an argument group called `title`."""
     req = parser.add_argument_group(title)
-    for knob in table:
+    for knob in KNOBS if table is None else table:
         help = f"{knob.help} (default: {knob.default_text()})" if knob.default is not None or knob.per_modality else knob.help
         if knob.aliases:
             help += f"; also {', '.join(knob.flags[1:])}"
@@ -59,12 +59,12 @@ def add_request_flags(parser: argparse.ArgumentParser, title: str, table: tuple[
                              help=help)
 
 
-def request_fields(values: Mapping[str, Any], table: tuple[Knob, ...] = KNOBS) -> dict[str, Any]:
+def request_fields(values: Mapping[str, Any], table: tuple[Knob, ...] | None = None) -> dict[str, Any]:
     """The knobs among `values` (parsed flags, or one item of a bulk job, whose aliases are
     taken as their knob's name) that are set and valid, ready for `GenerationRequest(**...)`;
     ValueError naming the first bad one."""
     values = canonical(values, table)
-    return {k.name: k.check(values[k.name]) for k in table if values.get(k.name) is not None}
+    return {k.name: k.check(values[k.name]) for k in (KNOBS if table is None else table) if values.get(k.name) is not None}
 
 
 def read_image(path: Path | str | None) -> Image.Image | None:

@@ -209,10 +209,10 @@ KNOBS: tuple[Knob, ...] = (
 )
 
 
-def by_name(table: tuple[Knob, ...] = KNOBS) -> dict[str, Knob]:
-    """Knobs by name and by alias."""
+def by_name(table: tuple[Knob, ...] | None = None) -> dict[str, Knob]:
+    """Knobs (of `table`, default `KNOBS` as it is now) by name and by alias."""
     names: dict[str, Knob] = {}
-    for knob in table:
+    for knob in KNOBS if table is None else table:
         for name in (knob.name, *knob.aliases):
             if name in names:
                 raise ValueError(f"knob name {name!r} is defined twice")
@@ -220,7 +220,7 @@ def by_name(table: tuple[Knob, ...] = KNOBS) -> dict[str, Knob]:
     return names
 
 
-def canonical(fields: Mapping[str, Any], table: tuple[Knob, ...] = KNOBS) -> dict[str, Any]:
+def canonical(fields: Mapping[str, Any], table: tuple[Knob, ...] | None = None) -> dict[str, Any]:
     """`fields` with aliases replaced by the knob's name (ValueError if both are given);
     fields that are no knob pass through unchanged."""
     names, out = by_name(table), {}
@@ -233,9 +233,9 @@ def canonical(fields: Mapping[str, Any], table: tuple[Knob, ...] = KNOBS) -> dic
     return out
 
 
-def sampler_defaults(modality: str, table: tuple[Knob, ...] = KNOBS) -> dict[str, Any]:
+def sampler_defaults(modality: str, table: tuple[Knob, ...] | None = None) -> dict[str, Any]:
     """The official sampler settings of an image modality, by knob name."""
-    return {k.name: k.per_modality.get(modality, k.default) for k in table if k.sampler}
+    return {k.name: k.per_modality.get(modality, k.default) for k in (KNOBS if table is None else table) if k.sampler}
 
 
 BY_NAME = by_name()

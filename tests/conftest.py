@@ -17,6 +17,14 @@ GOLDEN_ROOT = Path(os.environ.get("BAGEL_RAY_GOLDEN", REPO_ROOT.parent / "shared
 TINY_GOLDEN = GOLDEN_ROOT / "bagel-tiny"
 
 
+def outlasting(req, num_inference_steps: int):
+    """`req` with more denoising steps than a client may ask for (the knob's limit is 500): a
+    job that outlasts its test, for tests that cancel it. Set after the request's checks, as
+    no client can; the engines take any count."""
+    object.__setattr__(req, "num_inference_steps", num_inference_steps)
+    return req
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not (TINY_GOLDEN / "manifest.json").exists():

@@ -17,7 +17,7 @@ from PIL import Image
 from bagel_ray.engine.dit import DenoiseParams
 from bagel_ray.engine.thinker import DecodeParams
 from bagel_ray.knobs import BY_NAME, DEFAULT_SEED, KNOBS, sampler_defaults
-from bagel_ray.routes import IMAGE_INPUT, IMAGE_OUTPUT, MODALITIES, route
+from bagel_ray.routes import IMAGE_OUTPUT, route
 
 # Official notebook settings (spec 6.5): the text2img and edit columns, by knob name.
 SAMPLER_DEFAULTS: dict[str, DenoiseParams] = {m: DenoiseParams(**sampler_defaults(m)) for m in IMAGE_OUTPUT}
@@ -66,7 +66,7 @@ class GenerationRequest:
 
     @property
     def outputs_image(self) -> bool:
-        return self.modality in IMAGE_OUTPUT
+        return route(self.modality).image_out
 
     def sampler(self) -> DenoiseParams | None:
         """The denoising knobs, defaults filled in (None for text modalities)."""

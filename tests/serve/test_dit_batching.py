@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bagel_ray.engine.request import GenerationRequest
+from tests.conftest import outlasting
 
 
 def request(i: int, steps: int) -> GenerationRequest:
@@ -40,7 +41,7 @@ def test_concurrent_requests_are_batched_and_match_local(serve_app, local):
 def test_a_cancelled_request_leaves_the_batch_and_the_others_finish(serve_app, local):
     from ray.serve.exceptions import RequestCancelledError
 
-    long = serve_app.handle.generate.remote(request(9, 20000))  # minutes of steps if left running
+    long = serve_app.handle.generate.remote(outlasting(request(9, 12), 20000))  # minutes of steps if left running
     time.sleep(1.0)
     reqs = [request(i, 12) for i in range(3)]
     want = [local.run(r) for r in reqs]

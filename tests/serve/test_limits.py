@@ -92,6 +92,19 @@ BAD_JSON = [
     (IMAGES, {"prompt": "x", "seed": -1}, 422, "seed"),
     (IMAGES, {"prompt": "x", "n": 9}, 422, "n"),
     (IMAGES, {"prompt": "y" * 5000}, 422, "prompt"),
+    # strict types (issue 25 item 7): no coercion of booleans, strings or floats into integers
+    (IMAGES, {"prompt": "x", "num_inference_steps": True}, 422, "num_inference_steps"),
+    (IMAGES, {"prompt": "x", "num_inference_steps": "2"}, 422, "num_inference_steps"),
+    (IMAGES, {"prompt": "x", "num_inference_steps": 2.0}, 422, "num_inference_steps"),
+    (IMAGES, {"prompt": "x", "n": True}, 422, "n"),
+    (IMAGES, {"prompt": "x", "cfg_text_scale": "4"}, 422, "cfg_text_scale"),
+    (IMAGES, {"prompt": "x", "cfg_interval": [0, True]}, 422, "cfg_interval.1"),
+    (IMAGES, {"prompt": "x", "taylorseer": "yes"}, 422, "taylorseer"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "2"}, 422, "max_tokens"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "think": 1}, 422, "think"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "seed": 1.0}, 422, "seed"),
+    # seed + i of n images must stay a seed a client can send back (issue 25 item 8)
+    (IMAGES, {"prompt": "x", "seed": 2**63 - 1, "n": 2}, 422, "n"),
 ]
 
 
@@ -125,11 +138,26 @@ def test_bad_uploads(serve_app, png):
         (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "cfg_interval": "[0.1,"}), 422, "cfg_interval"),
         (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "num_inference_steps": "many"}), 422, "num_inference_steps"),
         (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "size": "32x32"}), 422, "size"),
+        (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "num_inference_steps": "2.5"}), 422, "num_inference_steps"),
+        (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "think": "maybe"}), 422, "think"),
+        (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "cfg_interval": "0.9,0.1"}), 422, "cfg_interval"),
+        (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "cfg_interval": "[" * 1000}), 422, "cfg_interval"),
+        (dict(files={"image": ("a.png", png, "image/png")}, data={"prompt": "x", "seed": str(2**63 - 1), "n": "2"}), 422, "n"),
         (dict(json={"prompt": "x"}), 400, "image"),  # not multipart
     ]
     for kwargs, status, param in cases:
         assert_error(post(serve_app, EDITS, **kwargs), status, param)
         assert_still_serves(serve_app)
+
+
+def test_seeds_at_the_top_of_the_range_are_returned_as_sent(serve_app):
+    body = {"prompt": "x", "size": "16x16", "num_inference_steps": 2, "seed": 2**63 - 2, "n": 2}
+    resp = post(serve_app, IMAGES, json=body)
+    assert resp.status_code == 200, resp.text
+    seeds = [item["seed"] for item in resp.json()["data"]]
+    assert seeds == [2**63 - 2, 2**63 - 1]
+    again = post(serve_app, IMAGES, json={**body, "seed": seeds[-1], "n": 1})  # a returned seed can be sent back
+    assert again.status_code == 200, again.text
 
 
 def test_body_size_limit(serve_app):

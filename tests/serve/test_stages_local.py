@@ -20,7 +20,7 @@ from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.serve import metrics
 from bagel_ray.serve.stages import DiTServer, EngineOutOfMemory, TextJob, ThinkerServer
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, outlasting
 from tests.engine.test_dit_batch import TOL
 
 
@@ -214,7 +214,7 @@ def test_oom_halves_the_image_batch_and_fails_only_the_request_that_cannot_fit(d
 
 def test_a_cancelled_request_leaves_its_batch(dit):
     reqs = image_requests(3)
-    long = GenerationRequest("text2img", "a long one", seed=3, num_inference_steps=5000, height=32, width=32, cfg_interval=(0.0, 1.0))
+    long = outlasting(GenerationRequest("text2img", "a long one", seed=3, height=32, width=32, cfg_interval=(0.0, 1.0)), 5000)
     want = [dit.pipeline.run(r) for r in reqs]
 
     async def scenario():

@@ -44,9 +44,9 @@ def add_request_flags(parser: argparse.ArgumentParser, title: str, table: tuple[
     """One flag per knob of `table` (default: `KNOBS`), in an argument group called `title`."""
     req = parser.add_argument_group(title)
     for knob in KNOBS if table is None else table:
-        help = f"{knob.help} (default: {knob.default_text()})" if knob.default is not None or knob.per_modality else knob.help
-        if knob.aliases:
-            help += f"; also {', '.join(knob.flags[1:])}"
+        notes = [f"default: {knob.default_text()}"] if knob.default is not None or knob.per_modality else []
+        notes += [knob.range_text()] if knob.range_text() else []
+        help = f"{knob.help} ({'; '.join(notes)})" if notes else knob.help
         if knob.kind == BOOL:
             req.add_argument(*knob.flags, dest=knob.name, action="store_true", default=None, help=help)
         elif knob.kind == CHOICE:

@@ -195,15 +195,15 @@ KNOBS: tuple[Knob, ...] = (
          ge=16, multiple_of=16, http=False),
     Knob("width", INT, "as height", ge=16, multiple_of=16, http=False),
     # -- every modality ------------------------------------------------------------------
-    Knob("seed", INT, "random seed of the noise and of sampled text (HTTP: random when not given, and returned)",
+    Knob("seed", INT, "seed of the noise and of sampled text (HTTP: random when not given, and returned)",
          default=DEFAULT_SEED, ge=0, le=MAX_SEED, http_default=None),
     Knob("think", BOOL, "reason in text (a <think> plan) before the image or answer", default=False),
     # The notebook's max_think_token_n = 1000 is a max_length that counts the leading
     # <|im_start|>, so at most 999 tokens come out.
     Knob("max_think_tokens", INT, "most think tokens", default=999, ge=1, le=MAX_NEW_TOKENS),
     # -- text answers (and think text) ---------------------------------------------------
-    Knob("max_tokens", INT, "most new text tokens (the app's understanding tab: 512)", default=512, ge=1, le=MAX_NEW_TOKENS),
-    Knob("do_sample", BOOL, "sample text instead of greedy decoding (official default: greedy)", default=False),
+    Knob("max_tokens", INT, "most new text tokens (the official app's understanding tab)", default=512, ge=1, le=MAX_NEW_TOKENS),
+    Knob("do_sample", BOOL, "sample text instead of greedy decoding", default=False),
     Knob("temperature", FLOAT, "sampling temperature (with do_sample)", default=0.3, gt=0, le=5),
     Knob("top_p", FLOAT, "nucleus sampling mass (with do_sample)", default=1.0, gt=0, le=1),
 )

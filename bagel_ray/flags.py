@@ -36,7 +36,6 @@ def _parser_of(knob: Knob, one: bool = False) -> Callable[[str], Any]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    parse.__name__ = knob.kind  # what argparse names in "invalid <type> value"
     return parse
 
 

@@ -48,6 +48,7 @@ class GenerationRequest:
     cfg_renorm_type: str | None = None
     cfg_renorm_min: float | None = None
     timestep_shift: float | None = None
+    taylorseer: bool = False  # the official `enable_taylorseer` step cache: faster, approximate
     think: bool = False
     max_think_tokens: int = DEFAULT_MAX_THINK_TOKENS
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -94,7 +95,7 @@ class GenerationRequest:
             "cfg_renorm_type": self.cfg_renorm_type,
             "cfg_renorm_min": self.cfg_renorm_min,
         }
-        return replace(base, **{k: v for k, v in given.items() if v is not None})
+        return replace(base, taylorseer=self.taylorseer, **{k: v for k, v in given.items() if v is not None})
 
     def decode_params(self, think: bool = False) -> DecodeParams:
         return DecodeParams(

@@ -23,9 +23,10 @@ def test_on_the_cpu_the_forward_is_the_eager_one(pipeline):
     positions = torch.full((2, n), ctx.rope)
     rows = ExpertRows.block_markers(2, n, "cpu")
     past = [[ctx.layer(i) for i in range(ctx.kv.shape[0])], None]
-    got = graphs(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
-    want, _ = model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
-    assert torch.equal(got, want)
+    stream, got = graphs(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
+    want_stream, want, _ = model.llm.forward_with_stream(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
+    assert torch.equal(got, want) and torch.equal(stream, want_stream)
+    assert torch.equal(want, model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))[0])
     assert graphs._captured == {}
 
 

@@ -30,9 +30,10 @@ def test_on_the_cpu_the_forward_is_the_eager_one(pipeline):
     assert graphs._captured == {}
 
 
-def _latents(pipe, prompt: str, graphs: bool) -> torch.Tensor:
+def _latents(pipe, prompt: str, graphs: bool, steps: int = 6, taylorseer: bool = False) -> torch.Tensor:
     """text2img with cfg_text on part of the schedule: 2-branch steps, then 1-branch ones."""
-    req = GenerationRequest("text2img", prompt, seed=3, steps=6, height=64, width=64, cfg_interval=(0.5, 1.0))
+    req = GenerationRequest("text2img", prompt, seed=3, steps=steps, height=64, width=64, cfg_interval=(0.5, 1.0),
+                            taylorseer=taylorseer)
     prepared = pipe.prepare_image(req)
     pipe.dit.cuda_graphs = graphs
     try:
@@ -52,6 +53,16 @@ def test_denoising_with_graphs_gives_the_eager_latents(gpu_pipeline):
     assert all(c is not None for c in captured.values())
     for got, want in zip(graphed + [again], eager + [eager[0]]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_taylorseer_with_graphs_gives_the_eager_latents(gpu_pipeline):
+    """The step cache keeps the graphs of its full forwards: the last layer's output it stores
+    is the graphs' own stream, copied before the next replay."""
+    pipe = gpu_pipeline
+    eager = _latents(pipe, PROMPTS[0], graphs=False, steps=16, taylorseer=True)
+    graphed = [_latents(pipe, PROMPTS[0], graphs=True, steps=16, taylorseer=True) for _ in range(2)]
+    assert all(torch.equal(g, eager) for g in graphed)
+    assert not torch.equal(eager, _latents(pipe, PROMPTS[0], graphs=False, steps=16))
 
 
 def test_a_shape_past_max_rows_runs_eagerly(gpu_pipeline):

@@ -196,3 +196,26 @@ def test_taylorseer_runs_the_network_on_the_official_full_forwards(pipeline, man
     exact = pipeline.run(replace(req, taylorseer=False))
     with pytest.raises(AssertionError, match="max abs diff"):
         check(case, "final_latent_packed", exact.latent_tokens, tensors)
+
+
+def test_cached_and_exact_cases_stepped_together_match_the_official_ones(pipeline, manifest, golden_dir):
+    """The engine's cross-request step (`DiT.step`) over four golden cases at once, two with
+    the step cache and two without, two of each latent grid: every one still matches its
+    official latents and velocities (each job keeps its own cache)."""
+    names = ("text2img", "text2img_taylorseer", "img2img", "img2img_taylorseer")
+    dit = pipeline.dit
+    jobs, records = [], {name: [] for name in names}
+    for name in names:
+        case = manifest["cases"][name]
+        tensors = load_case_tensors(golden_dir, case)
+        req = image_request(case, golden_dir, tensors)
+        prepared = pipeline.prepare_image(req)
+        jobs.append(dit.job(prepared.contexts, req.sampler(), prepared.noise, records[name].append, key=(case, tensors)))
+    while not all(job.done for job in jobs):
+        dit.step(jobs)
+    assert {r.batch for rs in records.values() for r in rs[:3]} == {2}  # each forward held both jobs of a grid
+    for job, name in zip(jobs, names):
+        case, tensors = job.key
+        assert job.error is None
+        check(case, "v_cond", torch.stack([r.velocities["cond"] for r in records[name]]), tensors)
+        check(case, "final_latent_packed", job.x, tensors)

@@ -199,11 +199,15 @@ class DiT:
         n = n_lat + 2
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
-        forward = self._graphs if self.cuda_graphs else lambda *args: self.model.llm.forward_with_stream(*args)[:2]
-        stream, hidden = forward(rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
+        args = (rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
+        if self.cuda_graphs:
+            stream, hidden = self._graphs(*args)
+        else:
+            hidden, _, stream = self.model.llm(*args, with_stream=True)
         v = self.model.velocity(hidden[:, 1:-1])
         return (v, stream[:, 1:-1]) if with_stream else v
 
+    @torch.inference_mode()
     def predicted_velocity(self, state: TaylorState) -> torch.Tensor:
         """A TaylorSeer forward of one branch: the final norm of the gen rows (`norm_moe_gen`)
         and `llm2vae` over the cache's prediction of the last layer's output [h*w, 64]. No

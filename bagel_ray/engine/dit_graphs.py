@@ -75,7 +75,11 @@ class DitGraphs:
         [B, N, D], of the blocks `embeds` [B, N, D]. A replay's outputs are the graph's own
         tensors: read them before the next call."""
         B, N, _ = embeds.shape
-        eager = lambda: self.llm.forward_with_stream(embeds, positions, rows, attention, mode)[:2]  # noqa: E731
+
+        def eager() -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, _, stream = self.llm(embeds, positions, rows, attention, mode, with_stream=True)
+            return stream, hidden
+
         if (not embeds.is_cuda or B * N > self.max_rows or kernels.in_eager()
                 or torch.cuda.is_current_stream_capturing()):
             return eager()

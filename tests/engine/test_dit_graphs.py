@@ -24,7 +24,7 @@ def test_on_the_cpu_the_forward_is_the_eager_one(pipeline):
     rows = ExpertRows.block_markers(2, n, "cpu")
     past = [[ctx.layer(i) for i in range(ctx.kv.shape[0])], None]
     stream, got = graphs(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
-    want_stream, want, _ = model.llm.forward_with_stream(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
+    want, _, want_stream = model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True), with_stream=True)
     assert torch.equal(got, want) and torch.equal(stream, want_stream)
     assert torch.equal(want, model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))[0])
     assert graphs._captured == {}

@@ -1,6 +1,6 @@
 """Single-GPU benchmark of the engines at full size (random bf16 weights), one request at a time.
 
-    python -m benchmarks.bench_pipeline [--rows gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch]
+    python -m benchmarks.bench_pipeline [--rows gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch,taylorseer]
                                         [--reps N] [--json FILE] [--smoke]
 
 Rows (issue targets in brackets):
@@ -16,6 +16,11 @@ Rows (issue targets in brackets):
             largest |batched - alone| latent difference
   dit_graphs text2img and img2img 512^2 with the DiT's layer graphs off and on, alternated in this
             process (median of --reps each), and the largest latent difference between the two
+  taylorseer the official TaylorSeer step cache (issue 20) against the exact path in the same run, for
+            t2i1024, t2i512 and edit512 [<= 3.8 s, <= 0.5 s, <= 0.9 s]: seconds of each, the network
+            blocks each ran (full forwards against every branch forward), the floor (the exact time
+            with its denoising scaled by that ratio), and the relative L2 distance of the final
+            latents from the exact ones (same seed; random weights: a stability figure, not quality)
   guard     the fused kernels and graphs against the eager reference ops: latent and pixel
             differences of a 512^2 text2img; 32 greedy tokens: where the ids first differ, the
             eager path's margin between the two choices there, and the paths' largest logit gap
@@ -28,6 +33,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -119,9 +125,32 @@ def image(side: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
 
 
+def taylorseer_row(pipe: LocalPipeline, name: str, req: GenerationRequest, reps: int) -> dict:
+    """One case exact and with the step cache, alternated in this process (median of `reps` each)."""
+    cached_req = replace(req, taylorseer=True)
+    for warm in (req, cached_req):  # warm-up at this size; 8 steps reach the cache's 1-block full forwards
+        pipe.run(replace(warm, num_inference_steps=8))
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    out, blocks = {}, {}
+    for _ in range(reps):
+        for cached in (False, True):
+            ran: list[int] = []
+            seconds, out[cached] = timed(lambda: pipe.run(cached_req if cached else req, lambda r: ran.append(len(r.forwards))), 1)
+            runs[cached].append(seconds)
+            blocks[cached] = sum(ran)
+    exact_s, cached_s = statistics.median(runs[False]), statistics.median(runs[True])
+    denoise_s = out[False].timings["denoise_s"]
+    a, b = out[True].latent_tokens.float(), out[False].latent_tokens.float()
+    return {"row": f"taylorseer_{name}", "seconds": cached_s, "exact_seconds": exact_s, "speedup": exact_s / cached_s,
+            "full_forwards": blocks[True], "exact_forwards": blocks[False],
+            "floor_seconds": exact_s - denoise_s * (1 - blocks[True] / blocks[False]),
+            "latent_rel_l2": float((a - b).norm() / b.norm())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch,dit_graphs")
+    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch,dit_graphs,"
+                                          "taylorseer")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")
@@ -171,6 +200,11 @@ def main() -> None:
         seconds, result = timed(lambda: pipe.run(req), args.reps)
         results.append({"row": name, "seconds": seconds, **{k: round(v, 4) for k, v in result.timings.items()}})
         print(results[-1], flush=True)
+
+    if "taylorseer" in rows:
+        for name in ("t2i1024", "t2i512", "edit512"):
+            results.append(taylorseer_row(pipe, name, cases[name], args.reps))
+            print(results[-1], flush=True)
 
     if "guard" in rows:
         # the fused path against the eager reference ops (same engines, same seed)

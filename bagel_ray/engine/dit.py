@@ -10,12 +10,18 @@ different users share the weight reads and fill the GEMMs. Each job keeps its ow
 step index, CFG gating, scales and renorm; a branch whose context equals gen's (text2img's
 cfg_img without think) is not run, its velocity is the conditional one. `DiT.denoise` is the
 one-job case of the same step.
+
+With `taylorseer` a job keeps a TaylorSeer cache per branch in its own `DenoiseJob`
+(`engine/taylorseer.py`): on a branch's full forwards its block runs in the batched forward
+as usual and the last layer's output refreshes the cache; on the others the block takes no
+part in the forward, and its velocity is the final norm and `llm2vae` of the cache's
+prediction. Jobs with and without it, on full or predicted forwards, share one step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -27,6 +33,7 @@ from bagel_ray.engine.context import ContextBuilder
 from bagel_ray.engine.dit_graphs import DitGraphs
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.schedule import Schedule, cfg_active, euler_step, make_schedule
+from bagel_ray.engine.taylorseer import TaylorState
 from bagel_ray.model.bagel import BagelModel
 from bagel_ray.model.image_transforms import decoded_to_pil, grid_position_ids, tokens_to_latent
 from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV
@@ -57,7 +64,7 @@ class DenoiseParams:
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
-    taylorseer: bool = False
+    taylorseer: bool = False  # the official `enable_taylorseer`: approximate most forwards (spec pitfall 20)
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -84,6 +91,7 @@ class StepRecord:
     velocities: dict[str, torch.Tensor]  # per branch that ran (or was reused)
     guided: torch.Tensor
     batch: int = 1  # jobs whose rows shared this step's forward (this one included)
+    forwards: tuple[str, ...] = ()  # the branches whose velocity came from a network forward (not predicted or reused)
 
 
 @dataclass(eq=False, repr=False)
@@ -108,6 +116,7 @@ class DenoiseJob:
     key: object = None
     index: int = 0
     error: BaseException | None = None
+    taylor: dict[str, TaylorState] | None = None  # per branch, with `params.taylorseer`
 
     @property
     def total(self) -> int:
@@ -120,6 +129,16 @@ class DenoiseJob:
     def __repr__(self) -> str:  # the state, not the tensors
         h, w = self.grid
         return f"DenoiseJob(key={self.key!r}, grid={h}x{w}, step {self.index}/{self.total}, error={self.error!r})"
+
+
+@dataclass
+class _Forwarded:
+    """What one step's forwards gave a job: velocities by branch, the last layer's outputs of
+    its TaylorSeer branches that ran, and how many jobs shared its forward (0: it ran none)."""
+
+    velocities: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: int = 0
 
 
 class DiT:
@@ -160,11 +179,15 @@ class DiT:
         return self._marker_rows
 
     @torch.inference_mode()
-    def velocities(self, x: torch.Tensor, t: torch.Tensor, contexts: list[KVContext], pos_ids: torch.Tensor) -> torch.Tensor:
+    def velocities(self, x: torch.Tensor, t: torch.Tensor, contexts: list[KVContext], pos_ids: torch.Tensor,
+                   with_stream: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """v for each context in one batched forward: [B, h*w, 64]. Row block b is the latent
         block `x[b]` ([B, h*w, 64]) at time `t[b]` ([B]) over `contexts[b]`; a [h*w, 64] x or a
         0-dim t is shared by every block. The linear layers run on all blocks' rows together;
-        attention runs per block over its own context."""
+        attention runs per block over its own context. `with_stream` adds the latent rows of
+        the residual stream after the last layer (before the final norm) [B, h*w, D], what
+        TaylorSeer keeps: (v, stream). The stream may be a CUDA graph's own tensor: copy what
+        is needed of it before the next forward."""
         dev = self.model.device
         B = len(contexts)
         markers = self._markers()
@@ -178,9 +201,21 @@ class DiT:
         n = n_lat + 2
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
-        forward = self._graphs if self.cuda_graphs else lambda *args: self.model.llm(*args)[0]
-        hidden = forward(rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
-        return self.model.velocity(hidden[:, 1:-1])
+        args = (rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
+        if self.cuda_graphs:
+            stream, hidden = self._graphs(*args)
+        else:
+            hidden, _, stream = self.model.llm(*args, with_stream=True)
+        v = self.model.velocity(hidden[:, 1:-1])
+        return (v, stream[:, 1:-1]) if with_stream else v
+
+    @torch.inference_mode()
+    def predicted_velocity(self, state: TaylorState) -> torch.Tensor:
+        """A TaylorSeer forward of one branch: the final norm of the gen rows (`norm_moe_gen`)
+        and `llm2vae` over the cache's prediction of the last layer's output [h*w, 64]. No
+        layer runs: a predicted layer ignores its input, so the last one's prediction is all
+        that reaches the output."""
+        return self.model.velocity(self.model.llm.norm_moe_gen(state.predict()))
 
     def job(
         self,
@@ -203,6 +238,7 @@ class DiT:
             {name: contexts.branch(name) for name in BRANCHES}, grid_position_ids(h, w, self.cfg.max_latent_size).to(dev),
             noise.to(dev, torch.float32),  # the latent state stays on the device, in fp32
             on_step, should_stop, key,
+            taylor={name: TaylorState() for name in BRANCHES} if params.taylorseer else None,
         )
 
     @staticmethod
@@ -215,29 +251,47 @@ class DiT:
     @staticmethod
     def _guidance(job: DenoiseJob) -> tuple[float, float, list[str], list[str]]:
         """The gated scales of a job's current step, the branches its combination needs, and
-        those to run (a branch whose context equals gen's reuses the conditional velocity)."""
+        those to run (a branch whose context equals gen's reuses the conditional velocity).
+        With TaylorSeer such a branch reuses it only while it has run at every step so far:
+        then its cache equals the conditional branch's. Otherwise (CFG starting after the
+        first step) its count lags, and it runs on its own cache as the official one does."""
         p = job.params
         on = cfg_active(job.schedule.timesteps[job.index], p.cfg_interval)
         s_t = p.cfg_text_scale if on else 1.0
         s_i = p.cfg_img_scale if on else 1.0
         wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
-        run = [b for b in wanted if b == "cond" or not job.contexts.same_as_gen(b)]
+
+        def reuses(b: str) -> bool:
+            return job.contexts.same_as_gen(b) and (job.taylor is None or job.taylor[b].step == job.taylor["cond"].step)
+
+        run = [b for b in wanted if b == "cond" or not reuses(b)]
         return s_t, s_i, wanted, run
 
-    def _batched_velocities(self, jobs: list[DenoiseJob], runs: list[list[str]]) -> list[tuple[dict[str, torch.Tensor], int]]:
+    def _batched_velocities(self, jobs: list[DenoiseJob], runs: list[list[str]]) -> list[_Forwarded]:
         """Each job's velocities of the branches in its `runs` entry, with one forward per
-        latent grid over every (job, branch) block of that grid; and how many jobs shared it."""
+        latent grid over every (job, branch) block of that grid, and how many jobs shared it.
+        A TaylorSeer job also gets its copy of each such branch's last-layer output, for its
+        cache (written over the cache's spare factor when it has one). No job's state changes
+        here, so a forward that raises leaves every job as it was."""
         groups: dict[tuple[int, int], list[int]] = {}
         for k, job in enumerate(jobs):
-            groups.setdefault(job.grid, []).append(k)
-        out: list[tuple[dict[str, torch.Tensor], int]] = [({}, 0)] * len(jobs)
+            if runs[k]:
+                groups.setdefault(job.grid, []).append(k)
+        out = [_Forwarded() for _ in jobs]
         for members in groups.values():
             blocks = [(k, b) for k in members for b in runs[k]]
             x = torch.stack([jobs[k].x for k, _ in blocks])
             t = torch.stack([jobs[k].timesteps[jobs[k].index] for k, _ in blocks])
-            v = self.velocities(x, t, [jobs[k].branches[b] for k, b in blocks], jobs[members[0]].pos_ids)
+            v, stream = self.velocities(x, t, [jobs[k].branches[b] for k, b in blocks], jobs[members[0]].pos_ids,
+                                        with_stream=True)
+            for row, (k, b) in enumerate(blocks):
+                out[k].velocities[b] = v[row]
+                taylor = jobs[k].taylor
+                if taylor is not None:
+                    spare = taylor[b].spare()
+                    out[k].outputs[b] = stream[row].clone() if spare is None else spare.copy_(stream[row])
             for k in members:
-                out[k] = ({b: v[row] for row, (j, b) in enumerate(blocks) if j == k}, len(members))
+                out[k].shared = len(members)
         return out
 
     @torch.inference_mode()
@@ -245,25 +299,36 @@ class DiT:
         """Advance every unfinished job by one step of its own schedule.
 
         The (job, branch) blocks of all jobs with the same latent grid run as one forward
-        (`velocities`); then each job combines its own branches and takes its Euler step. A
-        job whose `should_stop` says yes ends with `Cancelled` before its forward, one whose
-        `on_step` raises ends with that exception; the others go on. Every forward runs before
-        any job changes, so when a forward raises (out of memory, say) no job has moved and
-        the caller may retry them, e.g. fewer at a time."""
+        (`velocities`), but for the TaylorSeer forwards, whose velocities come from the job's
+        cache (`predicted_velocity`); then each job combines its own branches and takes its
+        Euler step. A job whose `should_stop` says yes ends with `Cancelled` before its
+        forward, one whose `on_step` raises ends with that exception; the others go on. Every
+        forward runs before any job changes, so when a forward raises (out of memory, say) no
+        job has moved and the caller may retry them, e.g. fewer at a time."""
         live = [job for job in jobs if not job.done and not self._stops(job)]
         if not live:
             return
         plans = [self._guidance(job) for job in live]
-        outs = self._batched_velocities(live, [run for *_, run in plans])
-        for job, (s_t, s_i, wanted, _), (v, shared) in zip(live, plans, outs):
+        forwards = [[b for b in run if job.taylor is None or job.taylor[b].next_is_full]
+                    for job, (*_, run) in zip(live, plans)]
+        outs = self._batched_velocities(live, forwards)
+        for job, (*_, run), out in zip(live, plans, outs):
+            for b in run:
+                if b not in out.velocities:
+                    out.velocities[b] = self.predicted_velocity(job.taylor[b])
+        for job, (s_t, s_i, wanted, _), ran, out in zip(live, plans, forwards, outs):
+            v = out.velocities
             try:
+                if job.taylor is not None:
+                    for b in wanted:  # a reused branch counts its forward too, keeping no factors
+                        job.taylor[b].advance(out.outputs.get(b))
                 for b in wanted:
                     v.setdefault(b, v["cond"])
                 p = job.params
                 guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, p.cfg_renorm_type, p.cfg_renorm_min)
                 if job.on_step is not None:
                     t = float(job.schedule.timesteps[job.index])
-                    job.on_step(StepRecord(job.index, job.total, t, job.x, v, guided, shared))
+                    job.on_step(StepRecord(job.index, job.total, t, job.x, v, guided, out.shared, tuple(ran)))
                 job.x = euler_step(job.x, guided, job.dts[job.index])
                 job.index += 1
             except Exception as exc:  # this job's own failure (its callback, say): the others go on

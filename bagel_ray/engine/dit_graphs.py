@@ -39,6 +39,7 @@ class _Captured:
     embeds: torch.Tensor  # [B, N, D], read by the first graph
     qkv: list[torch.Tensor]  # per layer [B, N, q+2kv], written by graph i, read by attention i
     attn: torch.Tensor  # [B, N, heads * hd], written by each attention, read by the next graph
+    stream: torch.Tensor  # [B, N, D], the residual stream after the last layer, before the final norm
     hidden: torch.Tensor  # [B, N, D], the final-normed output of the last graph
     rows: ExpertRows
     held: list[torch.Tensor]  # the norm weights' stacked pairs the graphs read
@@ -69,26 +70,31 @@ class DitGraphs:
         return rows <= self.max_rows and held + rows <= self.max_total_rows
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: ExpertRows, attention: RaggedKV,
-                 mode: ForwardMode) -> torch.Tensor:
-        """The final-normed hidden states [B, N, D] of the blocks `embeds` [B, N, D]. A replay's
-        output is the graph's own tensor: read it before the next call."""
+                 mode: ForwardMode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(The residual stream after the last layer, the final-normed hidden states), each
+        [B, N, D], of the blocks `embeds` [B, N, D]. A replay's outputs are the graph's own
+        tensors: read them before the next call."""
         B, N, _ = embeds.shape
-        eager = lambda: self.llm(embeds, positions, rows, attention, mode)[0]  # noqa: E731
+
+        def eager() -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, _, stream = self.llm(embeds, positions, rows, attention, mode, with_stream=True)
+            return stream, hidden
+
         if (not embeds.is_cuda or B * N > self.max_rows or kernels.in_eager()
                 or torch.cuda.is_current_stream_capturing()):
             return eager()
         key = (B, N, embeds.dtype, embeds.device)
         if key not in self._captured:
-            hidden = eager()
+            out = eager()
             self._captured[key] = self._capture(embeds, rows) if self.has_room(B * N) else None
-            return hidden
+            return out
         captured = self._captured[key]
         if captured is None:
             return eager()
         return self._replay(captured, embeds, positions, attention, mode)
 
     def _replay(self, c: _Captured, embeds: torch.Tensor, positions: torch.Tensor, attention: RaggedKV,
-                mode: ForwardMode) -> torch.Tensor:
+                mode: ForwardMode) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rope_cos_sin(positions, self.llm.inv_freq, embeds.dtype)
         into = RaggedKV(attention.past, out=c.attn.unflatten(-1, (self.llm.cfg.num_attention_heads, -1)))
         c.embeds.copy_(embeds)
@@ -96,7 +102,7 @@ class DitGraphs:
             graph.replay()
             layer.attend(qkv, cos, sin, c.rows, into, mode)  # writes c.attn, which the next graph reads
         c.graphs[-1].replay()
-        return c.hidden
+        return c.stream, c.hidden
 
     def _capture(self, embeds: torch.Tensor, rows: ExpertRows) -> _Captured | None:
         layers = self.llm.layers
@@ -109,7 +115,7 @@ class DitGraphs:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         qkvs: list[torch.Tensor] = []
-        state: dict[str, torch.Tensor | None] = {"x": static_embeds, "pending": None}
+        state: dict[str, torch.Tensor | None] = {"x": static_embeds, "pending": None, "stream": None}
 
         def segment(i: int) -> Callable[[], None]:
             def run() -> None:
@@ -121,7 +127,7 @@ class DitGraphs:
                     qkvs.append(qkv)
                     state["x"], state["pending"] = x, None
                 else:
-                    state["x"] = self.llm.final_norm(x, pending, rows)
+                    state["stream"], state["x"] = self.llm.final_norm(x, pending, rows)
             return run
 
         try:
@@ -148,4 +154,4 @@ class DitGraphs:
             torch.cuda.current_stream(device).wait_stream(side)
             return None
         held = [m._stacked_with_gen[1] for m in self.llm.modules() if getattr(m, "_stacked_with_gen", None) is not None]
-        return _Captured(graphs, static_embeds, qkvs, attn, state["x"], rows, held)
+        return _Captured(graphs, static_embeds, qkvs, attn, state["stream"], state["x"], rows, held)

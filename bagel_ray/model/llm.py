@@ -334,11 +334,13 @@ class MoTLanguageModel(nn.Module):
         rows: ExpertRows | None = None,
         attention: KVAttention | None = None,
         mode: ForwardMode = ForwardMode(),
-    ) -> tuple[torch.Tensor, list[KV | None]]:
+        with_stream: bool = False,
+    ) -> tuple[torch.Tensor, list[KV | None]] | tuple[torch.Tensor, list[KV | None], torch.Tensor]:
         """embeds [B, N, D], positions [B, N], rows: the expert of each row (None: all und),
         attention: how rows see the context (default: only each other). Returns the final-normed
         hidden states and this call's per-layer K/V ([B, N, kv, hd] each, post QK-norm/RoPE; None
-        each with `CachedKV`)."""
+        each with `CachedKV`); `with_stream` adds the residual stream after the last layer
+        (before the final norm), what TaylorSeer extrapolates (`engine/taylorseer.py`)."""
         attention = attention if attention is not None else PrefixKV()
         cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
         x, pending = embeds, None
@@ -346,12 +348,14 @@ class MoTLanguageModel(nn.Module):
         for layer in self.layers:
             x, pending, kv = layer(x, pending, cos, sin, rows, attention, mode)
             new_kv.append(kv)
-        return self.final_norm(x, pending, rows), new_kv
+        stream, hidden = self.final_norm(x, pending, rows)
+        return (hidden, new_kv, stream) if with_stream else (hidden, new_kv)
 
-    def final_norm(self, x: torch.Tensor, pending: torch.Tensor, rows: ExpertRows | None) -> torch.Tensor:
-        """The last residual add and the final norm (`norm` / `norm_moe_gen` by row)."""
+    def final_norm(self, x: torch.Tensor, pending: torch.Tensor | None, rows: ExpertRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last residual add and the final norm (`norm` / `norm_moe_gen` by row): (the
+        residual stream after the last layer, its normed rows)."""
         weights = _weights(rows, self.norm, self.norm_moe_gen)
-        return kernels.add_rms_norm(x, pending, weights, _experts(rows), self.cfg.rms_norm_eps)[1]
+        return kernels.add_rms_norm(x, pending, weights, _experts(rows), self.cfg.rms_norm_eps)
 
 
 def attention_mask(past_lens: torch.Tensor, past_width: int, new_lens: torch.Tensor, num_new: int, causal: bool) -> AttnMask:

@@ -17,9 +17,16 @@ def test_smoke_run_has_every_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) >= {"forward", "guard", "t2i512", "t2i1024", "edit512", "edit1024", "dit_batch", "decode_b1", "decode_b32",
-                         "dit_graphs_t2i512", "dit_graphs_edit512"}
+                         "dit_graphs_t2i512", "dit_graphs_edit512", "taylorseer_t2i1024", "taylorseer_t2i512",
+                         "taylorseer_edit512"}
     assert rows["dit_graphs_t2i512"]["latent_max_abs_diff"] == 0.0  # on the CPU both are the eager forward
     batch = rows["dit_batch"]
     # the tiny model in fp32 on the CPU: batched latents agree with each request alone
     assert batch["batch4_max_abs_diff"] < 1e-4 and batch["batch8_max_abs_diff"] < 1e-4
     assert rows["guard"]["decode_same_ids"] is True
+    # the step cache: 19 + 17 of 49 + 41 branch forwards (notebook t2i, 50 steps); 9 + 8 of 19 + 16
+    # (20 steps, cfg_img equal to gen and reused); 3 x 9 of 3 x 19 (edit, 20 steps)
+    counts = {name: (rows[f"taylorseer_{name}"]["full_forwards"], rows[f"taylorseer_{name}"]["exact_forwards"])
+              for name in ("t2i1024", "t2i512", "edit512")}
+    assert counts == {"t2i1024": (36, 90), "t2i512": (17, 35), "edit512": (27, 57)}
+    assert all(0 < rows[f"taylorseer_{name}"]["latent_rel_l2"] < 1 for name in counts)

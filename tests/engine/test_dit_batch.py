@@ -21,6 +21,7 @@ from PIL import Image
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseJob, DiT
 from bagel_ray.engine.dit_batch import BatchDenoiser
+from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.request import GenerationRequest
 from tests.engine.spies import spy_forwards
 
@@ -214,3 +215,64 @@ def test_denoise_is_the_one_job_case(dit, prepared):
         dit.denoise(ctx, params, noise, seen.append, should_stop=lambda: len(seen) == 2)
     with pytest.raises(ValueError, match="noise has shape"):
         dit.job(ctx, params, noise[:-1])
+
+
+CACHED = {
+    # the notebook's t2i settings with the step cache: cfg_text's count lags cond's after its interval
+    "cached": GenerationRequest("text2img", "a red fox", seed=1, num_inference_steps=14, height=64, width=64, taylorseer=True),
+    # an edit with the cache: three branches of their own
+    "cached_edit": GenerationRequest("img2img", "make it night", image=square(), seed=3, num_inference_steps=12, taylorseer=True),
+    # the exact path beside them
+    "exact": GenerationRequest("text2img", "a boat on a lake", seed=2, num_inference_steps=12, height=64, width=64),
+}
+
+
+def test_taylorseer_and_exact_jobs_stepped_together_match_each_alone(dit, pipeline, monkeypatch):
+    """Jobs with and without the step cache in one batch, the edit joining two steps late (its
+    full forwards then fall on other steps than the t2i's): each gets the latents it gets
+    alone; a step's forward holds only the blocks on full forwards."""
+    prep = {name: pipeline.prepare_image(req) for name, req in CACHED.items()}
+    alone = {n: dit.denoise(prep[n].contexts, r.sampler(), prep[n].noise) for n, r in CACHED.items()}
+    records: dict[str, list] = {name: [] for name in CACHED}
+
+    def job(name: str) -> DenoiseJob:
+        return dit.job(prep[name].contexts, CACHED[name].sampler(), prep[name].noise, records[name].append, key=name)
+
+    forwards = spy_forwards(dit, monkeypatch)
+    jobs = [job("cached"), job("exact")]
+    for _ in range(2):
+        dit.step(jobs)
+    jobs.append(job("cached_edit"))
+    while not all(j.done for j in jobs):
+        dit.step(jobs)
+    for j in jobs:
+        assert j.error is None and j.index == j.total
+        torch.testing.assert_close(j.x, alone[j.key], **TOL, msg=j.key)
+    # the blocks that ran are the branches each record says came from a forward
+    ran = [len(r.forwards) for rs in records.values() for r in rs]
+    assert sum(forwards) == sum(ran)
+    edit = records["cached_edit"]
+    # step 5 of the edit (Taylor) is step 7 of the t2i (full): they share no forward that step
+    assert edit[5].forwards == () and records["cached"][7].forwards == ("cond", "cfg_text")
+    assert [len(r.forwards) for r in edit] == [3] * 5 + [0, 0, 3, 0, 0, 3]
+    assert all(len(r.forwards) == len(r.velocities) for r in records["exact"])
+
+
+def test_a_cfg_img_equal_to_gen_follows_cond_only_in_lockstep(dit, pipeline):
+    """text2img with cfg_img > 1 and no think: cfg_img's context is gen's. With the cache it
+    reuses cond's velocity while it has run at every step (then its cache is cond's), and
+    runs on its own cache when CFG starts later (its count lags); either way it equals a run
+    where cfg_img is a copy of the context that is never reused, as the official code runs it."""
+    for interval in ((0.4, 1.0), (0.0, 0.8)):
+        req = GenerationRequest("text2img", "a red fox", seed=6, num_inference_steps=14, height=64, width=64, cfg_img_scale=1.5,
+                                cfg_interval=interval, taylorseer=True)
+        prep = pipeline.prepare_image(req)
+        ctx = prep.contexts
+        copied = ImageContexts(ctx.gen, ctx.cfg_text, KVContext(ctx.gen.kv.clone(), ctx.gen.rope), ctx.height, ctx.width)
+        shared_records, own_records = [], []
+        shared = dit.denoise(ctx, req.sampler(), prep.noise, shared_records.append)
+        own = dit.denoise(copied, req.sampler(), prep.noise, own_records.append)
+        torch.testing.assert_close(shared, own, **TOL)
+        assert any("cfg_img" in r.forwards for r in own_records)
+        lockstep = interval[1] == 1.0
+        assert any("cfg_img" in r.forwards for r in shared_records) != lockstep

@@ -23,15 +23,17 @@ def test_on_the_cpu_the_forward_is_the_eager_one(pipeline):
     positions = torch.full((2, n), ctx.rope)
     rows = ExpertRows.block_markers(2, n, "cpu")
     past = [[ctx.layer(i) for i in range(ctx.kv.shape[0])], None]
-    got = graphs(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
-    want, _ = model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
-    assert torch.equal(got, want)
+    stream, got = graphs(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))
+    want, _, want_stream = model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True), with_stream=True)
+    assert torch.equal(got, want) and torch.equal(stream, want_stream)
+    assert torch.equal(want, model.llm(embeds, positions, rows, RaggedKV(past), ForwardMode(gen=True))[0])
     assert graphs._captured == {}
 
 
-def _latents(pipe, prompt: str, graphs: bool) -> torch.Tensor:
+def _latents(pipe, prompt: str, graphs: bool, steps: int = 6, taylorseer: bool = False) -> torch.Tensor:
     """text2img with cfg_text on part of the schedule: 2-branch steps, then 1-branch ones."""
-    req = GenerationRequest("text2img", prompt, seed=3, num_inference_steps=6, height=64, width=64, cfg_interval=(0.5, 1.0))
+    req = GenerationRequest("text2img", prompt, seed=3, num_inference_steps=steps, height=64, width=64,
+                            cfg_interval=(0.5, 1.0), taylorseer=taylorseer)
     prepared = pipe.prepare_image(req)
     pipe.dit.cuda_graphs = graphs
     try:
@@ -51,6 +53,16 @@ def test_denoising_with_graphs_gives_the_eager_latents(gpu_pipeline):
     assert all(c is not None for c in captured.values())
     for got, want in zip(graphed + [again], eager + [eager[0]]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_taylorseer_with_graphs_gives_the_eager_latents(gpu_pipeline):
+    """The step cache keeps the graphs of its full forwards: the last layer's output it stores
+    is the graphs' own stream, copied before the next replay."""
+    pipe = gpu_pipeline
+    eager = _latents(pipe, PROMPTS[0], graphs=False, steps=16, taylorseer=True)
+    graphed = [_latents(pipe, PROMPTS[0], graphs=True, steps=16, taylorseer=True) for _ in range(2)]
+    assert all(torch.equal(g, eager) for g in graphed)
+    assert not torch.equal(eager, _latents(pipe, PROMPTS[0], graphs=False, steps=16))
 
 
 def test_a_shape_past_max_rows_runs_eagerly(gpu_pipeline):

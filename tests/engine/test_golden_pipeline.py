@@ -7,6 +7,8 @@ KV caches, per-step velocities, latents and decoded images within the manifest t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,8 @@ from bagel_ray.engine.thinker import DecodeParams
 from bagel_ray.model.image_transforms import decoded_to_uint8
 from tests.golden import assert_matches, load_case_tensors
 
-IMAGE_CASES = ("text2img", "text2img_app", "text2img_variant", "text2img_think", "img2img")
+IMAGE_CASES = ("text2img", "text2img_app", "text2img_variant", "text2img_think", "img2img", "text2img_taylorseer",
+               "img2img_taylorseer")
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,7 @@ def image_request(case: dict, golden_dir, tensors: dict | None) -> GenerationReq
         cfg_renorm_type=hyper["cfg_renorm_type"],
         cfg_renorm_min=hyper["cfg_renorm_min"],
         timestep_shift=hyper["timestep_shift"],
+        taylorseer=hyper.get("enable_taylorseer", False),
         think=case["kind"] == "text2img_think",
         max_think_tokens=case.get("max_think_token_n", 2) - 1,
         init_noise=None if tensors is None else tensors["init_noise"],
@@ -168,3 +172,50 @@ def test_image_generation(pipeline, manifest, golden_dir, name, noise_from):
     check(case, "decoded_raw", decoded, tensors)
     check(case, "image_uint8", decoded_to_uint8(decoded), tensors)
     assert image.size == (ctx.width, ctx.height)
+
+
+@pytest.mark.parametrize("name", ["text2img_taylorseer", "img2img_taylorseer"])
+def test_taylorseer_runs_the_network_on_the_official_full_forwards(pipeline, manifest, golden_dir, name):
+    """Through `LocalPipeline.run`: each branch runs the network on forwards 0-4 of its own
+    count and then every third (n % 3 == 1), the cfg branches counting only the steps inside
+    the CFG interval; the final latents match the official ones, and the exact path from the
+    same noise does not (so the parity above checks the cache, not the exact sampler)."""
+    case = manifest["cases"][name]
+    tensors = load_case_tensors(golden_dir, case)
+    req = image_request(case, golden_dir, tensors)
+    records = []
+    result = pipeline.run(req, records.append)
+    counts: dict[str, int] = {}
+    for i, (rec, step) in enumerate(zip(records, case["results"]["steps"])):
+        for branch in step["branches"]:
+            n = counts.get(branch, 0)
+            assert (branch in rec.forwards) == (n < 5 or n % 3 == 1), f"step {i} {branch} (its forward {n})"
+            counts[branch] = n + 1
+    assert sum(len(r.forwards) for r in records) < sum(len(s["branches"]) for s in case["results"]["steps"])
+    check(case, "final_latent_packed", result.latent_tokens, tensors)
+    exact = pipeline.run(replace(req, taylorseer=False))
+    with pytest.raises(AssertionError, match="max abs diff"):
+        check(case, "final_latent_packed", exact.latent_tokens, tensors)
+
+
+def test_cached_and_exact_cases_stepped_together_match_the_official_ones(pipeline, manifest, golden_dir):
+    """The engine's cross-request step (`DiT.step`) over four golden cases at once, two with
+    the step cache and two without, two of each latent grid: every one still matches its
+    official latents and velocities (each job keeps its own cache)."""
+    names = ("text2img", "text2img_taylorseer", "img2img", "img2img_taylorseer")
+    dit = pipeline.dit
+    jobs, records = [], {name: [] for name in names}
+    for name in names:
+        case = manifest["cases"][name]
+        tensors = load_case_tensors(golden_dir, case)
+        req = image_request(case, golden_dir, tensors)
+        prepared = pipeline.prepare_image(req)
+        jobs.append(dit.job(prepared.contexts, req.sampler(), prepared.noise, records[name].append, key=(case, tensors)))
+    while not all(job.done for job in jobs):
+        dit.step(jobs)
+    assert {r.batch for rs in records.values() for r in rs[:3]} == {2}  # each forward held both jobs of a grid
+    for job, name in zip(jobs, names):
+        case, tensors = job.key
+        assert job.error is None
+        check(case, "v_cond", torch.stack([r.velocities["cond"] for r in records[name]]), tensors)
+        check(case, "final_latent_packed", job.x, tensors)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.determinism import torch_threads, worker_thread_count
 
 
 def free_port() -> int:
@@ -111,17 +112,12 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def local(tiny_cache):
-    """The reference, run with the replicas' single intra-op thread (Ray gives a worker with a
-    fractional CPU OMP_NUM_THREADS=1): the CPU VAE's convolutions sum in a thread-count
-    dependent order, and the comparison below is bit for bit."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """The reference, run at the replicas' intra-op thread count (tests/determinism.py): a
+    request alone gives the replica's result bit for bit only at the same count."""
     from bagel_ray.engine.pipeline import LocalPipeline
 
-    yield LocalPipeline.from_pretrained("tiny", device="cpu", dtype="float32")
-    torch.set_num_threads(threads)
+    with torch_threads(worker_thread_count()):
+        yield LocalPipeline.from_pretrained("tiny", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

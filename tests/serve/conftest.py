@@ -110,6 +110,20 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
+def _torch_threads(_replica) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def replica_thread_counts(app: str, deployment: str) -> list[int]:
+    """torch's intra-op thread count in each live replica of one deployment."""
+    import ray
+
+    return ray.get([ray.get_actor(name, namespace="serve").__ray_call__.remote(_torch_threads)
+                    for name in replica_actor_names(app, deployment)], timeout=60)
+
+
 @pytest.fixture(scope="module")
 def local(tiny_cache):
     """The reference, run at the replicas' intra-op thread count (tests/determinism.py): a

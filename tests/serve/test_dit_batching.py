@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from bagel_ray.engine.request import GenerationRequest
-from tests.determinism import TOL, assert_pixels_close, other_thread_count, torch_threads
+from tests.determinism import TOL, assert_pixels_close, other_thread_count, torch_threads, worker_thread_count
+from tests.serve.conftest import replica_thread_counts
 
 
 def request(i: int, steps: int) -> GenerationRequest:
@@ -53,6 +54,7 @@ def test_a_reference_at_another_thread_count_is_within_tolerance(serve_app, loca
     req = request(5, 24)
     got = serve_app.handle.generate.remote(req).result(timeout_s=120)
     assert got.timings["denoise_batch"] == 1
+    assert replica_thread_counts(serve_app.name, "DiT") == [worker_thread_count()]  # what `local` runs at
     assert_same(got, local.run(req))
     with torch_threads(other_thread_count()):
         assert_close(got, local.run(req))

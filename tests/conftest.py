@@ -1,7 +1,10 @@
-"""Shared test fixtures: where the golden files of the official code live.
+"""Shared test fixtures: where the golden files of the official code live, and the torch thread
+count of the Ray workers the tests start.
 
 One setting, `BAGEL_RAY_GOLDEN` (default `../shared/golden` next to the repository), points at
-them; tests that need them skip with a clear reason when the folder is absent.
+the golden files; tests that need them skip with a clear reason when the folder is absent.
+`BAGEL_RAY_TORCH_THREADS=N` runs the Ray workers and the references compared with them at N
+threads (tests/determinism.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from tests.determinism import THREADS_VAR, torch_threads, worker_thread_count
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_ROOT = Path(os.environ.get("BAGEL_RAY_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
@@ -23,6 +28,16 @@ def outlasting(req, num_inference_steps: int):
     no client can; the engines take any count."""
     object.__setattr__(req, "num_inference_steps", num_inference_steps)
     return req
+
+
+def pytest_configure(config) -> None:
+    """`BAGEL_RAY_TORCH_THREADS=N`: OMP_NUM_THREADS=N for this process and everything it starts
+    (Ray keeps it for its workers instead of giving them one thread)."""
+    if os.environ.get(THREADS_VAR):
+        threads = os.environ[THREADS_VAR]
+        if not threads.isdigit() or int(threads) < 1:
+            raise pytest.UsageError(f"{THREADS_VAR} must be a thread count >= 1, not {threads!r}")
+        os.environ["OMP_NUM_THREADS"] = threads
 
 
 @pytest.fixture(scope="session")
@@ -75,12 +90,9 @@ def image():
 
 
 @pytest.fixture
-def one_thread():
-    """One intra-op thread, as a Ray worker or replica has: the CPU's convolutions and matmuls
-    sum in a thread-count dependent order, and these tests compare outputs bit for bit."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def worker_threads():
+    """The Ray workers' intra-op thread count (1, or `BAGEL_RAY_TORCH_THREADS`) for the test: the
+    CPU's convolutions and matmuls sum in a thread-count dependent order, and a result computed
+    here is bit for bit a worker's only at the same count."""
+    with torch_threads(worker_thread_count()):
+        yield

@@ -23,9 +23,8 @@ from bagel_ray.engine.dit import DenoiseJob, DiT
 from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.request import GenerationRequest
+from tests.determinism import TOL
 from tests.engine.spies import spy_forwards
-
-TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def square(size: int = 64) -> Image.Image:
@@ -105,7 +104,7 @@ def test_jobs_stepped_together_match_each_alone(dit, prepared, alone, monkeypatc
     assert records["fox"][0].velocities["cfg_img"] is records["fox"][0].velocities["cond"]
 
 
-def test_rounding_close_when_every_gemm_has_four_rows(dit, prepared, alone, one_thread):
+def test_rounding_close_when_every_gemm_has_four_rows(dit, prepared, alone, worker_threads):
     """fox, edit and wide run two or three blocks at every step (see the module docstring)."""
     names = ("fox", "edit", "wide")
     solo = {n: dit.denoise(prepared[n].contexts, REQUESTS[n].sampler(), prepared[n].noise) for n in names}

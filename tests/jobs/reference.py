@@ -1,6 +1,10 @@
 """What the bulk-job tests share: a mixed input (all four modalities and two broken items),
 the requests `LocalPipeline` runs for the same items, and the check of a job's output
-folder against them."""
+folder against them.
+
+A job denoises the images of a batch together, so its images equal the reference's within
+`PIXEL_TOL`, not bit for bit (tests/determinism.py); its texts are compared exactly (greedy
+tokens, decoded at the workers' thread count on both sides)."""
 
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image
 
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
+from tests.determinism import assert_pixels_close, torch_threads, worker_thread_count
 
 
 def write_jsonl(path: Path, items: list[dict]) -> Path:
@@ -59,15 +63,10 @@ def mixed_input(folder: Path) -> tuple[Path, dict[str, GenerationRequest | None]
 
 
 @contextmanager
-def one_thread_pipeline(model: Path | str) -> Iterator[LocalPipeline]:
-    """The reference, with the Ray workers' single intra-op thread: the CPU VAE's convolutions
-    sum in a thread-count dependent order, and the outputs are compared bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+def reference_pipeline(model: Path | str) -> Iterator[LocalPipeline]:
+    """The reference, run at the Ray workers' intra-op thread count (tests/determinism.py)."""
+    with torch_threads(worker_thread_count()):
         yield LocalPipeline.from_pretrained(model, device="cpu", dtype="float32")
-    finally:
-        torch.set_num_threads(threads)
 
 
 def assert_matches_local(out: Path, expected: dict[str, GenerationRequest | None], local: LocalPipeline) -> list[dict]:
@@ -75,9 +74,7 @@ def assert_matches_local(out: Path, expected: dict[str, GenerationRequest | None
     ones failed with a reason. Returns the records."""
     records = read_records(out)
     assert sorted(r["id"] for r in records) == sorted(expected), records
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(worker_thread_count()):
         for record in records:
             req = expected[record["id"]]
             if req is None:
@@ -89,13 +86,11 @@ def assert_matches_local(out: Path, expected: dict[str, GenerationRequest | None
             want = local.run(req)
             if req.outputs_image:
                 assert record["output"] == f"{record['id']}.png"
-                assert np.array_equal(pixels(out / record["output"]), np.asarray(want.image)), record["id"]
+                assert_pixels_close(pixels(out / record["output"]), want.image, record["id"])
                 assert record.get("think_text") == want.think_text
             else:
                 assert record["output"] == f"{record['id']}.txt"
                 assert (out / record["output"]).read_text(encoding="utf-8") == want.text, record["id"]
                 assert record["finish_reason"] == want.finish_reason
-    finally:
-        torch.set_num_threads(threads)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     return records

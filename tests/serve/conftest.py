@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.determinism import torch_threads, worker_thread_count
 
 
 def free_port() -> int:
@@ -109,19 +110,28 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-@pytest.fixture(scope="module")
-def local(tiny_cache):
-    """The reference, run with the replicas' single intra-op thread (Ray gives a worker with a
-    fractional CPU OMP_NUM_THREADS=1): the CPU VAE's convolutions sum in a thread-count
-    dependent order, and the comparison below is bit for bit."""
+def _torch_threads(_replica) -> int:
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def replica_thread_counts(app: str, deployment: str) -> list[int]:
+    """torch's intra-op thread count in each live replica of one deployment."""
+    import ray
+
+    return ray.get([ray.get_actor(name, namespace="serve").__ray_call__.remote(_torch_threads)
+                    for name in replica_actor_names(app, deployment)], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_cache):
+    """The reference, run at the replicas' intra-op thread count (tests/determinism.py): a
+    request alone gives the replica's result bit for bit only at the same count."""
     from bagel_ray.engine.pipeline import LocalPipeline
 
-    yield LocalPipeline.from_pretrained("tiny", device="cpu", dtype="float32")
-    torch.set_num_threads(threads)
+    with torch_threads(worker_thread_count()):
+        yield LocalPipeline.from_pretrained("tiny", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from bagel_ray.jobs.bulk import main
 from bagel_ray.model.tiny import tiny_model_path
-from tests.jobs.reference import assert_matches_local, mixed_input, one_thread_pipeline, read_records
+from tests.jobs.reference import assert_matches_local, mixed_input, reference_pipeline, read_records
 
 
 def test_bulk_through_the_app(serve_app, tmp_path, capsys):
@@ -18,7 +18,7 @@ def test_bulk_through_the_app(serve_app, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"through Serve app {serve_app.name!r}" in printed
     assert "bulk: finished: 7/7 done, 2 failed" in printed
-    with one_thread_pipeline(tiny_model_path()) as local:
+    with reference_pipeline(tiny_model_path()) as local:
         records = assert_matches_local(out, expected, local)
     assert records[[r["id"] for r in records].index("t2i")]["timings"]["handoff_bytes"] > 0
 

@@ -1,29 +1,32 @@
 """Replica failures: a DiT replica, then a Thinker replica, is killed with `ray.kill` while
-requests are in flight. Every request either succeeds, with exactly the output an
-undisturbed run gives (generation is seeded, so the driver's retry is identical), or gets a
-clear 5xx JSON error; Serve replaces the replica and the app is healthy again."""
+requests are in flight. Every request either succeeds, with the output an undisturbed run
+gives (generation is seeded, so the driver's retry gives it too), or gets a clear 5xx JSON
+error; Serve replaces the replica and the app is healthy again.
+
+The output: the same text; images within `PIXEL_TOL` of the reference's (tests/determinism.py):
+concurrent requests are denoised in batches, a retry in another batch than its first try, and
+batched products may round otherwise than the reference's alone (an AVX-512 Xeon's do).
+"""
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from bagel_ray.engine.request import GenerationRequest
+from tests.determinism import assert_pixels_close
 from tests.serve.conftest import deploy_variant, replica_actor_names
+from tests.serve.test_app import png_pixels
 
 REPLICAS = 2
 CLIENTS = 6
-# CFG at every step: concurrent images are denoised in batches, and with every step's GEMMs
-# four rows or more, batched equals alone bit for bit on the CPU (tests/engine/test_dit_batch.py)
+# CFG at every step: two blocks a step, the case where this machine's CPU gives batched rows
+# bit for bit (not all do: see the module docstring)
 EVERY_STEP = [0.0, 1.0]
 
 
@@ -118,23 +121,25 @@ def run_with_a_kill(app, deployment: str, make) -> list[tuple[GenerationRequest,
     return results
 
 
-def same_output(body: dict, req: GenerationRequest, local) -> bool:  # noqa: F811
+def assert_same_output(body: dict, req: GenerationRequest, local) -> None:  # noqa: F811
     want = local.run(req)
     if "data" in body:  # /v1/images/generations
-        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).convert("RGB"))
-        return body["data"][0]["seed"] == req.seed and np.array_equal(got, np.asarray(want.image))
+        assert body["data"][0]["seed"] == req.seed
+        assert_pixels_close(png_pixels(body["data"][0]["b64_json"]), want.image, req.prompt)
+        return
     content = body["choices"][0]["message"]["content"]
     if isinstance(content, str):
-        return content == want.text
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(content[-1]["image_url"]["url"].split(",", 1)[1]))).convert("RGB"))
-    return content[0]["text"] == want.think_text and np.array_equal(got, np.asarray(want.image))
+        assert content == want.text, req.prompt
+        return
+    assert content[0]["text"] == want.think_text, req.prompt
+    assert_pixels_close(png_pixels(content[-1]["image_url"]["url"].split(",", 1)[1]), want.image, req.prompt)
 
 
 def check(results, local) -> None:  # noqa: F811
     assert len(results) == CLIENTS * 2  # one answer per request, none lost
     for req, resp in results:
         if resp.status_code == 200:
-            assert same_output(resp.json(), req, local), req
+            assert_same_output(resp.json(), req, local)
         else:  # a clear error, never a hang or a wrong answer
             assert resp.status_code >= 500, resp.text
             error = resp.json()["error"]
@@ -149,7 +154,8 @@ def test_killing_a_replica_mid_request(faulty, local, deployment, make):  # noqa
     for i in (97, 98):  # the app serves normally again
         path, body, req = mixed_request(i)
         resp = requests.post(faulty.url + path, json=body, timeout=120)
-        assert resp.status_code == 200 and same_output(resp.json(), req, local)
+        assert resp.status_code == 200, resp.text
+        assert_same_output(resp.json(), req, local)
 
 
 def test_bulk_job_through_the_app_survives_replica_kills(faulty, local, tmp_path, capsys):  # noqa: F811
@@ -201,6 +207,6 @@ def test_bulk_job_through_the_app_survives_replica_kills(faulty, local, tmp_path
         assert record["status"] == "ok", record
         expected = local.run(req)
         if req.outputs_image:
-            assert np.array_equal(pixels(out / record["output"]), np.asarray(expected.image)), record["id"]
+            assert_pixels_close(pixels(out / record["output"]), expected.image, record["id"])
         else:
             assert (out / record["output"]).read_text(encoding="utf-8") == expected.text, record["id"]

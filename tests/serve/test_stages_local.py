@@ -21,7 +21,7 @@ from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.serve import metrics
 from bagel_ray.serve.stages import DiTServer, EngineOutOfMemory, TextJob, ThinkerServer
 from tests.conftest import REPO_ROOT, outlasting
-from tests.engine.test_dit_batch import TOL
+from tests.determinism import TOL, torch_threads, worker_thread_count
 
 
 def oom() -> torch.cuda.OutOfMemoryError:
@@ -29,14 +29,11 @@ def oom() -> torch.cuda.OutOfMemoryError:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as a replica has, from before the replicas' engine threads start
-    (a thread keeps the count it started with): batched and alone then agree bit for bit
-    (see tests/engine/test_dit_batch.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def replica_threads():
+    """A replica's intra-op thread count, from before the replicas' engine threads start, for
+    the engines here and the references (tests/determinism.py)."""
+    with torch_threads(worker_thread_count()):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +162,9 @@ def test_a_stream_whose_consumer_goes_away_stops(thinker):
 
 def image_requests(n: int, steps: int = 6) -> list[GenerationRequest]:
     """Same-size text2img requests of different prompts, seeds and steps, with CFG at every
-    step (two blocks a step each: bit for bit equal batched or alone on the CI's CPU; within
-    `TOL` on other CPUs' BLAS, see tests/engine/test_dit_batch.py)."""
+    step (two blocks a step each: bit for bit equal batched or alone on this machine's CPU at
+    one thread; within `TOL` on other CPUs' BLAS or at other thread counts, see
+    tests/determinism.py)."""
     return [GenerationRequest("text2img", f"picture {i}", seed=10 + i, num_inference_steps=steps + i, height=32, width=32,
                               cfg_interval=(0.0, 1.0), cfg_img_scale=1.0 + 0.5 * i) for i in range(n)]
 

@@ -74,6 +74,9 @@ class StageConfig(StrictModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory this replica may use")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="a replica whose engine has not loaded by then fails its start (Serve starts another)"
+    )
 
     def admission_limit(self) -> int | None:
         """Requests of this stage that one ingress replica lets in at once (running plus

@@ -26,14 +26,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.request import DEFAULT_SIZE, GenerationRequest, GenerationResult
-from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.serve import metrics
 from bagel_ray.serve.access import AccessControl
+from bagel_ray.serve.bodies import parse_body_off_loop, parse_json
 from bagel_ray.serve.config import AppConfig
 from bagel_ray.serve.errors import InputError, Overloaded, error_body, error_response, failure, replica_died, validation_param
 from bagel_ray.serve.schemas import (
@@ -84,13 +85,23 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, message, param)
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404) and wrong methods (405) in the API's error shape, not FastAPI's
+    `{"detail": ...}`."""
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused (413) as soon as it passes `limit` bytes, whether or not it
-    declared its length. Starlette's form and JSON parsers then read it from the cache."""
+    declared its length, and (408) when it has not all arrived within `timeout_s`: a client
+    that trickles its upload would otherwise hold its ingress slot for as long as it likes.
+    Starlette's form and JSON parsers then read it from the cache."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -98,11 +109,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise InputError(f"request body of {length} bytes exceeds the limit of {limit}", None, 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputError(f"request body exceeds the limit of {limit} bytes", None, 413)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InputError(f"request body exceeds the limit of {limit} bytes", None, 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InputError(f"the request body did not arrive within body_timeout_s={timeout_s}s ({size} bytes came)",
+                         None, 408) from None
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001  (Starlette's body cache, read by request.form())
     return body
@@ -177,17 +193,20 @@ class Driver:
         self.access = AccessControl.from_config(self.config.access, os.environ)
         self.gates = {"thinker": Gate("Thinker", self.config.thinker.admission_limit()),
                       "dit": Gate("DiT", self.config.dit.admission_limit())}
+        # The API routes' own admission, below Serve's limit for this deployment: past it a
+        # request gets the JSON 503 at once, and /health and /v1/models (not counted) still
+        # find a slot (`IngressConfig.serve_options`).
+        self.admission = Gate("ingress", self.config.ingress.max_ongoing_requests)
         self._model: asyncio.Future | None = None
-        log.info("Driver ready; %s", self.access)
+        # Which cluster this app runs in: `serve run` without --address joins any cluster a
+        # `ray start` left running on the machine, so the console says which one it joined.
+        log.info("Driver ready; %s; Ray cluster at %s", self.access, ray.get_runtime_context().gcs_address)
 
-    async def _model_facts(self) -> tuple[ModelInfo, BagelTokenizer]:
+    async def model_info(self) -> ModelInfo:
         """What requests are validated against, fetched from the Thinker once (one call in
         flight however many requests wait for it; a failed fetch is tried again later)."""
         if self._model is None:
-            async def fetch() -> tuple[ModelInfo, BagelTokenizer]:
-                return await self.thinker.model_info.remote(), await self.thinker.tokenizer.remote()
-
-            self._model = asyncio.ensure_future(fetch())
+            self._model = asyncio.ensure_future(self.thinker.model_info.remote())
         fetching = self._model
         try:
             return await asyncio.shield(fetching)
@@ -196,12 +215,9 @@ class Driver:
                 self._model = None
             raise
 
-    async def model_info(self) -> ModelInfo:
-        return (await self._model_facts())[0]
-
     async def app_config(self) -> dict:
-        """The validated args this app runs with, API keys masked (a job reusing the app
-        checks its flags against them)."""
+        """The validated args this app runs with (a job reusing the app checks its flags
+        against them); they hold no API key, only where the keys are."""
         return self.config.public_dump()
 
     # -- composition (also the Python handle API) --------------------------------------
@@ -209,36 +225,28 @@ class Driver:
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """One request through the stage graph, within the deadline, retried once on a
         replica that died mid-request (generation is seeded, so the retry gives the same
-        output). A prompt too long for `max_model_len` raises `InputError`."""
-        await self.check_length(req, "prompt")
+        output). A prompt too long for `max_model_len` raises `InputError` here (the cheap
+        bound) or `PromptTooLong` from the stage that tokenizes it."""
+        await self.bound_prompt(req.prompt, "prompt")
         return await self._generate(req)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
         """Text deltas (text modalities) or progress events (image modalities), then the
         result. Not retried: a failure after the first item ends the stream with it."""
-        await self.check_length(req, "prompt")
+        await self.bound_prompt(req.prompt, "prompt")
         async for item in self._stream(req):
             yield item
 
-    async def check_length(self, req: GenerationRequest, param: str) -> None:
-        """The prompt (with the think system prompt when thinking) plus the new tokens it may
-        decode must fit in `thinker.max_model_len`. Input images are not counted: their
-        token count is bounded by the model's image resize."""
-        tokenizer = (await self._model_facts())[1]
-        limit = self.config.thinker.max_model_len
-        text = req.prompt
-        if req.think:
-            text = (GEN_THINK_SYSTEM_PROMPT if req.outputs_image else VLM_THINK_SYSTEM_PROMPT) + text
-        prompt_tokens = len(await asyncio.to_thread(tokenizer.encode, text))
-        if req.outputs_image:
-            new_field, new_tokens = ("max_think_tokens", req.max_think_tokens) if req.think else (None, 0)
-        else:
-            new_field, new_tokens = "max_tokens", req.max_tokens
-        if prompt_tokens > limit:
-            raise InputError(f"the prompt is {prompt_tokens} tokens, more than max_model_len ({limit})", param, 422)
-        if prompt_tokens + new_tokens > limit:
-            raise InputError(f"the prompt ({prompt_tokens} tokens) plus {new_field}={new_tokens} exceeds max_model_len "
-                             f"({limit}); lower {new_field} to at most {limit - prompt_tokens}", new_field, 422)
+    async def bound_prompt(self, prompt: str, param: str) -> None:
+        """The cheap bound on a prompt's length, before anything tokenizes it: more characters
+        than `max_model_len` tokens can hold (`ModelInfo.max_prompt_chars`) is refused at once.
+        The exact count, with the tokens the request may decode, is made where the prompt is
+        tokenized (the Thinker, or the DiT for edits it builds), which raises `PromptTooLong`."""
+        info = await self.model_info()
+        limit = info.max_prompt_chars(prompt.isascii())
+        if len(prompt) > limit:
+            raise InputError(f"the prompt is {len(prompt)} characters, more than max_model_len ({info.max_model_len}) "
+                             f"tokens can hold (at most {limit})", param, 422)
 
     def _gate(self, req: GenerationRequest) -> Gate:
         return self.gates["dit" if req.outputs_image else "thinker"]
@@ -318,8 +326,9 @@ class Driver:
 
     # -- HTTP ---------------------------------------------------------------------------
 
-    def _failure_response(self, exc: BaseException) -> JSONResponse:
-        status, message, param, headers = failure(exc, self.config.request_timeout_s, self.config.retry_after_s)
+    def _failure_response(self, exc: BaseException, prompt_param: str = "prompt") -> JSONResponse:
+        status, message, param, headers = failure(exc, self.config.request_timeout_s, self.config.retry_after_s,
+                                                  prompt_param)
         return error_response(status, message, param, headers)
 
     def _denied(self, request: Request, route: str) -> JSONResponse | None:
@@ -328,25 +337,24 @@ class Driver:
         return error_response(401, "a valid API key is required (Authorization: Bearer KEY)",
                               headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
-    async def _guard(self, request: Request, route: str, body_model, handler):
-        """Access, body-size limit, validation and error mapping shared by the POST routes."""
+    async def _guard(self, request: Request, route: str, body_model, handler, prompt_param: str = "prompt"):
+        """Access, body-size limit, validation and error mapping shared by the POST routes.
+        The body is parsed and validated off the event loop (`bodies`)."""
         denied = self._denied(request, route)
         if denied is not None:
             return denied
         try:
-            raw = await read_body(request, self.config.max_request_bytes)
-            body = None
-            if body_model is not None:
-                try:
-                    payload = json.loads(raw)
-                except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-                    raise InputError(f"body is not valid JSON: {exc}") from None
-                body = body_model.model_validate(payload)
-                if body.model not in (None, self.config.model_name):
-                    raise InputError(f"model {body.model!r} is not served here (this is {self.config.model_name!r})", "model", 404)
-            return await handler(body)
+            with self.admission.slot():
+                raw = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s)
+                body = None
+                if body_model is not None:
+                    body = await parse_body_off_loop(raw, body_model)
+                    if body.model not in (None, self.config.model_name):
+                        raise InputError(f"model {body.model!r} is not served here (this is {self.config.model_name!r})",
+                                         "model", 404)
+                return await handler(body)
         except Exception as exc:
-            return self._failure_response(exc)
+            return self._failure_response(exc, prompt_param)
 
     def _seed(self, knobs: BagelKnobs) -> int:
         return knobs.seed if knobs.seed is not None else secrets.randbelow(2**31)
@@ -371,13 +379,15 @@ class Driver:
 
     @api.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"), responses=_ERRORS)
     async def chat_completions(self, request: Request):
-        return await self._guard(request, "/v1/chat/completions", ChatCompletionRequest, self._chat)
+        return await self._guard(request, "/v1/chat/completions", ChatCompletionRequest, self._chat, "messages")
 
     async def _chat(self, body: ChatCompletionRequest):
         prompt, image_url = body.prompt_and_image()
+        await self.bound_prompt(prompt, "messages")
         image = None
         if image_url:
-            image = decode_data_url(image_url, "messages", self.config.max_image_bytes, self.config.max_image_pixels)
+            image = await asyncio.to_thread(decode_data_url, image_url, "messages", self.config.max_image_bytes,
+                                            self.config.max_image_pixels)
         wants_image = body.modalities == ["image"]
         if wants_image:
             modality = "img2img" if image is not None else "text2img"
@@ -391,7 +401,6 @@ class Driver:
         if modality == "text2img" and height is None:
             height = width = await self._default_size()
         req = body.request(modality, prompt, image, self._seed(body), height, width)
-        await self.check_length(req, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             # The first item is awaited before answering, so that a request refused at once
@@ -444,7 +453,8 @@ class Driver:
                     yield chunk(final, item.finish_reason or "stop", seed=req.seed)
         except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__
-            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s)
+            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "messages",
+                                              streaming=True)
             yield sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
         finally:
             await rest.aclose()  # on a disconnect too: cancels the replicas' work
@@ -456,12 +466,12 @@ class Driver:
         return await self._guard(request, "/v1/images/generations", ImageGenerationRequest, self._images)
 
     async def _images(self, body: ImageGenerationRequest):
+        await self.bound_prompt(body.prompt, "prompt")
         height, width = await self._size(body.size)
         if height is None:
             height = width = await self._default_size()
         seed = self._seed(body)
         reqs = [body.request("text2img", body.prompt, None, seed + i, height, width) for i in range(body.n)]
-        await self.check_length(reqs[0], "prompt")
         return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
 
     async def _image_list(self, results: list[GenerationResult]) -> dict:
@@ -500,15 +510,14 @@ class Driver:
             fields[key] = value
         if "cfg_interval" in fields:
             text = fields["cfg_interval"].strip()
-            try:
-                fields["cfg_interval"] = json.loads(text) if text.startswith("[") else text.split(",")
-            except ValueError:
-                raise InputError("cfg_interval must be 'lo,hi' or '[lo, hi]'", "cfg_interval", 422) from None
+            fields["cfg_interval"] = (parse_json(text, "cfg_interval ('lo,hi' or '[lo, hi]')", "cfg_interval", 422)
+                                      if text.startswith("[") else text.split(","))
         body = ImageEditRequest.model_validate(fields)
         if body.model not in (None, self.config.model_name):
             raise InputError(f"model {body.model!r} is not served here", "model", 404)
-        image = decode_image(await uploads[0].read(), "image", self.config.max_image_bytes, self.config.max_image_pixels)
+        await self.bound_prompt(body.prompt, "prompt")
+        data = await uploads[0].read()
+        image = await asyncio.to_thread(decode_image, data, "image", self.config.max_image_bytes, self.config.max_image_pixels)
         seed = self._seed(body)
         reqs = [body.request("img2img", body.prompt, image, seed + i) for i in range(body.n)]
-        await self.check_length(reqs[0], "prompt")
         return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))

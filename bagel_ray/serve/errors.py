@@ -68,15 +68,18 @@ def validation_param(exc: ValidationError | RequestValidationError) -> tuple[str
     return param, f"{param}: {first['msg']}" if param else first["msg"]
 
 
-def failure(exc: BaseException, timeout_s: float, retry_after_s: int) -> tuple[int, str, str | None, dict[str, str] | None]:
+def failure(exc: BaseException, timeout_s: float, retry_after_s: int, prompt_param: str = "prompt",
+            streaming: bool = False) -> tuple[int, str, str | None, dict[str, str] | None]:
     """(status, message, param, headers) of an error raised while serving a request. Errors
-    raised in a replica arrive as `RayTaskError`s that are also instances of their cause."""
+    raised in a replica arrive as `RayTaskError`s that are also instances of their cause.
+    `prompt_param`: the request field that holds the prompt (`messages` in a chat);
+    `streaming`: the request was a stream, which is never retried."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(cause, InputError):
         return cause.status, str(cause), cause.param, None
     if isinstance(cause, PromptTooLong):
-        return 422, str(cause), cause.param, None
+        return 422, str(cause), prompt_param if cause.param == "prompt" else cause.param, None
     if isinstance(cause, ValidationError):
         param, message = validation_param(cause)
         return 422, message, param, None
@@ -92,6 +95,8 @@ def failure(exc: BaseException, timeout_s: float, retry_after_s: int) -> tuple[i
     if isinstance(cause, EngineOutOfMemory):
         return 507, str(cause), None, None
     if replica_died(cause):
+        if streaming:
+            return 503, f"a replica died during the stream ({type(cause).__name__}); streams are not retried", None, retry
         return 503, f"a replica died during the request and again on its retry ({type(cause).__name__})", None, retry
     if isinstance(cause, Cancelled):
         return 503, "the request was cancelled inside the service", None, retry

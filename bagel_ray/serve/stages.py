@@ -74,11 +74,20 @@ class Handoff:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the driver needs to validate requests without loading the model."""
+    """What the driver needs to validate requests without loading the model or its tokenizer."""
 
     max_image_side: int
     latent_downsample: int
     max_model_len: int
+    max_token_bytes: int  # the most UTF-8 bytes one token stands for
+
+    def max_prompt_chars(self, ascii_only: bool) -> int:
+        """The most characters a prompt that fits `max_model_len` can have: the cheap bound
+        checked at the ingress before anything tokenizes it (the exact count is the Thinker's).
+        A text of n bytes is at least n / max_token_bytes tokens; an ASCII text has one byte a
+        character, and NFC, applied before tokenizing, merges at most 4 characters into one
+        (U+1F86 is four code points decomposed), so other text may have 4x as many characters."""
+        return self.max_model_len * self.max_token_bytes * (1 if ascii_only else 4)
 
 
 def resolve_device(stage: StageConfig) -> tuple[str, torch.dtype]:
@@ -138,6 +147,7 @@ class ThinkerServer:
         stage = self.config.thinker
         t0 = time.perf_counter()
         self.pipeline = start_engine("Thinker", engine, self.config, stage.startup_timeout_s)
+        self.pipeline.max_model_len = stage.max_model_len  # its prompts are checked where they are tokenized
         self.transport = make_transport(self.config.dit.transport)
         self.lock = EngineLock()
         self.understand_batched.set_max_batch_size(stage.max_batch_size)
@@ -150,11 +160,8 @@ class ThinkerServer:
 
     def model_info(self) -> ModelInfo:
         cfg = self.pipeline.cfg
-        return ModelInfo(cfg.max_image_side, cfg.latent_downsample, self.config.thinker.max_model_len)
-
-    def tokenizer(self):
-        """The tokenizer, for the driver's prompt-length checks."""
-        return self.pipeline.thinker_engine.tokenizer
+        return ModelInfo(cfg.max_image_side, cfg.latent_downsample, self.config.thinker.max_model_len,
+                         self.pipeline.thinker_engine.tokenizer.max_token_bytes)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def understand_batched(self, jobs: list[TextJob]) -> list[GenerationResult | Exception]:
@@ -224,6 +231,7 @@ class DiTServer:
         self.pipeline = start_engine("DiT", engine, self.config, self.config.dit.startup_timeout_s)
         if self.pipeline.dit is None:
             raise ValueError("the DiT stage's engine factory returned a pipeline without a DiT engine")
+        self.pipeline.max_model_len = self.config.thinker.max_model_len  # img2img prompts tokenized here
         self.device = self.pipeline.dit.model.device
         self.transport = make_transport(self.config.dit.transport)
         self.lock = EngineLock()

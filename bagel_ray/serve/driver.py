@@ -145,7 +145,8 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "Malformed body or image", 401: "Missing or invalid API key", 404: "Unknown model",
-        413: "Body or image over the limits", 422: "A field out of range or unknown",
+        408: "Body not all received within body_timeout_s", 413: "Body or image over the limits",
+        422: "A field out of range or unknown, or a prompt too long",
         503: "At capacity or a replica failed (see Retry-After)", 504: "Deadline passed",
         507: "Out of accelerator memory",
     }.items()

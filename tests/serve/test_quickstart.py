@@ -37,7 +37,7 @@ def test_the_quick_start_runs_on_its_own_ray(ray_session, tmp_path):
     joinable = ray_session.get_runtime_context().gcs_address  # a cluster it must not join
     env = {**os.environ, "RAY_ADDRESS": joinable, "PYTHONPATH": str(REPO_ROOT)}
     serve_cli = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen([str(serve_cli), *cmd[2:-1], str(tmp_path / "tiny.yaml")], cwd=REPO_ROOT, env=env,
+    proc = subprocess.Popen([str(serve_cli), *cmd[1:-1], str(tmp_path / "tiny.yaml")], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen: list[str] = []
     try:

@@ -122,7 +122,7 @@ def test_cancelling_a_call_stops_denoising_at_the_next_step(dit, monkeypatch):
 
 def test_cancelling_stops_decoding(thinker, dit):
     # batched text: every job of the batch cancelled -> the decode ends at its next step
-    jobs = [TextJob(text("go on and on", 20000)), TextJob(text("and on", 20000))]
+    jobs = [TextJob(text("go on and on", 4000)), TextJob(text("and on", 4000))]
     out: list = []
     worker = threading.Thread(target=lambda: out.extend(understand_jobs(thinker.pipeline, jobs)))
     t0 = time.monotonic()
@@ -135,7 +135,7 @@ def test_cancelling_stops_decoding(thinker, dit):
     assert all(isinstance(r, Cancelled) for r in out)
 
     # think decoding of an image request, on the Thinker and on a DiT that builds contexts itself
-    think = GenerationRequest("text2img", "plan first", think=True, max_think_tokens=20000, steps=2, height=32, width=32)
+    think = GenerationRequest("text2img", "plan first", think=True, max_think_tokens=3900, steps=2, height=32, width=32)
 
     async def cancel_soon(call) -> float:
         task = asyncio.create_task(call)
@@ -155,7 +155,7 @@ def test_cancelling_stops_decoding(thinker, dit):
 
 def test_a_stream_whose_consumer_goes_away_stops(thinker):
     async def read_a_few() -> None:
-        stream = thinker.understand_stream(text("stream on and on", 20000))
+        stream = thinker.understand_stream(text("stream on and on", 4000))
         async for _ in stream:
             break
         await stream.aclose()

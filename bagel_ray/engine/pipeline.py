@@ -125,23 +125,25 @@ class LocalPipeline:
             ctx = th.append_vit(ctx, self.vae_resized(req.image))
         return th.append_tokens(ctx, prompt)
 
-    def understanding_contexts(self, reqs: list[GenerationRequest]) -> list[KVContext]:
+    def understanding_contexts(self, reqs: list[GenerationRequest],
+                               prompts: list[list[int]] | None = None) -> list[KVContext]:
         """`understanding_context` of each request. The plain ones (no image, no think) are just
         their prompt, so they are prefilled together, in one forward (`append_tokens_batch`)
         instead of one each; the others are built one by one. Every prompt is checked before
-        any is prefilled."""
+        any is prefilled (`prompts`: their `prompt_tokens`, when already made)."""
         th = self.thinker_engine
-        prompts = [self.prompt_tokens(req) for req in reqs]
+        prompts = [self.prompt_tokens(req) for req in reqs] if prompts is None else prompts
         plain = [i for i, req in enumerate(reqs) if req.image is None and not req.think]
         built = th.builder.append_tokens_batch([th.empty() for _ in plain], [prompts[i] for i in plain])
         contexts = dict(zip(plain, built))
         return [contexts[i] if i in contexts else self.understanding_context(req, prompts[i]) for i, req in enumerate(reqs)]
 
-    def understand_stream(self, req: GenerationRequest) -> Iterator[str | GenerationResult]:
+    def understand_stream(self, req: GenerationRequest,
+                          prompt: list[int] | None = None) -> Iterator[str | GenerationResult]:
         """Text deltas as they decode, then the full result as the last item."""
         th = self.thinker_engine
         t0 = time.perf_counter()
-        ctx = self.understanding_context(req)
+        ctx = self.understanding_context(req, prompt)
         t1 = time.perf_counter()
         ids: list[int] = []
         sent, stopped = "", False
@@ -161,20 +163,21 @@ class LocalPipeline:
                                finish_reason="stop" if stopped else "length",
                                timings={"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": float(len(ids))})
 
-    def understand_batch(self, reqs: list[GenerationRequest],
-                         should_stop: Callable[[int], bool] | None = None) -> list[GenerationResult | Exception | None]:
+    def understand_batch(self, reqs: list[GenerationRequest], should_stop: Callable[[int], bool] | None = None,
+                         prompts: list[list[int]] | None = None) -> list[GenerationResult | Exception | None]:
         """Several text requests. Greedy requests with the same decoding settings share one
         batched decode; sampled ones decode alone, so a seed gives the same text whatever
         else is in the batch. `should_stop(i)` says request i no longer wants its result: a
         group all of whose requests say so stops at its next step and gets None results. A
-        request too long for `max_model_len` gets its `PromptTooLong` as its result, alone."""
+        request too long for `max_model_len` gets its `PromptTooLong` as its result, alone.
+        `prompts`: the requests' `prompt_tokens`, when already made."""
         th = self.thinker_engine
         results: list[GenerationResult | Exception | None] = [None] * len(reqs)
-        prompts: dict[int, list[int]] = {}
+        made: dict[int, list[int]] = {}
         groups: dict[object, list[int]] = {}
         for i, req in enumerate(reqs):
             try:
-                prompts[i] = self.prompt_tokens(req)
+                made[i] = self.prompt_tokens(req) if prompts is None else prompts[i]
             except PromptTooLong as exc:
                 results[i] = exc
                 continue
@@ -185,7 +188,7 @@ class LocalPipeline:
             if stop is not None and stop():
                 continue
             t0 = time.perf_counter()
-            contexts = [self.understanding_context(reqs[i], prompts[i]) for i in members]
+            contexts = [self.understanding_context(reqs[i], made[i]) for i in members]
             t1 = time.perf_counter()
             first = reqs[members[0]]
             try:
@@ -203,11 +206,13 @@ class LocalPipeline:
         return results
 
     def build_contexts(self, req: GenerationRequest, generator: torch.Generator,
-                       should_stop: Callable[[], bool] | None = None) -> tuple[ImageContexts, str | None, list[int] | None]:
+                       should_stop: Callable[[], bool] | None = None,
+                       prompt: list[int] | None = None) -> tuple[ImageContexts, str | None, list[int] | None]:
         """The three CFG contexts of text2img / img2img (spec 6.1 table), think text included
-        (its decoding raises `Cancelled` when `should_stop` says yes)."""
+        (its decoding raises `Cancelled` when `should_stop` says yes). `prompt`: the request's
+        `prompt_tokens`, when already made."""
         th = self.thinker_engine
-        prompt = self.prompt_tokens(req)
+        prompt = self.prompt_tokens(req) if prompt is None else prompt
         gen, cfg_img = th.empty(), th.empty()
         if req.think:
             gen = th.append_text(gen, GEN_THINK_SYSTEM_PROMPT)
@@ -230,12 +235,13 @@ class LocalPipeline:
             gen = th.append_text(gen, think_text)
         return ImageContexts(gen, cfg_text, cfg_img, height, width), think_text, think_ids
 
-    def prepare_image(self, req: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> PreparedImage:
+    def prepare_image(self, req: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+                      prompt: list[int] | None = None) -> PreparedImage:
         """Contexts and initial noise. The seeded CPU generator gives the VAE posterior draw
         first (edits), then the noise, as the official order (spec 11.8)."""
         t0 = time.perf_counter()
         generator = _seeded(req.seed)
-        contexts, think_text, think_ids = self.build_contexts(req, generator, should_stop)
+        contexts, think_text, think_ids = self.build_contexts(req, generator, should_stop, prompt)
         if req.init_noise is not None:
             noise = req.init_noise
         else:

@@ -174,6 +174,8 @@ class ThinkerServer:
         job = TextJob(req)
         try:
             if req.do_sample:
+                # tokenized and checked before the batch takes the engine lock
+                job.prompt = await asyncio.to_thread(self.pipeline.prompt_tokens, req)
                 outcome = await self.understand_batched(job)
             else:
                 job.future = asyncio.get_running_loop().create_future()
@@ -190,8 +192,10 @@ class ThinkerServer:
     async def understand_stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         """Text deltas, then the result (streaming bypasses batching). Decoding stops at the
         next token once the consumer goes away."""
+        prompt = await asyncio.to_thread(self.pipeline.prompt_tokens, req)  # checked off the engine lock
+
         def produce(emit, should_stop) -> None:
-            for item in self.pipeline.understand_stream(req):
+            for item in self.pipeline.understand_stream(req, prompt):
                 if should_stop():
                     raise Cancelled("understand_stream: the consumer went away")
                 emit(item)
@@ -202,11 +206,12 @@ class ThinkerServer:
     async def prepare_image(self, req: GenerationRequest) -> Handoff:
         """Contexts (and think text) of a text2img / img2img request, packed for the DiT."""
         t0 = time.perf_counter()
+        prompt = await asyncio.to_thread(self.pipeline.prompt_tokens, req)  # checked off the engine lock
 
         def prepare(stop: Callable[[], bool]) -> tuple[PreparedImage, Any]:
             # Sent under the engine lock, in its thread: packing never blocks the event loop,
             # and no other request's CUDA-graph capture runs in this process meanwhile.
-            prepared = self.pipeline.prepare_image(req, stop)
+            prepared = self.pipeline.prepare_image(req, stop, prompt)
             return prepared, self.transport.send(prepared.contexts)
 
         prepared, payload = await self.lock.run("prepare_image", prepare)

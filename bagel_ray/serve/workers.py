@@ -27,7 +27,7 @@ from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.continuous import ContinuousDecoder
 from bagel_ray.engine.dit import DenoiseJob, StepRecord
 from bagel_ray.engine.dit_batch import BatchDenoiser
-from bagel_ray.engine.errors import EngineOutOfMemory
+from bagel_ray.engine.errors import EngineOutOfMemory, PromptTooLong
 from bagel_ray.engine.pipeline import LocalPipeline, PreparedImage
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.model import attention
@@ -137,6 +137,7 @@ class TextJob:
     req: GenerationRequest
     cancel: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future | None = None
+    prompt: list[int] | None = None  # its prompt's tokens, made (and checked) off the engine lock
     started: float = field(default_factory=time.perf_counter)
     prefilled_s: float = 0.0
 
@@ -203,8 +204,13 @@ class DecodeWorker(InboxWorker):
         for job in jobs:
             if job.cancel.is_set():
                 job.deliver(Cancelled("understand: cancelled before it started"))
-            else:
-                live.append(job)
+                continue
+            try:  # tokenized and checked before the engine lock: a long prompt holds no one up
+                job.prompt = self.pipeline.prompt_tokens(job.req)
+            except PromptTooLong as exc:
+                job.deliver(exc)
+                continue
+            live.append(job)
         if not live:
             return
         misfits = []
@@ -213,7 +219,7 @@ class DecodeWorker(InboxWorker):
                 if self.decoder is None:
                     self.decoder = ContinuousDecoder(self.pipeline.thinker_engine, self.slots, self.width)
                 started = time.perf_counter()
-                contexts = self.pipeline.understanding_contexts([job.req for job in live])
+                contexts = self.pipeline.understanding_contexts([job.req for job in live], [job.prompt for job in live])
             except BaseException as exc:  # nothing was admitted yet
                 failed: BaseException | None = exc
             else:
@@ -349,9 +355,10 @@ class DenoiseWorker(InboxWorker):
         if job.cancel.is_set():
             raise Cancelled("render: cancelled before it started")
         if job.prepared is None:
+            prompt = self.pipeline.prompt_tokens(job.req)  # checked before the engine lock
             with self.lock.hold(observe=False):
                 job.begin()
-                job.prepared = self.pipeline.prepare_image(job.req, job.cancel.is_set)
+                job.prepared = self.pipeline.prepare_image(job.req, job.cancel.is_set, prompt)
 
         def on_step(record: StepRecord) -> None:  # in the batch's step, for each of its jobs
             metrics.count_step()
@@ -434,7 +441,9 @@ def understand_jobs(pipeline: LocalPipeline, jobs: list[TextJob]) -> list[Genera
     `EngineOutOfMemory`. Requests whose callers went away stop with their group and get
     `Cancelled`."""
     try:
-        results = pipeline.understand_batch([j.req for j in jobs], lambda i: jobs[i].cancel.is_set())
+        prompts = [j.prompt for j in jobs]
+        results = pipeline.understand_batch([j.req for j in jobs], lambda i: jobs[i].cancel.is_set(),
+                                            None if None in prompts else prompts)
     except torch.cuda.OutOfMemoryError as exc:
         if len(jobs) == 1:
             return [out_of_memory("understand", exc)]

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.request import GenerationRequest
@@ -66,11 +67,11 @@ def test_oom_splits_the_batch_and_fails_only_the_request_that_cannot_fit(thinker
     real = thinker.pipeline.understand_batch
     batches: list[list[str]] = []
 
-    def understand_batch(batch, should_stop=None):
+    def understand_batch(batch, should_stop=None, prompts=None):
         batches.append([r.prompt for r in batch])
         if len(batch) > 2 or any(r.prompt == "the huge one" for r in batch):
             raise oom()
-        return real(batch, should_stop)
+        return real(batch, should_stop, prompts)
 
     monkeypatch.setattr(thinker.pipeline, "understand_batch", understand_batch)
     results = understand_jobs(thinker.pipeline, [TextJob(r) for r in reqs])
@@ -364,3 +365,40 @@ def test_the_thinker_health_check_fails_once_its_decoding_thread_has_died(args, 
     server.decode_worker.thread.join(timeout=10)
     with pytest.raises(RuntimeError, match="decoding thread has died"):
         server.check_health()
+
+
+def test_a_prompt_too_long_is_refused_without_waiting_for_the_engine(thinker, dit):
+    """The prompt is tokenized and checked before the engine lock: while the engine is busy
+    (the lock held here), a request past max_model_len is refused at once, and one that fits
+    waits its turn."""
+    from bagel_ray.engine.errors import PromptTooLong
+
+    long = "many words " * thinker.config.thinker.max_model_len
+    calls = [
+        lambda: thinker.understand(text(long, 2)),
+        lambda: thinker.understand(GenerationRequest("text2text", long, max_tokens=2, do_sample=True, seed=1)),
+        lambda: thinker.prepare_image(GenerationRequest("text2img", long, steps=2, height=32, width=32)),
+        lambda: dit.generate(GenerationRequest("img2img", long, image=Image.new("RGB", (32, 32)), steps=2)),
+    ]
+
+    async def refused(call) -> float:
+        t0 = time.monotonic()
+        with pytest.raises(PromptTooLong):
+            await call()
+        return time.monotonic() - t0
+
+    async def stream_refused() -> None:
+        with pytest.raises(PromptTooLong):
+            async for _ in thinker.understand_stream(text(long, 2)):
+                pass
+
+    for server in (thinker, dit):
+        assert server.lock._lock.acquire(timeout=10)
+    try:
+        for call in calls:
+            assert asyncio.run(refused(call)) < 5
+        asyncio.run(stream_refused())
+    finally:
+        thinker.lock._lock.release()
+        dit.lock._lock.release()
+    assert asyncio.run(thinker.understand(text("fits", 2))).text is not None

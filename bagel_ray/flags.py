@@ -73,7 +73,9 @@ def read_image(path: Path | str | None) -> Image.Image | None:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except OSError as exc:  # a missing file, or one PIL cannot decode (UnidentifiedImageError)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # a missing file, one PIL cannot decode (UnidentifiedImageError), a corrupt one, or a
+        # decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS)
         raise UsageError(f"cannot read image {path}: {exc}") from exc
 
 

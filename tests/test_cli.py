@@ -133,6 +133,7 @@ def test_make_random_model(tmp_path, capsys):
 BAD_INPUTS = {
     "missing image file": ["--modality", "img2text", "--prompts", "x", "--image-path", "{tmp}/nope.png"],
     "unreadable image": ["--modality", "img2img", "--prompts", "x", "--image-path", "{tmp}/not_an_image.png"],
+    "decompression bomb": ["--modality", "img2text", "--prompts", "x", "--image-path", "{tmp}/bomb.png"],
     "no image for img2img": ["--modality", "img2img", "--prompts", "x"],
     "image for text-only": ["--modality", "text2text", "--prompts", "x", "--image-path", "{image}"],
     "size for img2img": ["--modality", "img2img", "--prompts", "x", "--image-path", "{image}", "--height", "64"],
@@ -148,9 +149,26 @@ BAD_INPUTS = {
 }
 
 
+def bomb_png(side: int = 20000) -> bytes:
+    """A PNG whose header declares side x side pixels (400M: past twice PIL's
+    MAX_IMAGE_PIXELS, so opening it raises DecompressionBombError)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    real = buf.getvalue()
+    chunk = b"IHDR" + struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return real[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + real[33:]
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input(case, tmp_path, input_png, capsys):
     (tmp_path / "not_an_image.png").write_text("hello")
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "empty_model").mkdir()
     flags = [f.format(tmp=tmp_path, image=input_png) for f in BAD_INPUTS[case]]

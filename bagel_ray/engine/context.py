@@ -90,12 +90,16 @@ class ContextBuilder:
             return torch.full((n,), rope, dtype=torch.long, device=self.device)
         return torch.arange(rope, rope + n, dtype=torch.long, device=self.device)
 
-    @torch.inference_mode()
     def append_text(self, ctx: KVContext, text: str) -> KVContext:
-        """`<|im_start|> text <|im_end|>` at consecutive positions, causal, und expert. On an
-        empty context with `cuda_graphs` on, the prefill replays a CUDA graph (a prompt's
-        prefill, ~20 ms eagerly on an H100, is ~7 ms replayed)."""
-        segment = self.tokenizer.text_segment(text)
+        """`<|im_start|> text <|im_end|>` at consecutive positions, causal, und expert."""
+        return self.append_tokens(ctx, self.tokenizer.text_segment(text))
+
+    @torch.inference_mode()
+    def append_tokens(self, ctx: KVContext, segment: list[int]) -> KVContext:
+        """A text segment already tokenized (`tokenizer.text_segment`; a prompt is tokenized
+        once, where its length is checked). On an empty context with `cuda_graphs` on, the
+        prefill replays a CUDA graph (a prompt's prefill, ~20 ms eagerly on an H100, is ~7 ms
+        replayed)."""
         if (self.cuda_graphs and ctx.length == 0 and ctx.rope == 0 and self.device.type == "cuda"
                 and not kernels.in_eager()):
             if self._prefill_graphs is None:
@@ -107,19 +111,23 @@ class ContextBuilder:
         _, new_kv = run_block(self.model, ctx, self.model.embed_tokens(ids), self._positions(ctx.rope, len(ids), False), None, True, ForwardMode(gen=False))
         return ctx.append(new_kv, len(ids))
 
-    @torch.inference_mode()
     def append_text_batch(self, contexts: list[KVContext], texts: list[str]) -> list[KVContext]:
-        """`append_text(contexts[b], texts[b])` for every b, in one forward instead of one per
+        """`append_text(contexts[b], texts[b])` for every b, in one forward."""
+        return self.append_tokens_batch(contexts, [self.tokenizer.text_segment(text) for text in texts])
+
+    @torch.inference_mode()
+    def append_tokens_batch(self, contexts: list[KVContext], segments: list[list[int]]) -> list[KVContext]:
+        """`append_tokens(contexts[b], segments[b])` for every b, in one forward instead of one per
         context: a forward reads all the weights and launches every kernel once, whatever the
         batch, so a burst of arriving prompts costs about one prefill. Segments are padded to
         the longest and contexts to the longest; a mask keeps each sample to its own rows (over
         empty contexts the causal mask does), and each returned context keeps only its real rows."""
-        if len(contexts) != len(texts):
-            raise ValueError(f"{len(contexts)} contexts but {len(texts)} texts")
+        if len(contexts) != len(segments):
+            raise ValueError(f"{len(contexts)} contexts but {len(segments)} segments")
         if len(contexts) <= 1:
-            return [self.append_text(ctx, text) for ctx, text in zip(contexts, texts)]
+            return [self.append_tokens(ctx, segment) for ctx, segment in zip(contexts, segments)]
         dev = self.device
-        ids = [self.tokenizer.text_segment(text) for text in texts]
+        ids = segments
         new_lens = [len(row) for row in ids]
         past_lens = [ctx.length for ctx in contexts]
         n, t = max(new_lens), max(past_lens)

@@ -18,6 +18,7 @@ from PIL import Image
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.dit import DiT, StepRecord
+from bagel_ray.engine.errors import PromptTooLong
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.engine.thinker import Thinker
@@ -46,14 +47,18 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 class LocalPipeline:
-    def __init__(self, thinker: Thinker | None, dit: DiT | None) -> None:
+    def __init__(self, thinker: Thinker | None, dit: DiT | None, max_model_len: int | None = None) -> None:
         """Either engine may be absent: a Thinker replica holds only the Thinker side, a DiT
-        replica only the DiT side (or both, when it builds edit contexts itself)."""
+        replica only the DiT side (or both, when it builds edit contexts itself).
+        `max_model_len`: the most tokens a request's text plus the tokens it may decode may
+        use; a request past it raises `PromptTooLong` before any model work (None: no limit)."""
         if thinker is None and dit is None:
             raise ValueError("a pipeline needs at least one engine")
         self.thinker = thinker
         self.dit = dit
         self.cfg = (thinker or dit).model.cfg
+        self.max_model_len = max_model_len
+        self._system_tokens: dict[str, int] = {}
 
     @property
     def thinker_engine(self) -> Thinker:
@@ -76,33 +81,70 @@ class LocalPipeline:
 
     def understand(self, req: GenerationRequest) -> GenerationResult:
         """text2text and img2text: [sys] [ViT image] prompt, then decode."""
-        return self.understand_batch([req])[0]
+        result = self.understand_batch([req])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def understanding_context(self, req: GenerationRequest) -> KVContext:
-        """[sys] [ViT image] prompt: the context text answers decode from."""
+    def prompt_tokens(self, req: GenerationRequest) -> list[int]:
+        """The prompt's text segment, tokenized once (here, where a request's tokens are made)
+        and checked against `max_model_len`: the prompt, with the think system prompt when
+        thinking, plus the tokens the request may decode (`max_tokens` for a text answer,
+        `max_think_tokens` for an image with think) must fit. Input images are not counted:
+        the image resize bounds their tokens. Raises `PromptTooLong` naming the field."""
         th = self.thinker_engine
+        segment = th.tokenizer.text_segment(req.prompt)
+        limit = self.max_model_len
+        if limit is None:
+            return segment
+        used = len(segment)
+        if req.think:
+            system = GEN_THINK_SYSTEM_PROMPT if req.outputs_image else VLM_THINK_SYSTEM_PROMPT
+            if system not in self._system_tokens:
+                self._system_tokens[system] = len(th.tokenizer.text_segment(system))
+            used += self._system_tokens[system]
+        if req.outputs_image:
+            new_field, new_tokens = ("max_think_tokens", req.max_think_tokens) if req.think else (None, 0)
+        else:
+            new_field, new_tokens = "max_tokens", req.max_tokens
+        if used > limit:
+            raise PromptTooLong(f"the prompt is {used} tokens, more than max_model_len ({limit})", "prompt")
+        if used + new_tokens > limit:
+            raise PromptTooLong(f"the prompt ({used} tokens) plus {new_field}={new_tokens} exceeds max_model_len "
+                                f"({limit}); lower {new_field} to at most {limit - used}", new_field)
+        return segment
+
+    def understanding_context(self, req: GenerationRequest, prompt: list[int] | None = None) -> KVContext:
+        """[sys] [ViT image] prompt: the context text answers decode from. `prompt`: the
+        request's `prompt_tokens`, when already made."""
+        th = self.thinker_engine
+        prompt = self.prompt_tokens(req) if prompt is None else prompt
         ctx = th.empty()
         if req.think:
             ctx = th.append_text(ctx, VLM_THINK_SYSTEM_PROMPT)
         if req.image is not None:
             ctx = th.append_vit(ctx, self.vae_resized(req.image))
-        return th.append_text(ctx, req.prompt)
+        return th.append_tokens(ctx, prompt)
 
-    def understanding_contexts(self, reqs: list[GenerationRequest]) -> list[KVContext]:
+    def understanding_contexts(self, reqs: list[GenerationRequest],
+                               prompts: list[list[int]] | None = None) -> list[KVContext]:
         """`understanding_context` of each request. The plain ones (no image, no think) are just
-        their prompt, so they are prefilled together, in one forward (`append_text_batch`)
-        instead of one each; the others are built one by one."""
+        their prompt, so they are prefilled together, in one forward (`append_tokens_batch`)
+        instead of one each; the others are built one by one. Every prompt is checked before
+        any is prefilled (`prompts`: their `prompt_tokens`, when already made)."""
         th = self.thinker_engine
+        prompts = [self.prompt_tokens(req) for req in reqs] if prompts is None else prompts
         plain = [i for i, req in enumerate(reqs) if req.image is None and not req.think]
-        built = th.builder.append_text_batch([th.empty() for _ in plain], [reqs[i].prompt for i in plain])
+        built = th.builder.append_tokens_batch([th.empty() for _ in plain], [prompts[i] for i in plain])
         contexts = dict(zip(plain, built))
-        return [contexts[i] if i in contexts else self.understanding_context(req) for i, req in enumerate(reqs)]
+        return [contexts[i] if i in contexts else self.understanding_context(req, prompts[i]) for i, req in enumerate(reqs)]
 
-    def understand_stream(self, req: GenerationRequest) -> Iterator[str | GenerationResult]:
+    def understand_stream(self, req: GenerationRequest,
+                          prompt: list[int] | None = None) -> Iterator[str | GenerationResult]:
         """Text deltas as they decode, then the full result as the last item."""
         th = self.thinker_engine
         t0 = time.perf_counter()
-        ctx = self.understanding_context(req)
+        ctx = self.understanding_context(req, prompt)
         t1 = time.perf_counter()
         ids: list[int] = []
         sent, stopped = "", False
@@ -122,16 +164,24 @@ class LocalPipeline:
                                finish_reason="stop" if stopped else "length",
                                timings={"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": float(len(ids))})
 
-    def understand_batch(self, reqs: list[GenerationRequest],
-                         should_stop: Callable[[int], bool] | None = None) -> list[GenerationResult | None]:
+    def understand_batch(self, reqs: list[GenerationRequest], should_stop: Callable[[int], bool] | None = None,
+                         prompts: list[list[int]] | None = None) -> list[GenerationResult | Exception | None]:
         """Several text requests. Greedy requests with the same decoding settings share one
         batched decode; sampled ones decode alone, so a seed gives the same text whatever
         else is in the batch. `should_stop(i)` says request i no longer wants its result: a
-        group all of whose requests say so stops at its next step and gets None results."""
+        group all of whose requests say so stops at its next step and gets None results. A
+        request too long for `max_model_len` gets its `PromptTooLong` as its result, alone.
+        `prompts`: the requests' `prompt_tokens`, when already made."""
         th = self.thinker_engine
-        results: list[GenerationResult | None] = [None] * len(reqs)
+        results: list[GenerationResult | Exception | None] = [None] * len(reqs)
+        made: dict[int, list[int]] = {}
         groups: dict[object, list[int]] = {}
         for i, req in enumerate(reqs):
+            try:
+                made[i] = self.prompt_tokens(req) if prompts is None else prompts[i]
+            except PromptTooLong as exc:
+                results[i] = exc
+                continue
             key = ("sampled", i) if req.do_sample else req.decode_params()
             groups.setdefault(key, []).append(i)
         for members in groups.values():
@@ -139,7 +189,7 @@ class LocalPipeline:
             if stop is not None and stop():
                 continue
             t0 = time.perf_counter()
-            contexts = [self.understanding_context(reqs[i]) for i in members]
+            contexts = [self.understanding_context(reqs[i], made[i]) for i in members]
             t1 = time.perf_counter()
             first = reqs[members[0]]
             try:
@@ -157,10 +207,13 @@ class LocalPipeline:
         return results
 
     def build_contexts(self, req: GenerationRequest, generator: torch.Generator,
-                       should_stop: Callable[[], bool] | None = None) -> tuple[ImageContexts, str | None, list[int] | None]:
+                       should_stop: Callable[[], bool] | None = None,
+                       prompt: list[int] | None = None) -> tuple[ImageContexts, str | None, list[int] | None]:
         """The three CFG contexts of text2img / img2img (spec 6.1 table), think text included
-        (its decoding raises `Cancelled` when `should_stop` says yes)."""
+        (its decoding raises `Cancelled` when `should_stop` says yes). `prompt`: the request's
+        `prompt_tokens`, when already made."""
         th = self.thinker_engine
+        prompt = self.prompt_tokens(req) if prompt is None else prompt
         gen, cfg_img = th.empty(), th.empty()
         if req.think:
             gen = th.append_text(gen, GEN_THINK_SYSTEM_PROMPT)
@@ -174,8 +227,8 @@ class LocalPipeline:
             default = min(DEFAULT_SIZE, self.cfg.max_image_side)
             height, width = req.height or default, req.width or default
         cfg_text = gen.cut
-        gen = th.append_text(gen, req.prompt)
-        cfg_img = gen.cut if req.modality == "text2img" else th.append_text(cfg_img, req.prompt)
+        gen = th.append_tokens(gen, prompt)
+        cfg_img = gen.cut if req.modality == "text2img" else th.append_tokens(cfg_img, prompt)
         think_text = think_ids = None
         if req.think:
             out = th.decode([gen], req.decode_params(think=True), _seeded(req.seed), should_stop=should_stop)[0]
@@ -183,12 +236,13 @@ class LocalPipeline:
             gen = th.append_text(gen, think_text)
         return ImageContexts(gen, cfg_text, cfg_img, height, width), think_text, think_ids
 
-    def prepare_image(self, req: GenerationRequest, should_stop: Callable[[], bool] | None = None) -> PreparedImage:
+    def prepare_image(self, req: GenerationRequest, should_stop: Callable[[], bool] | None = None,
+                      prompt: list[int] | None = None) -> PreparedImage:
         """Contexts and initial noise. The seeded CPU generator gives the VAE posterior draw
         first (edits), then the noise, as the official order (spec 11.8)."""
         t0 = time.perf_counter()
         generator = _seeded(req.seed)
-        contexts, think_text, think_ids = self.build_contexts(req, generator, should_stop)
+        contexts, think_text, think_ids = self.build_contexts(req, generator, should_stop, prompt)
         if req.init_noise is not None:
             noise = req.init_noise
         else:

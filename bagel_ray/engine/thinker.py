@@ -89,6 +89,9 @@ class Thinker:
     def append_text(self, ctx: KVContext, text: str) -> KVContext:
         return self.builder.append_text(ctx, text)
 
+    def append_tokens(self, ctx: KVContext, segment: list[int]) -> KVContext:
+        return self.builder.append_tokens(ctx, segment)
+
     def append_vit(self, ctx: KVContext, image: Image.Image) -> KVContext:
         return self.builder.append_vit(ctx, image)
 

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"of every .txt item, and of .jsonl items that name none (default: {MODALITIES[0]})")
     p.add_argument("--image-path", type=Path,
                    help=f"input image of {' and '.join(IMAGE_INPUT)} items that name none (a .txt input's only image)")
+    p.add_argument("--images-anywhere", action="store_true",
+                   help="let .jsonl items name images outside the input file's folder (absolute paths, ../, links "
+                        "leading out); by default such items fail")
     p.add_argument("--model",
                    help=f"checkpoint folder, hub id, or 'tiny' for the embedded test model (default: {DEFAULT_MODEL}; "
                         "with --app, the app's model, which --model must match if given)")
@@ -141,7 +144,7 @@ def job_input(args: argparse.Namespace) -> JobInput:
     if not args.input.is_file():
         raise UsageError(f"input {args.input} is not a file")
     image = None if args.image_path is None else str(args.image_path.resolve())
-    job = JobInput(str(args.input.resolve()), args.modality, request_fields(vars(args)), image)
+    job = JobInput(str(args.input.resolve()), args.modality, request_fields(vars(args)), image, args.images_anywhere)
     if job.kind == ".txt":
         if args.image_path is not None and args.modality not in IMAGE_INPUT:
             raise UsageError(f"--image-path does not apply to {args.modality} (it is for {', '.join(IMAGE_INPUT)})")

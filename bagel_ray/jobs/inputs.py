@@ -83,14 +83,22 @@ class JobInput:
     modality: str  # of .txt items, and of .jsonl items without one
     defaults: dict[str, Any]  # request fields set on the command line
     image: str | None = None  # --image-path: the input image of image-input items without one
+    images_anywhere: bool = False  # --images-anywhere: item images may lie outside the input folder
 
     @property
     def kind(self) -> str:
         return Path(self.path).suffix
 
     def image_path(self, given: str) -> str:
-        """A .jsonl `image`, relative to the input file's folder."""
-        return str(Path(self.path).parent / given)
+        """A .jsonl `image`, relative to the input file's folder, and (unless `images_anywhere`)
+        inside it once symlinks are followed: an input file must not make the job open any
+        file its runner can read (an absolute path, `../`, or a link leading out)."""
+        folder = Path(self.path).parent
+        path = folder / given
+        if not self.images_anywhere and not path.resolve().is_relative_to(folder.resolve()):
+            raise ItemError(f"image {given!r} leads outside the input file's folder; "
+                            f"--images-anywhere allows images anywhere")
+        return str(path)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -212,6 +220,8 @@ def build_request(item: Item, job: JobInput) -> GenerationRequest:
         return GenerationRequest(modality, prompt, image=image, **given)
     except (UsageError, ValueError) as exc:
         raise ItemError(str(exc)) from None
+    except Exception as exc:  # whatever else one item's image or values raise fails that item alone
+        raise ItemError(f"{type(exc).__name__}: {exc}") from None
 
 
 def failed_outcome(item: Item, job: JobInput, error: str) -> Outcome:

@@ -75,6 +75,16 @@ class BagelTokenizer:
             "end_of_image": self.end_of_image,
         }
 
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for: a text of n bytes (after NFC) is at least
+        n / max_token_bytes tokens, which bounds a prompt's length without tokenizing it.
+        Byte-level BPE writes one vocabulary character per byte; added tokens are their text."""
+        added = self._tokenizer.get_added_tokens_decoder()
+        longest_added = max((len(t.content.encode("utf-8")) for t in added.values()), default=1)
+        plain = (token for token, i in self._tokenizer.get_vocab(with_added_tokens=False).items() if i not in added)
+        return max(longest_added, max((len(token) for token in plain), default=1))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added (`tokenizer.encode(text)` in the official code).
 

@@ -22,7 +22,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     retry = cfg.retry_after_s
     # The driver admits text requests against the Thinker's limit and image requests against
     # the DiT's; an image request also makes one Thinker call (its prefill), and the driver one
-    # more, once (its fetch of the model info and tokenizer).
+    # more, once (its fetch of the model info).
     text, image = cfg.thinker.admission_limit(), cfg.dit.admission_limit()
     thinker_queue = None if text is None or image is None else text + image + 1
     thinker = ThinkerServer.options(**cfg.thinker.serve_options("Thinker", retry, thinker_queue)).bind(raw)

@@ -17,8 +17,17 @@ from bagel_ray.serve.schemas import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from bagel_ray.transport.base import TRANSPORT_NAMES
 
 
+def _serve_queue_bound(value: int) -> int:
+    """A max_queued_requests handed to Serve as is: Serve takes -1 (unbounded) or >= 1."""
+    if value == 0:
+        raise ValueError("must be -1 (unbounded) or at least 1 (Ray Serve refuses 0)")
+    return value
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Errors name the key and the problem, never the value given (it may be a secret)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class AutoscalingConfig(StrictModel):
@@ -53,6 +62,17 @@ class ActorOptions(StrictModel):
     accelerator_type: str | None = None
     runtime_env: dict[str, Any] | None = None
 
+    @field_validator("resources")
+    @classmethod
+    def _ray_takes_them(cls, resources: dict[str, float]) -> dict[str, float]:
+        """What Ray refuses when the replica is created, refused here before deploying."""
+        if {"CPU", "GPU"} & set(resources):
+            raise ValueError("CPU and GPU go in num_cpus and num_gpus, not in resources")
+        negative = sorted(name for name, amount in resources.items() if amount < 0)
+        if negative:
+            raise ValueError(f"resource amounts cannot be negative ({', '.join(negative)})")
+        return resources
+
     def to_ray(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, exclude_defaults=False)
 
@@ -74,6 +94,9 @@ class StageConfig(StrictModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory this replica may use")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="a replica whose engine has not loaded by then fails its start (Serve starts another)"
+    )
 
     def admission_limit(self) -> int | None:
         """Requests of this stage that one ingress replica lets in at once (running plus
@@ -133,19 +156,34 @@ class DiTConfig(StageConfig):
         return value
 
 
+# Requests an ingress replica takes beyond its API admission limit: /health, /v1/models, the
+# docs, unknown routes and the instant 503s of requests past the limit. Serve counts them all.
+INGRESS_HEADROOM = 64
+
+
 class IngressConfig(StrictModel):
     """The HTTP driver: light, CPU only."""
 
     num_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(256, ge=1)
-    max_queued_requests: int = Field(1024, ge=-1)
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="API requests (POST) an ingress replica takes at once; past it a JSON 503 + Retry-After"
+    )
+    max_queued_requests: int = Field(1024, ge=-1, description="Serve's queue before the ingress replicas; -1 unbounded")
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.5))
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _serve_takes_it(cls, value: int) -> int:
+        return _serve_queue_bound(value)
+
     def serve_options(self, name: str, retry_after_s: int) -> dict[str, Any]:
+        """Serve's own limit sits INGRESS_HEADROOM above the driver's admission, so that Serve
+        never refuses (with its plain-text 503) before the driver does, and /health is
+        answered while the API routes are full."""
         return {
             "name": name,
             "num_replicas": self.num_replicas,
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests + INGRESS_HEADROOM,
             "max_queued_requests": self.max_queued_requests,
             "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
             "ray_actor_options": self.ray_actor_options.to_ray(),
@@ -153,22 +191,27 @@ class IngressConfig(StrictModel):
 
 
 class AccessConfig(StrictModel):
-    """API keys for the HTTP API. Keys come from here and, comma-separated, from the
-    environment variable `BAGEL_RAY_API_KEYS` of the ingress replicas (the better place: it
-    keeps them out of config files and Serve's stored config). With no key anywhere the API
-    is open."""
+    """API keys for the HTTP API. The keys themselves are never in the config: Ray Serve logs
+    an application's args (to the console of `serve run` and the controller's log) when it
+    deploys one from a config file. They come, one a line, from the file `api_keys_file` names
+    and, comma-separated, from the environment variable `BAGEL_RAY_API_KEYS` of the ingress
+    replicas; both are read when a replica starts. With no key anywhere the API is open."""
 
-    api_keys: list[str] = Field(default_factory=list, repr=False, description="accepted keys (Authorization: Bearer KEY)")
+    api_keys_file: str | None = Field(
+        None, description="a file on the ingress nodes holding the accepted keys, one a line (blank lines and # comments "
+        "skipped); requests present one as Authorization: Bearer KEY"
+    )
     public_paths: list[Literal["/health", "/v1/models"]] = Field(
         default_factory=lambda: ["/health"], description="GET paths answered without a key when keys are set"
     )
 
-    @field_validator("api_keys")
+    @model_validator(mode="before")
     @classmethod
-    def _nonempty(cls, keys: list[str]) -> list[str]:
-        if any(not key.strip() or key != key.strip() or "," in key for key in keys):
-            raise ValueError("API keys must be non-empty, without surrounding spaces or commas")
-        return keys
+    def _no_keys_here(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_keys" in data:
+            raise ValueError("api_keys cannot be given in the config, where Ray Serve would log them with the app's "
+                             "args; put them in a file named by access.api_keys_file, or in BAGEL_RAY_API_KEYS")
+        return data
 
 
 class AppConfig(StrictModel):
@@ -182,6 +225,9 @@ class AppConfig(StrictModel):
         "also loads the ViT and lm_head) or the Thinker (which then also loads the generation expert and VAE)",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline; past it the request gets a 504")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not all received within this many seconds gets a 408 (slow uploads)"
+    )
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest HTTP body accepted (413 past it)")
     max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1024, description="largest encoded input image (413 past it)")
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=256, description="most pixels of a decoded input image (413 past it)")
@@ -192,10 +238,9 @@ class AppConfig(StrictModel):
     dit: DiTConfig = Field(default_factory=DiTConfig)
 
     def public_dump(self) -> dict[str, Any]:
-        """The config as JSON with each API key replaced by `***`: what may be shown or logged."""
-        raw = self.model_dump(mode="json")
-        raw["access"]["api_keys"] = ["***"] * len(self.access.api_keys)
-        return raw
+        """The config as JSON: what may be shown or logged (it holds no API key, only where
+        the keys are)."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AppConfig":

@@ -26,21 +26,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+import ray
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bagel_ray.engine.cancel import Cancelled
-from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.knobs import DEFAULT_SIZE
 from bagel_ray.routes import DIT, THINKER, modality_for, route
-from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.serve import metrics
 from bagel_ray.serve.access import AccessControl
+from bagel_ray.serve.bodies import parse_body_off_loop
 from bagel_ray.serve.config import AppConfig
+from bagel_ray.serve.errors import InputError, Overloaded, error_body, error_response, failure, replica_died, validation_param
 from bagel_ray.serve.schemas import (
     ALLOWED_IMAGE_FORMATS,
     BagelKnobs,
@@ -48,31 +46,18 @@ from bagel_ray.serve.schemas import (
     ErrorResponse,
     ImageEditRequest,
     ImageGenerationRequest,
-    InputError,
     decode_data_url,
     decode_image,
     parse_size,
     png_base64,
 )
-from bagel_ray.serve.stages import EngineOutOfMemory, ModelInfo, logs_into_serve
+from bagel_ray.serve.stages import ModelInfo, logs_into_serve
 
 log = logging.getLogger("bagel_ray.serve")
 api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")
-# A replica that died mid-request: the request is run once more (seeded, so identically).
-RETRYABLE = (ActorDiedError, ActorUnavailableError)
-
-
-def replica_died(exc: BaseException) -> bool:
-    """A stage replica died under this request: directly, or (Serve wraps it) the Thinker
-    replica whose result the DiT call was waiting for."""
-    return isinstance(exc, RETRYABLE) or (isinstance(exc, RayServeException) and isinstance(exc.__cause__, RETRYABLE))
 
 
 # -- admission ---------------------------------------------------------------------------
-
-
-class Overloaded(Exception):
-    """A stage already has its limit of requests from this ingress replica."""
 
 
 class Gate:
@@ -96,72 +81,29 @@ class Gate:
             self.in_flight -= 1
 
 
-# -- errors ------------------------------------------------------------------------------
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None,
-                   code: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
-
-
-def _names_a_field(part: str | int) -> bool:
-    """Pydantic's error locations also hold union branch tags ('str', 'list[...]', 'TextPart')."""
-    return isinstance(part, int) or not ("[" in part or part[:1].isupper() or part in ("body", "str", "int", "float", "bool"))
-
-
-def validation_param(exc: ValidationError | RequestValidationError) -> tuple[str | None, str]:
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"] if _names_a_field(p)) or None
-    return param, f"{param}: {first['msg']}" if param else first["msg"]
-
-
-def failure(exc: BaseException, timeout_s: float, retry_after_s: int) -> tuple[int, str, str | None, dict[str, str] | None]:
-    """(status, message, param, headers) of an error raised while serving a request. Errors
-    raised in a replica arrive as `RayTaskError`s that are also instances of their cause."""
-    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    retry = {"Retry-After": str(retry_after_s)}
-    if isinstance(cause, InputError):
-        return cause.status, str(cause), cause.param, None
-    if isinstance(cause, ValidationError):
-        param, message = validation_param(cause)
-        return 422, message, param, None
-    if isinstance(cause, Overloaded):
-        return 503, f"the service is at capacity ({cause}); retry later", None, retry
-    if isinstance(cause, BackPressureError):
-        after = cause.retry_after_s if cause.retry_after_s is not None else retry_after_s
-        return 503, f"the service is at capacity ({cause.message}); retry later", None, {"Retry-After": str(int(after))}
-    if isinstance(cause, DeploymentUnavailableError):
-        return 503, f"the service is unavailable: {cause.message}", None, retry
-    if isinstance(cause, asyncio.TimeoutError):
-        return 504, f"the request did not finish within its deadline of {timeout_s}s; its work was stopped", None, None
-    if isinstance(cause, EngineOutOfMemory):
-        return 507, str(cause), None, None
-    if replica_died(cause):
-        return 503, f"a replica died during the request and again on its retry ({type(cause).__name__})", None, retry
-    if isinstance(cause, Cancelled):
-        return 503, "the request was cancelled inside the service", None, retry
-    log.error("request failed", exc_info=exc)
-    return 500, f"internal error ({type(cause).__name__}); the request failed, the service goes on", None, None
-
-
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     param, message = validation_param(exc)
     return error_response(422, message, param)
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404) and wrong methods (405) in the API's error shape, not FastAPI's
+    `{"detail": ...}`."""
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused (413) as soon as it passes `limit` bytes, whether or not it
-    declared its length. Starlette's form and JSON parsers then read it from the cache."""
+    declared its length, and (408) when it has not all arrived within `timeout_s`: a client
+    that trickles its upload would otherwise hold its ingress slot for as long as it likes.
+    Starlette's form and JSON parsers then read it from the cache."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -169,11 +111,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise InputError(f"request body of {length} bytes exceeds the limit of {limit}", None, 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InputError(f"request body exceeds the limit of {limit} bytes", None, 413)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InputError(f"request body exceeds the limit of {limit} bytes", None, 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InputError(f"the request body did not arrive within body_timeout_s={timeout_s}s ({size} bytes came)",
+                         None, 408) from None
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001  (Starlette's body cache, read by request.form())
     return body
@@ -200,7 +147,8 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "Malformed body or image", 401: "Missing or invalid API key", 404: "Unknown model",
-        413: "Body or image over the limits", 422: "A field out of range or unknown",
+        408: "Body not all received within body_timeout_s", 413: "Body or image over the limits",
+        422: "A field out of range or unknown, or a prompt too long",
         503: "At capacity or a replica failed (see Retry-After)", 504: "Deadline passed",
         507: "Out of accelerator memory",
     }.items()
@@ -248,17 +196,20 @@ class Driver:
         self.access = AccessControl.from_config(self.config.access, os.environ)
         self.gates = {"thinker": Gate("Thinker", self.config.thinker.admission_limit()),
                       "dit": Gate("DiT", self.config.dit.admission_limit())}
+        # The API routes' own admission, below Serve's limit for this deployment: past it a
+        # request gets the JSON 503 at once, and /health and /v1/models (not counted) still
+        # find a slot (`IngressConfig.serve_options`).
+        self.admission = Gate("ingress", self.config.ingress.max_ongoing_requests)
         self._model: asyncio.Future | None = None
-        log.info("Driver ready; %s", self.access)
+        # Which cluster this app runs in: `serve run` without --address joins any cluster a
+        # `ray start` left running on the machine, so the console says which one it joined.
+        log.info("Driver ready; %s; Ray cluster at %s", self.access, ray.get_runtime_context().gcs_address)
 
-    async def _model_facts(self) -> tuple[ModelInfo, BagelTokenizer]:
+    async def model_info(self) -> ModelInfo:
         """What requests are validated against, fetched from the Thinker once (one call in
         flight however many requests wait for it; a failed fetch is tried again later)."""
         if self._model is None:
-            async def fetch() -> tuple[ModelInfo, BagelTokenizer]:
-                return await self.thinker.model_info.remote(), await self.thinker.tokenizer.remote()
-
-            self._model = asyncio.ensure_future(fetch())
+            self._model = asyncio.ensure_future(self.thinker.model_info.remote())
         fetching = self._model
         try:
             return await asyncio.shield(fetching)
@@ -267,12 +218,9 @@ class Driver:
                 self._model = None
             raise
 
-    async def model_info(self) -> ModelInfo:
-        return (await self._model_facts())[0]
-
     async def app_config(self) -> dict:
-        """The validated args this app runs with, API keys masked (a job reusing the app
-        checks its flags against them)."""
+        """The validated args this app runs with (a job reusing the app checks its flags
+        against them); they hold no API key, only where the keys are."""
         return self.config.public_dump()
 
     # -- composition (also the Python handle API) --------------------------------------
@@ -280,36 +228,28 @@ class Driver:
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """One request through the stage graph, within the deadline, retried once on a
         replica that died mid-request (generation is seeded, so the retry gives the same
-        output). A prompt too long for `max_model_len` raises `InputError`."""
-        await self.check_length(req, "prompt")
+        output). A prompt too long for `max_model_len` raises `InputError` here (the cheap
+        bound) or `PromptTooLong` from the stage that tokenizes it."""
+        await self.bound_prompt(req.prompt, "prompt")
         return await self._generate(req)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | dict | GenerationResult]:
         """Text deltas (text modalities) or progress events (image modalities), then the
         result. Not retried: a failure after the first item ends the stream with it."""
-        await self.check_length(req, "prompt")
+        await self.bound_prompt(req.prompt, "prompt")
         async for item in self._stream(req):
             yield item
 
-    async def check_length(self, req: GenerationRequest, param: str) -> None:
-        """The prompt (with the think system prompt when thinking) plus the new tokens it may
-        decode must fit in `thinker.max_model_len`. Input images are not counted: their
-        token count is bounded by the model's image resize."""
-        tokenizer = (await self._model_facts())[1]
-        limit = self.config.thinker.max_model_len
-        text = req.prompt
-        if req.think:
-            text = (GEN_THINK_SYSTEM_PROMPT if req.outputs_image else VLM_THINK_SYSTEM_PROMPT) + text
-        prompt_tokens = len(await asyncio.to_thread(tokenizer.encode, text))
-        if req.outputs_image:
-            new_field, new_tokens = ("max_think_tokens", req.max_think_tokens) if req.think else (None, 0)
-        else:
-            new_field, new_tokens = "max_tokens", req.max_tokens
-        if prompt_tokens > limit:
-            raise InputError(f"the prompt is {prompt_tokens} tokens, more than max_model_len ({limit})", param, 422)
-        if prompt_tokens + new_tokens > limit:
-            raise InputError(f"the prompt ({prompt_tokens} tokens) plus {new_field}={new_tokens} exceeds max_model_len "
-                             f"({limit}); lower {new_field} to at most {limit - prompt_tokens}", new_field, 422)
+    async def bound_prompt(self, prompt: str, param: str) -> None:
+        """The cheap bound on a prompt's length, before anything tokenizes it: more characters
+        than `max_model_len` tokens can hold (`ModelInfo.max_prompt_chars`) is refused at once.
+        The exact count, with the tokens the request may decode, is made where the prompt is
+        tokenized (the Thinker, or the DiT for edits it builds), which raises `PromptTooLong`."""
+        info = await self.model_info()
+        limit = info.max_prompt_chars(prompt.isascii())
+        if len(prompt) > limit:
+            raise InputError(f"the prompt is {len(prompt)} characters, more than max_model_len ({info.max_model_len}) "
+                             f"tokens can hold (at most {limit})", param, 422)
 
     def _gate(self, req: GenerationRequest) -> Gate:
         return self.gates["dit" if req.outputs_image else "thinker"]
@@ -391,8 +331,9 @@ class Driver:
 
     # -- HTTP ---------------------------------------------------------------------------
 
-    def _failure_response(self, exc: BaseException) -> JSONResponse:
-        status, message, param, headers = failure(exc, self.config.request_timeout_s, self.config.retry_after_s)
+    def _failure_response(self, exc: BaseException, prompt_param: str = "prompt") -> JSONResponse:
+        status, message, param, headers = failure(exc, self.config.request_timeout_s, self.config.retry_after_s,
+                                                  prompt_param)
         return error_response(status, message, param, headers)
 
     def _denied(self, request: Request, route: str) -> JSONResponse | None:
@@ -401,25 +342,24 @@ class Driver:
         return error_response(401, "a valid API key is required (Authorization: Bearer KEY)",
                               headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
-    async def _guard(self, request: Request, route: str, body_model, handler):
-        """Access, body-size limit, validation and error mapping shared by the POST routes."""
+    async def _guard(self, request: Request, route: str, body_model, handler, prompt_param: str = "prompt"):
+        """Access, body-size limit, validation and error mapping shared by the POST routes.
+        The body is parsed and validated off the event loop (`bodies`)."""
         denied = self._denied(request, route)
         if denied is not None:
             return denied
         try:
-            raw = await read_body(request, self.config.max_request_bytes)
-            body = None
-            if body_model is not None:
-                try:
-                    payload = json.loads(raw)
-                except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-                    raise InputError(f"body is not valid JSON: {exc}") from None
-                body = body_model.model_validate(payload)
-                if body.model not in (None, self.config.model_name):
-                    raise InputError(f"model {body.model!r} is not served here (this is {self.config.model_name!r})", "model", 404)
-            return await handler(body)
+            with self.admission.slot():
+                raw = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s)
+                body = None
+                if body_model is not None:
+                    body = await parse_body_off_loop(raw, body_model)
+                    if body.model not in (None, self.config.model_name):
+                        raise InputError(f"model {body.model!r} is not served here (this is {self.config.model_name!r})",
+                                         "model", 404)
+                return await handler(body)
         except Exception as exc:
-            return self._failure_response(exc)
+            return self._failure_response(exc, prompt_param)
 
     def _seed(self, knobs: BagelKnobs) -> int:
         return knobs.seed if knobs.seed is not None else secrets.randbelow(2**31)
@@ -444,13 +384,15 @@ class Driver:
 
     @api.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"), responses=_ERRORS)
     async def chat_completions(self, request: Request):
-        return await self._guard(request, "/v1/chat/completions", ChatCompletionRequest, self._chat)
+        return await self._guard(request, "/v1/chat/completions", ChatCompletionRequest, self._chat, "messages")
 
     async def _chat(self, body: ChatCompletionRequest):
         prompt, image_url = body.prompt_and_image()
+        await self.bound_prompt(prompt, "messages")
         image = None
         if image_url:
-            image = decode_data_url(image_url, "messages", self.config.max_image_bytes, self.config.max_image_pixels)
+            image = await asyncio.to_thread(decode_data_url, image_url, "messages", self.config.max_image_bytes,
+                                            self.config.max_image_pixels)
         modality = modality_for(image_in=image is not None, image_out=body.modalities == ["image"])
         path = route(modality)
         if not path.image_out and body.size is not None:
@@ -461,7 +403,6 @@ class Driver:
         if path.image_out and not path.size_from_input and height is None:
             height = width = await self._default_size()
         req = body.request(modality, prompt, image, self._seed(body), height, width)
-        await self.check_length(req, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             # The first item is awaited before answering, so that a request refused at once
@@ -514,7 +455,8 @@ class Driver:
                     yield chunk(final, item.finish_reason or "stop", seed=req.seed)
         except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__
-            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s)
+            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "messages",
+                                              streaming=True)
             yield sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
         finally:
             await rest.aclose()  # on a disconnect too: cancels the replicas' work
@@ -526,12 +468,12 @@ class Driver:
         return await self._guard(request, "/v1/images/generations", ImageGenerationRequest, self._images)
 
     async def _images(self, body: ImageGenerationRequest):
+        await self.bound_prompt(body.prompt, "prompt")
         height, width = await self._size(body.size)
         if height is None:
             height = width = await self._default_size()
         seed = self._seed(body)
         reqs = [body.request("text2img", body.prompt, None, s, height, width) for s in body.seeds(seed)]
-        await self.check_length(reqs[0], "prompt")
         return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
 
     async def _image_list(self, results: list[GenerationResult]) -> dict:
@@ -571,8 +513,9 @@ class Driver:
         body = ImageEditRequest.from_form(fields)
         if body.model not in (None, self.config.model_name):
             raise InputError(f"model {body.model!r} is not served here", "model", 404)
-        image = decode_image(await uploads[0].read(), "image", self.config.max_image_bytes, self.config.max_image_pixels)
+        await self.bound_prompt(body.prompt, "prompt")
+        data = await uploads[0].read()
+        image = await asyncio.to_thread(decode_image, data, "image", self.config.max_image_bytes, self.config.max_image_pixels)
         seed = self._seed(body)
         reqs = [body.request("img2img", body.prompt, image, s) for s in body.seeds(seed)]
-        await self.check_length(reqs[0], "prompt")
         return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))

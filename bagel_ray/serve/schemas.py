@@ -21,21 +21,13 @@ from pydantic import Strict as Exact
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.knobs import BOOL, CHOICE, FLOAT, INT, INTERVAL, KNOBS, MAX_SEED, Knob
 from bagel_ray.png import encode_png
+from bagel_ray.serve.errors import InputError
 
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(?P<data>.*)$", re.DOTALL)
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-
-
-class InputError(ValueError):
-    """A client error with the field it concerns (mapped to a 4xx)."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param = param
-        self.status = status
 
 
 def _encodable(text: str) -> str:

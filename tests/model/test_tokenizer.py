@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,15 @@ def test_missing_vision_start_raises(tmp_path: Path, tiny_dir: Path) -> None:
 def test_missing_tokenizer_file_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         BagelTokenizer.from_folder(tmp_path)
+
+
+def test_max_token_bytes_bounds_every_tokens_text(tiny_dir: Path, golden_tokenizer: BagelTokenizer) -> None:
+    """No token stands for more bytes than `max_token_bytes`, and some token stands for that
+    many: a text of n bytes is at least n / max_token_bytes tokens, with no slack."""
+    for tok in (BagelTokenizer.from_folder(tiny_dir), golden_tokenizer):
+        longest = tok.max_token_bytes
+        texts = (tok.decode([i]) for i in range(tok.vocab_len))
+        lengths = [len(text.encode("utf-8")) for text in texts if "\ufffd" not in text]  # whole characters only
+        assert max(lengths) == longest
+        for text in ("<|object_ref_start|>" * 50, "the quick brown fox " * 200, "日本語のテキスト" * 100, " " * 3000):
+            assert len(tok.encode(text)) * longest >= len(unicodedata.normalize("NFC", text).encode("utf-8"))

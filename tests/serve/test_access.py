@@ -1,6 +1,7 @@
-"""API keys: from the config and from BAGEL_RAY_API_KEYS on the ingress replica, sent as
-`Authorization: Bearer KEY`; /health public by config, everything else protected; 401 with
-a JSON error otherwise; keys never written to any log."""
+"""API keys: from the key file the config names and from BAGEL_RAY_API_KEYS on the ingress
+replica, sent as `Authorization: Bearer KEY`; /health public by config, everything else
+protected; 401 with a JSON error otherwise; keys never written to any log, and never in the
+config (whose args Ray Serve logs when it deploys from a config file)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,18 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def locked(serve_app):
+def key_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "api_keys.txt"
+    path.write_text(f"# the API keys of the locked app\n\n  {CONFIG_KEY}  \n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def locked(serve_app, key_file):
     from ray import serve
 
     app = deploy_variant(serve_app, "locked", {
-        "access.api_keys": [CONFIG_KEY],
+        "access.api_keys_file": str(key_file),
         "access.public_paths": ["/health"],
         "ingress.ray_actor_options.runtime_env": {"env_vars": {API_KEYS_ENV: f" {ENV_KEYS[0]} ,{ENV_KEYS[1]}"}},
     })
@@ -68,10 +76,11 @@ def test_keys_are_never_logged(locked, ray_session):
     wrong = "wrong-" + secrets.token_hex(12)
     for key in (wrong, *ENV_KEYS, CONFIG_KEY):
         requests.post(locked.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 0}, headers=bearer(key), timeout=60)
-    # what the running app reports about itself masks them too
-    reported = AppConfig.model_validate(locked.handle.app_config.remote().result())
-    assert reported.access.api_keys == ["***"]
-    assert CONFIG_KEY not in repr(AppConfig.model_validate(locked.args))
+    # the app's args (which Serve logs when it deploys from a config file) name the key file,
+    # not its keys (the env keys are in them only because this test hands them over in runtime_env)
+    reported = locked.handle.app_config.remote().result()
+    assert reported["access"]["api_keys_file"] == locked.args["access"]["api_keys_file"]
+    assert CONFIG_KEY not in repr(reported) and CONFIG_KEY not in repr(locked.args)
     # Every log of the cluster, but Ray's runtime-env agent's, which records the env_vars this
     # test hands the ingress through `runtime_env` (set keys in the nodes' environment instead).
     logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())  # noqa: SLF001
@@ -95,13 +104,25 @@ def test_access_control_rules():
     assert AccessControl([], []).allows("/v1/chat/completions", None)  # no keys: open
 
 
-def test_keys_from_config_and_environment():
-    config = AccessConfig(api_keys=["a"], public_paths=["/health", "/v1/models"])
+def test_keys_from_the_key_file_and_environment(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("a\n# a comment\n\n d \n")
+    config = AccessConfig(api_keys_file=str(keys), public_paths=["/health", "/v1/models"])
     control = AccessControl.from_config(config, {API_KEYS_ENV: " b, ,c "})
-    assert all(control.allows("/v1/chat/completions", f"Bearer {k}") for k in "abc")
+    assert all(control.allows("/v1/chat/completions", f"Bearer {k}") for k in "abcd")
     assert control.allows("/v1/models", None)
     assert not AccessControl.from_config(AccessConfig(), {}).enabled
-    with pytest.raises(ValueError):
-        AccessConfig(api_keys=[" padded "])
+    keys.write_text("good\nhas space-secret-9f3\n")
+    with pytest.raises(ValueError, match="line 2") as bad:
+        AccessControl.from_config(config, {})
+    assert "secret-9f3" not in str(bad.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        AccessControl.from_config(AccessConfig(api_keys_file=str(tmp_path / "missing")), {})
     with pytest.raises(ValueError):
         AccessConfig(public_paths=["/v1/chat/completions"])
+
+
+def test_keys_written_in_the_config_are_refused_without_repeating_them():
+    with pytest.raises(ValueError, match="api_keys_file") as refused:
+        AppConfig.model_validate({"access": {"api_keys": [CONFIG_KEY]}})
+    assert CONFIG_KEY not in str(refused.value)

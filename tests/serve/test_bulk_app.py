@@ -41,3 +41,44 @@ def test_bulk_needs_a_running_app(serve_app, tmp_path, capsys):
     assert main(["--app", serve_app.name, "--model", "/other/model", "--input", str(inputs),
                  "--output", str(tmp_path / "out")]) == 2
     assert "differs from the model of Serve app" in capsys.readouterr().err
+
+
+def test_bad_images_fail_alone_and_paths_stay_in_the_input_folder(serve_app, tmp_path, capsys):
+    """Issue 25: a decompression bomb fails its item (not the job, on every rerun), and an
+    item's image outside the input file's folder (absolute, ../, a link leading out) is not
+    opened unless --images-anywhere."""
+    from PIL import Image
+
+    from tests.jobs.reference import write_jsonl
+    from tests.test_cli import bomb_png
+
+    folder, outside = tmp_path / "in", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (24, 24), (10, 200, 30)).save(outside / "secret.png")
+    Image.new("RGB", (24, 24), (200, 10, 30)).save(folder / "good.png")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    (folder / "link.png").symlink_to(outside / "secret.png")
+    ask = {"modality": "img2text", "prompt": "what is it?", "max_tokens": 2}
+    inputs = write_jsonl(folder / "in.jsonl", [
+        {"id": "good", "image": "good.png", **ask},
+        {"id": "bomb", "image": "bomb.png", **ask},
+        {"id": "absolute", "image": str(outside / "secret.png"), **ask},
+        {"id": "dotdot", "image": "../elsewhere/secret.png", **ask},
+        {"id": "link", "image": "link.png", **ask},
+        {"id": "text", "modality": "text2text", "prompt": "hi", "max_tokens": 2},
+    ])
+    out = tmp_path / "out"
+    args = ["--app", serve_app.name, "--input", str(inputs), "--output", str(out), "--progress-interval", "1"]
+    assert main(args) == 0
+    assert "bulk: finished: 6/6 done, 4 failed" in capsys.readouterr().out
+    records = {r["id"]: r for r in read_records(out)}
+    assert records["good"]["status"] == records["text"]["status"] == "ok"
+    assert "cannot read image" in records["bomb"]["error"] and "decompression bomb" in records["bomb"]["error"].lower()
+    for item in ("absolute", "dotdot", "link"):
+        assert records[item]["status"] == "failed" and "outside the input file's folder" in records[item]["error"], item
+    assert main(args) == 0  # a rerun: nothing left, no failure
+    assert "0 to run" in capsys.readouterr().out
+    assert main([*args, "--retry-failed", "--images-anywhere"]) == 0
+    records = {r["id"]: r for r in read_records(out)}
+    assert [i for i in records if records[i]["status"] == "failed"] == ["bomb"]

@@ -11,9 +11,10 @@ from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
-from bagel_ray.serve.driver import Overloaded, failure, replica_died
+from bagel_ray.serve.errors import Overloaded, failure, replica_died
 from bagel_ray.serve.schemas import ChatCompletionRequest, InputError
-from bagel_ray.serve.stages import EngineOutOfMemory, out_of_memory
+from bagel_ray.engine.errors import EngineOutOfMemory
+from bagel_ray.serve.workers import out_of_memory
 
 
 def from_replica(cause: Exception) -> Exception:

@@ -210,3 +210,32 @@ def test_bulk_job_through_the_app_survives_replica_kills(faulty, local, tmp_path
             assert_pixels_close(pixels(out / record["output"]), expected.image, record["id"])
         else:
             assert (out / record["output"]).read_text(encoding="utf-8") == expected.text, record["id"]
+
+
+def test_a_stream_cut_by_a_replica_death_says_streams_are_not_retried(serve_app):
+    """Streams are not retried, and their error event says so (not "again on its retry")."""
+    import json
+
+    import ray
+    from ray import serve
+
+    app = deploy_variant(serve_app, "streamcut", {})
+    try:
+        body = {"messages": [{"role": "user", "content": "talk"}], "max_tokens": 4000, "stream": True, "seed": 1}
+        events = []
+        with requests.post(app.url + "/v1/chat/completions", json=body, stream=True, timeout=120) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            for line in lines:
+                if line.startswith(b"data: ") and b"content" in line:
+                    break
+            victim = replica_actor_names(app.name, "Thinker")[0]
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            for line in lines:
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    events.append(json.loads(line[6:]))
+        errors = [e["error"] for e in events if "error" in e]
+        assert len(errors) == 1 and errors[0]["code"] == 503, events[-3:]
+        assert "not retried" in errors[0]["message"] and "again on its retry" not in errors[0]["message"], errors
+    finally:
+        serve.delete(app.name)

@@ -15,11 +15,14 @@ import time
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.serve import metrics
-from bagel_ray.serve.stages import DiTServer, EngineOutOfMemory, TextJob, ThinkerServer
+from bagel_ray.engine.errors import EngineOutOfMemory
+from bagel_ray.serve.stages import DiTServer, ThinkerServer
+from bagel_ray.serve.workers import TextJob, understand_jobs
 from tests.conftest import REPO_ROOT, outlasting
 from tests.determinism import TOL, torch_threads, worker_thread_count
 
@@ -61,14 +64,14 @@ def test_oom_splits_the_batch_and_fails_only_the_request_that_cannot_fit(thinker
     real = thinker.pipeline.understand_batch
     batches: list[list[str]] = []
 
-    def understand_batch(batch, should_stop=None):
+    def understand_batch(batch, should_stop=None, prompts=None):
         batches.append([r.prompt for r in batch])
         if len(batch) > 2 or any(r.prompt == "the huge one" for r in batch):
             raise oom()
-        return real(batch, should_stop)
+        return real(batch, should_stop, prompts)
 
     monkeypatch.setattr(thinker.pipeline, "understand_batch", understand_batch)
-    results = thinker._understand([TextJob(r) for r in reqs])
+    results = understand_jobs(thinker.pipeline, [TextJob(r) for r in reqs])
     # tried whole first, then in halves, down to the one request that cannot fit alone
     assert batches == [[r.prompt for r in reqs], ["one", "two"], ["the huge one", "four", "five"], ["the huge one"], ["four", "five"]]
     for req, result in zip(reqs, results):
@@ -78,7 +81,7 @@ def test_oom_splits_the_batch_and_fails_only_the_request_that_cannot_fit(thinker
             assert result.text == want[req.prompt]
     monkeypatch.undo()
     assert not thinker.lock._lock.locked()
-    assert thinker._understand([TextJob(text("after"))])[0].text  # the replica keeps serving
+    assert understand_jobs(thinker.pipeline, [TextJob(text("after"))])[0].text  # the replica keeps serving
 
 
 def test_oom_in_image_stages_fails_the_request_and_the_replica_goes_on(thinker, dit, monkeypatch):
@@ -117,9 +120,9 @@ def test_cancelling_a_call_stops_denoising_at_the_next_step(dit, monkeypatch):
 
 def test_cancelling_stops_decoding(thinker, dit):
     # batched text: every job of the batch cancelled -> the decode ends at its next step
-    jobs = [TextJob(text("go on and on", 20000)), TextJob(text("and on", 20000))]
+    jobs = [TextJob(text("go on and on", 4000)), TextJob(text("and on", 4000))]
     out: list = []
-    worker = threading.Thread(target=lambda: out.extend(thinker._understand(jobs)))
+    worker = threading.Thread(target=lambda: out.extend(understand_jobs(thinker.pipeline, jobs)))
     t0 = time.monotonic()
     worker.start()
     time.sleep(0.3)
@@ -130,7 +133,7 @@ def test_cancelling_stops_decoding(thinker, dit):
     assert all(isinstance(r, Cancelled) for r in out)
 
     # think decoding of an image request, on the Thinker and on a DiT that builds contexts itself
-    think = GenerationRequest("text2img", "plan first", think=True, max_think_tokens=20000, num_inference_steps=2, height=32, width=32)
+    think = GenerationRequest("text2img", "plan first", think=True, max_think_tokens=3900, num_inference_steps=2, height=32, width=32)
 
     async def cancel_soon(call) -> float:
         task = asyncio.create_task(call)
@@ -150,7 +153,7 @@ def test_cancelling_stops_decoding(thinker, dit):
 
 def test_a_stream_whose_consumer_goes_away_stops(thinker):
     async def read_a_few() -> None:
-        stream = thinker.understand_stream(text("stream on and on", 20000))
+        stream = thinker.understand_stream(text("stream on and on", 4000))
         async for _ in stream:
             break
         await stream.aclose()
@@ -302,3 +305,98 @@ def test_a_gpu_dit_runs_unseen_lengths_on_flash_and_plans_them_between_requests(
     assert any("cudnn" in k and k not in kernels_first for k in kernels_second)  # onto cuDNN's attention
     a, b = first.latent_tokens.float(), second.latent_tokens.float()
     assert (a - b).norm() <= 0.05 * b.norm()  # the two kernels differ by bf16 rounding
+
+
+# -- the deployments as shells: an injected engine, a start-up timeout, real health checks --
+
+
+def test_a_deployment_runs_the_engine_it_is_given(args, thinker):
+    """The engine comes from the factory passed at bind time (here the loaded one of the
+    module's Thinker, so nothing is loaded twice)."""
+    given = []
+
+    def engine(config):
+        given.append(config.model)
+        return thinker.pipeline
+
+    server = ThinkerServer.func_or_class(args, engine=engine)
+    assert given == [args["model"]] and server.pipeline is thinker.pipeline
+    req = text("injected", 4)
+    assert asyncio.run(server.understand(req)).text == thinker.pipeline.understand(req).text
+
+
+def test_an_engine_that_does_not_start_in_time_fails_the_replica_start(args):
+    release = threading.Event()
+
+    def hanging(config):  # a load stuck on a file system that never answers
+        release.wait(30)
+        raise RuntimeError("released")
+
+    slow = {**args, "thinker": {**args["thinker"], "startup_timeout_s": 0.3}}
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not start within startup_timeout_s=0.3"):
+        ThinkerServer.func_or_class(slow, engine=hanging)
+    assert time.monotonic() - t0 < 5
+    release.set()
+
+
+def test_the_thinker_health_check_fails_once_its_decoding_thread_has_died(args, thinker, monkeypatch):
+    server = ThinkerServer.func_or_class(args, engine=lambda config: thinker.pipeline)
+    server.check_health()  # healthy before its first request (the thread starts with it)
+    assert asyncio.run(server.understand(text("alive", 2))).text is not None
+    server.check_health()
+
+    def broken_run(self):  # a fault of the decoding loop itself, not of one request
+        raise RuntimeError("a bug in the decode loop")
+
+    from bagel_ray.engine.continuous import ContinuousDecoder
+
+    monkeypatch.setattr(ContinuousDecoder, "run", broken_run)
+    job = TextJob(text("this one kills the loop", 2))
+
+    async def submit():
+        job.future = asyncio.get_running_loop().create_future()
+        server.decode_worker.submit(job)
+        await asyncio.sleep(0.5)
+
+    asyncio.run(submit())
+    server.decode_worker.thread.join(timeout=10)
+    with pytest.raises(RuntimeError, match="decoding thread has died"):
+        server.check_health()
+
+
+def test_a_prompt_too_long_is_refused_without_waiting_for_the_engine(thinker, dit):
+    """The prompt is tokenized and checked before the engine lock: while the engine is busy
+    (the lock held here), a request past max_model_len is refused at once, and one that fits
+    waits its turn."""
+    from bagel_ray.engine.errors import PromptTooLong
+
+    long = "many words " * thinker.config.thinker.max_model_len
+    calls = [
+        lambda: thinker.understand(text(long, 2)),
+        lambda: thinker.understand(GenerationRequest("text2text", long, max_tokens=2, do_sample=True, seed=1)),
+        lambda: thinker.prepare_image(GenerationRequest("text2img", long, num_inference_steps=2, height=32, width=32)),
+        lambda: dit.generate(GenerationRequest("img2img", long, image=Image.new("RGB", (32, 32)), num_inference_steps=2)),
+    ]
+
+    async def refused(call) -> float:
+        t0 = time.monotonic()
+        with pytest.raises(PromptTooLong):
+            await call()
+        return time.monotonic() - t0
+
+    async def stream_refused() -> None:
+        with pytest.raises(PromptTooLong):
+            async for _ in thinker.understand_stream(text(long, 2)):
+                pass
+
+    for server in (thinker, dit):
+        assert server.lock._lock.acquire(timeout=10)
+    try:
+        for call in calls:
+            assert asyncio.run(refused(call)) < 5
+        asyncio.run(stream_refused())
+    finally:
+        thinker.lock._lock.release()
+        dit.lock._lock.release()
+    assert asyncio.run(thinker.understand(text("fits", 2))).text is not None

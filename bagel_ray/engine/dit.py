@@ -70,6 +70,19 @@ class DenoiseParams:
             raise ValueError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
 
 
+def guidance(params: DenoiseParams, t: torch.Tensor, same_as_gen: Callable[[str], bool]) -> tuple[float, float, list[str], list[str]]:
+    """The scales of a step at time `t`, gated by the CFG interval; the branches the
+    combination needs; and those to run (a branch whose context equals gen's reuses the
+    conditional velocity). A function of the schedule alone, so every rank of a parallel
+    replica (`dit_parallel`) decides the same without talking."""
+    on = cfg_active(t, params.cfg_interval)
+    s_t = params.cfg_text_scale if on else 1.0
+    s_i = params.cfg_img_scale if on else 1.0
+    wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
+    run = [b for b in wanted if b == "cond" or not same_as_gen(b)]
+    return s_t, s_i, wanted, run
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """What one denoising step did, for progress bars, stats and tests."""
@@ -147,6 +160,11 @@ class DiT:
         h, w = self.latent_grid(height, width)
         return torch.randn(h * w, self.cfg.patch_latent_dim, generator=generator, dtype=torch.float32)
 
+    def markers(self) -> torch.Tensor:
+        """The two marker rows of an image block (for a rank of `dit_parallel` that builds its
+        own share of the block)."""
+        return self._markers()
+
     def _markers(self) -> torch.Tensor:
         """The embedded <|vision_start|> and <|vision_end|> rows that open and close every image
         block: the same for every step of every request, so embedded once."""
@@ -213,13 +231,7 @@ class DiT:
     def _guidance(job: DenoiseJob) -> tuple[float, float, list[str], list[str]]:
         """The gated scales of a job's current step, the branches its combination needs, and
         those to run (a branch whose context equals gen's reuses the conditional velocity)."""
-        p = job.params
-        on = cfg_active(job.schedule.timesteps[job.index], p.cfg_interval)
-        s_t = p.cfg_text_scale if on else 1.0
-        s_i = p.cfg_img_scale if on else 1.0
-        wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
-        run = [b for b in wanted if b == "cond" or not job.contexts.same_as_gen(b)]
-        return s_t, s_i, wanted, run
+        return guidance(job.params, job.schedule.timesteps[job.index], job.contexts.same_as_gen)
 
     def _batched_velocities(self, jobs: list[DenoiseJob], runs: list[list[str]]) -> list[tuple[dict[str, torch.Tensor], int]]:
         """Each job's velocities of the branches in its `runs` entry, with one forward per

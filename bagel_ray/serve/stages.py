@@ -404,9 +404,12 @@ class DenoiseWorker(InboxWorker):
 
     thread_name = "dit-denoise"
 
-    def __init__(self, pipeline: LocalPipeline, lock: EngineLock, max_batch_size: int) -> None:
+    def __init__(self, pipeline: LocalPipeline, lock: EngineLock, max_batch_size: int,
+                 new_batch: Callable[[], Any] | None = None) -> None:
         self.pipeline, self.lock = pipeline, lock
-        self.batch = BatchDenoiser(pipeline.dit, max_batch_size)
+        # `new_batch`: another batch with BatchDenoiser's interface (dit_group.GroupBatch)
+        self.new_batch = new_batch or (lambda: BatchDenoiser(pipeline.dit, max_batch_size))
+        self.batch = self.new_batch()
         self.plans_waiting = 0  # attention shapes on flash until this thread builds their plans
         self.plans_built = 0
         super().__init__()
@@ -499,7 +502,7 @@ class DenoiseWorker(InboxWorker):
                 log.exception("the denoising worker failed; failing the requests it holds")
                 for held in (*self.batch.running, *self.batch.waiting):
                     held.key.send(exc)
-                self.batch = BatchDenoiser(self.pipeline.dit, self.batch.max_batch_size)
+                self.batch = self.new_batch()
 
 
 @serve.deployment(name="Thinker")
@@ -611,7 +614,14 @@ class DiTServer:
         self.transport = make_transport(self.config.dit.transport)
         self.lock = EngineLock()
         batch = self.config.dit.max_batch_size
-        self.worker = DenoiseWorker(self.pipeline, self.lock, batch)
+        self.group = None
+        if self.config.dit.parallel.size > 1:  # one request over several ranks: serve/dit_group.py
+            from bagel_ray.serve.dit_group import DiTGroup, GroupBatch
+
+            self.group = DiTGroup(self.pipeline.dit, self.config, app_config)
+            self.worker = DenoiseWorker(self.pipeline, self.lock, 1, lambda: GroupBatch(self.group))
+        else:
+            self.worker = DenoiseWorker(self.pipeline, self.lock, batch)
         # Contexts received here at once (off the engine lock): a full batch denoising, and
         # the next one arriving meanwhile.
         self.handoff_slots = asyncio.Semaphore(batch + 1)
@@ -686,4 +696,10 @@ class DiTServer:
             raise RuntimeError("DiT engine missing")
         if not self.worker.alive:
             raise RuntimeError("the DiT's denoising thread has died")
+        if self.group is not None:
+            self.group.check_health()
+
+    def group_workers(self) -> list:
+        """The worker-rank actors of a parallel replica (none otherwise)."""
+        return [] if self.group is None else list(self.group.workers)
 

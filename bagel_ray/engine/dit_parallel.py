@@ -211,8 +211,9 @@ class ParallelJob:
 
 class ParallelDiT:
     """A `DiT` engine as one rank of a cfg x sequence grid over `group` (None: the default
-    group). Every rank of the group builds one, in the same order: the constructor creates
-    the sequence subgroups, which all ranks of the default group take part in."""
+    group). Every rank of the group builds one; each creates its own sequence subgroup with
+    the other members only (so `group` may be a subgroup of the world). Build one per grid
+    and process: a second one over the same ranks would ask for a subgroup of the same name."""
 
     def __init__(self, dit: DiT, config: ParallelConfig, group: dist.ProcessGroup | None = None) -> None:
         llm = dit.cfg.llm
@@ -225,12 +226,8 @@ class ParallelDiT:
         self.rank = dist.get_rank(group)
         self.c, self.s = config.coords(self.rank)
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        self.seq_group = None
-        for c in range(config.cfg):  # every rank creates every subgroup, in the same order
-            members = ranks[c * config.sequence : (c + 1) * config.sequence]
-            sub = dist.new_group(members) if config.sequence > 1 else None
-            if c == self.c:
-                self.seq_group = sub
+        members = ranks[self.c * config.sequence : (self.c + 1) * config.sequence]
+        self.seq_group = dist.new_group(members, use_local_synchronization=True) if config.sequence > 1 else None
         self._experts: dict[tuple[int, int], ExpertRows] = {}
 
     # -- the rows of this rank ---------------------------------------------------------------

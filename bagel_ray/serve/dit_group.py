@@ -74,6 +74,16 @@ def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeou
     return ParallelDiT(dit, config)
 
 
+def leave_group() -> None:
+    """After a failure mid-request: close this rank's connections, so that the other ranks'
+    pending collectives fail now (a dead peer on gloo) rather than at their timeout. The group
+    is broken from then on; Serve replaces the replica."""
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - already gone
+        log.exception("leaving the DiT group failed")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -119,6 +129,9 @@ class RankWorker:
             self.engine.denoise(plan, mine, height, width, params, noise)
         except Cancelled:
             return "cancelled"
+        except BaseException:
+            leave_group()  # the others fail at their next collective instead of waiting it out
+            raise
         return "done"
 
 
@@ -171,33 +184,42 @@ class DiTGroup:
         self.check_health()
         contexts, params = job.contexts, job.params
         plan = BranchPlan.of(contexts, params, self.config.cfg)
-        shares = {c: ray.put(_shipped(plan.share(contexts, c))) for c in range(1, self.config.cfg)}
-        noise = job.x.cpu()
-        calls = []
-        for rank, worker in enumerate(self.workers, start=1):
-            c, _ = self.config.coords(rank)
-            share = shares[c] if c else ray.put(_shipped(plan.share(contexts, 0)))
-            calls.append(worker.denoise.remote(plan, share, contexts.height, contexts.width, params, noise))
+        # checked here first: a request rank 0 refuses must not set the workers going
         ours = self.engine.job(plan, plan.share(contexts, 0), contexts.height, contexts.width, params, job.x,
                                job.on_step, job.should_stop)
+        shares = {c: ray.put(_shipped(plan.share(contexts, c))) for c in range(self.config.cfg)
+                  if any(self.config.coords(r)[0] == c for r in range(1, self.config.size))}
+        noise = job.x.cpu()
+        calls = [worker.denoise.remote(plan, shares[self.config.coords(rank)[0]], contexts.height, contexts.width, params, noise)
+                 for rank, worker in enumerate(self.workers, start=1)]
         return ours, calls
 
     def settle(self, calls: list, failure: BaseException | None) -> None:
-        """After rank 0's loop: the workers must have ended the same request; if one failed or
-        hangs (or rank 0's collective failed), the group is broken."""
+        """After rank 0's loop: the workers must have ended the same request. `failure`: what
+        rank 0's step raised (its forward or a collective); the other ranks wait in a
+        collective for it then, so rank 0 leaves the group at once, which fails them too. A
+        failed or silent worker, or such a failure, breaks the group."""
+        if failure is not None and self.broken is None:
+            self.broken = f"rank 0 failed mid-request ({_first_line(failure)})"
+            leave_group()
         ready, pending = ray.wait(calls, num_returns=len(calls), timeout=self.settings.timeout_s)
-        problem = f"{len(pending)} worker rank(s) did not end the request" if pending else None
+        problem = self.broken or (f"{len(pending)} worker rank(s) did not end the request" if pending else None)
         for ref in ready:
             try:
                 ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - any failure of a rank breaks the group
-                problem = f"a worker rank failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        if problem is None and isinstance(failure, dist.DistError):
-            problem = f"a collective failed on rank 0: {failure}"
+                problem = problem or f"a worker rank failed ({_first_line(exc)})"
         if problem is not None:
-            self.broken = self.broken or problem
+            if self.broken is None:
+                self.broken = problem
+                leave_group()
             log.error("DiT group broken: %s", problem)
-            raise GroupBroken(f"the DiT replica's process group is broken ({problem}); Serve replaces the replica") from failure
+            raise GroupBroken(f"the DiT replica's process group is broken: {problem}; Serve replaces the replica") from failure
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class GroupBatch:

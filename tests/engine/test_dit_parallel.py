@@ -12,7 +12,6 @@ path within the golden float32 tolerances, not bit for bit.
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from bagel_ray.engine.dit import DenoiseParams
 from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, latent_shares, row_split
 from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
 from bagel_ray.model.image_transforms import decoded_to_uint8
-from tests.engine.test_golden_pipeline import check, image_request, input_image
+from tests.engine.test_golden_pipeline import check, image_request
 from tests.golden import load_case_tensors
 
 # (world size, [(cfg, sequence, golden case), ...]): every degree and layout of the issue

@@ -6,6 +6,7 @@ and when its worker-rank actor is killed the replica turns unhealthy, requests f
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -70,12 +71,23 @@ def test_a_two_bundle_dit_replica_answers_over_http(parallel_app, local):
 
 
 def test_the_replica_survives_the_kill_of_its_worker_rank(parallel_app, local):
+    """The worker rank is killed while a long request runs on the group: that request ends
+    with a clear 5xx soon after (or had finished), the next ones fail the same way until Serve
+    has replaced the replica, then they get the one-process image again."""
     import ray
     from ray import serve
 
     before = replica_actor_names(parallel_app.name, "DiT")
     (worker,) = serve.get_deployment_handle("DiT", parallel_app.name).group_workers.remote().result()
-    ray.kill(worker, no_restart=True)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(requests.post, parallel_app.url + "/v1/images/generations",
+                           json={**BODY, "num_inference_steps": 400}, timeout=120)
+        time.sleep(2.0)  # its steps are running on both ranks
+        ray.kill(worker, no_restart=True)
+        t0 = time.monotonic()
+        in_flight = long.result()
+    assert time.monotonic() - t0 < 60, "the request in flight hung"
+    assert in_flight.status_code == 200 or (in_flight.status_code >= 500 and "error" in in_flight.json()), in_flight.text
     deadline = time.monotonic() + 180
     answers = []
     while True:

@@ -230,6 +230,36 @@ class ParallelDiT:
         self.seq_group = dist.new_group(members, use_local_synchronization=True) if config.sequence > 1 else None
         self._experts: dict[tuple[int, int], ExpertRows] = {}
 
+    # -- contexts over the group -----------------------------------------------------------------
+
+    @staticmethod
+    def context_layout(plan: BranchPlan, contexts: ImageContexts) -> dict[str, tuple[tuple[int, ...], int]]:
+        """What a receiving rank must know before `receive_contexts`: each running branch's
+        KV shape and next position (small: it travels with the request)."""
+        return {b: (tuple(contexts.branch(b).kv.shape), contexts.branch(b).rope) for b in plan.run}
+
+    def send_contexts(self, plan: BranchPlan, contexts: ImageContexts) -> None:
+        """Rank 0: every other rank gets its cfg index's branch contexts over the group itself
+        (GPU to GPU on NCCL), in `plan.branches_of` order. Collective with `receive_contexts`."""
+        dtype = self.dit.model.dtype
+        for rank in range(1, self.config.size):
+            dst = self._global(rank)
+            for b, c in plan.share(contexts, self.config.coords(rank)[0]).items():
+                dist.send(c.kv.to(dtype).contiguous(), dst, group=self.group)
+
+    def receive_contexts(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]]) -> dict[str, KVContext]:
+        """A rank other than 0: its branches' contexts, as rank 0's `send_contexts` sends them."""
+        out = {}
+        for b in plan.branches_of(self.c):
+            shape, rope = layout[b]
+            kv = torch.empty(shape, dtype=self.dit.model.dtype, device=self.dit.model.device)
+            dist.recv(kv, self._global(0), group=self.group)
+            out[b] = KVContext(kv, rope)
+        return out
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
     # -- the rows of this rank ---------------------------------------------------------------
 
 

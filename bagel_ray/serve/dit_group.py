@@ -9,9 +9,10 @@ GPUs, gloo on CPUs) whose rendezvous is on the replica's node.
 A request still goes through the replica's `DenoiseWorker`, whose batch is a `GroupBatch`:
 one request at a time (no cross-request batching over a group), stepped by rank 0 under the
 replica's engine lock while each worker rank runs the whole loop of the same request in one
-actor call. Each worker gets, through the object store, only the KV contexts of its cfg
-index's branches (the sequence ranks of one cfg index share one copy): they travel through
-rank 0, not from the Thinker to each rank.
+actor call. The contexts reach rank 0 as on any DiT replica; rank 0 sends each worker the KV
+contexts of its cfg index's branches over the group itself (GPU to GPU on NCCL), their shapes
+riding with the actor call. So they pass through rank 0's GPU, not from the Thinker to each
+rank directly.
 
 Faults: a worker that dies makes the replica unhealthy (`check_health` pings them), so Serve
 replaces the replica and with it the group (the workers are owned by the replica and die
@@ -39,7 +40,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseJob, DenoiseParams, DiT
 from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, ParallelDiT, ParallelJob
-from bagel_ray.engine.kv_context import KVContext
 from bagel_ray.model.loader import load_checkpoint
 from bagel_ray.serve.config import AppConfig, ParallelSettings
 
@@ -90,12 +90,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _shipped(contexts: dict[str, KVContext]) -> dict[str, KVContext]:
-    """Contexts as compact host copies: a prefix cut is a view, and pickling a view would
-    ship its whole storage."""
-    return {b: KVContext(c.kv.to("cpu").clone(memory_format=torch.contiguous_format), c.rope) for b, c in contexts.items()}
-
-
 @ray.remote(max_concurrency=2)  # a ping answers while `denoise` runs
 class RankWorker:
     """Rank r >= 1 of a parallel DiT replica, in bundle r of the replica's placement group."""
@@ -120,12 +114,12 @@ class RankWorker:
         self.engine = join_group(self.dit, config, self.rank, address, settings.timeout_s)
         return self.rank
 
-    def denoise(self, plan: BranchPlan, branches: dict[str, KVContext], height: int, width: int,
+    def denoise(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]], height: int, width: int,
                 params: DenoiseParams, noise: torch.Tensor) -> str:
-        """This rank's part of one request, start to end, in step with rank 0."""
-        dev = self.dit.model.device
-        mine = {b: KVContext(c.kv.to(dev), c.rope) for b, c in branches.items()}
+        """This rank's part of one request, start to end, in step with rank 0: its branches'
+        contexts arrive from rank 0 over the group, then the denoising loop."""
         try:
+            mine = self.engine.receive_contexts(plan, layout)
             self.engine.denoise(plan, mine, height, width, params, noise)
         except Cancelled:
             return "cancelled"
@@ -187,11 +181,13 @@ class DiTGroup:
         # checked here first: a request rank 0 refuses must not set the workers going
         ours = self.engine.job(plan, plan.share(contexts, 0), contexts.height, contexts.width, params, job.x,
                                job.on_step, job.should_stop)
-        shares = {c: ray.put(_shipped(plan.share(contexts, c))) for c in range(self.config.cfg)
-                  if any(self.config.coords(r)[0] == c for r in range(1, self.config.size))}
-        noise = job.x.cpu()
-        calls = [worker.denoise.remote(plan, shares[self.config.coords(rank)[0]], contexts.height, contexts.width, params, noise)
-                 for rank, worker in enumerate(self.workers, start=1)]
+        layout, noise = self.engine.context_layout(plan, contexts), job.x.cpu()
+        calls = [worker.denoise.remote(plan, layout, contexts.height, contexts.width, params, noise) for worker in self.workers]
+        try:
+            self.engine.send_contexts(plan, contexts)
+        except Exception as exc:  # noqa: BLE001 - a rank is gone: settle breaks the group
+            self.settle(calls, exc)
+            raise
         return ours, calls
 
     def settle(self, calls: list, failure: BaseException | None) -> None:

@@ -72,10 +72,27 @@ def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, ou
             entry["decoded"] = pipeline.dit.decode_image(latents, ctx.height, ctx.width)[0]
             entry["records"] = [(r.t, r.x, r.velocities, r.guided) for r in records]
         results[cfg, seq, name] = entry
-    # cancellation (rank 0's should_stop) and a failing callback on rank 0 end every rank alike
+    # the first run again with the contexts on rank 0 only: the others get theirs over the group
     cfg, seq, name = runs[0]
     case = manifest["cases"][name]
     req = image_request(case, golden, load_case_tensors(golden, case))
+    engine = grids[cfg, seq]
+    sent = [None]
+    if rank == 0:
+        prepared = pipeline.prepare_image(req)
+        plan = BranchPlan.of(prepared.contexts, req.sampler(), cfg)
+        ctx = prepared.contexts
+        sent = [(plan, engine.context_layout(plan, ctx), ctx.height, ctx.width, prepared.noise)]
+    dist.broadcast_object_list(sent, src=0)
+    plan, layout, height, width, noise = sent[0]
+    if rank == 0:
+        engine.send_contexts(plan, prepared.contexts)
+        branches = plan.share(prepared.contexts, 0)
+    else:
+        branches = engine.receive_contexts(plan, layout)
+        assert sorted(branches) == sorted(plan.branches_of(engine.c))
+    results["delivered"] = engine.denoise(plan, branches, height, width, req.sampler(), noise)
+    # cancellation (rank 0's should_stop) and a failing callback on rank 0 end every rank alike
     prepared = pipeline.prepare_image(req)
     asked = []
 
@@ -148,6 +165,10 @@ def test_parallel_denoise_matches_one_process_and_golden(world, golden_dir, mani
         ctx_h, ctx_w = case["results"]["image_shape_hw"]
         alone_decoded = golden_pipeline.dit.decode_image(alone, ctx_h, ctx_w)[0]
         torch.testing.assert_close(decoded, alone_decoded, atol=tol["atol"], rtol=tol["rtol"])
+    # contexts sent over the group from rank 0 are the ones each rank built itself
+    first = runs[0]
+    for r in range(world):
+        assert torch.equal(ranks[r]["delivered"], ranks[r][first]["latents"]), r
     # rank 0's cancel stops every rank before the same step; its failing callback ends the
     # others one step later, and only rank 0 raises it
     cancelled = [r["outcomes"][0] for r in ranks]

@@ -3,10 +3,14 @@ against the one-GPU path, full-size random bf16 weights, one request at a time.
 
     python -m benchmarks.bench_parallel [--gpus N] [--rows ...] [--steps 50] [--reps 3] [--json FILE]
     python -m benchmarks.bench_parallel --smoke        # the tiny config on CPU ranks over gloo
+    python -m benchmarks.bench_parallel --gpus 2 --share-gpus --side 512   # 2 ranks on one card (plumbing)
 
 One command: it starts one process per visible GPU (`--gpus`, default all of them, at most
 8), joined in an NCCL group; each row runs on the first cfg x sequence ranks. Rows (issue
-targets in brackets; a row needing more GPUs than there are is skipped):
+targets in brackets; a row needing more ranks than there are is skipped). `--share-gpus`
+puts ranks on the visible cards in turn, joined over gloo (NCCL refuses two ranks on one card):
+it checks the plumbing and the guard on fewer GPUs, not the speed. `--side` changes the image
+size of every row (1024 by default; the row names keep theirs):
 
   t2i1024_1gpu         text2img 1024², 50 steps, notebook settings, the exact one-GPU path [9.0 s]
   t2i1024_cfg2         the same on 2 GPUs, CFG parallel [<= 5.0 s]
@@ -96,13 +100,13 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         torch.set_num_threads(1)
-    dist.init_process_group("gloo" if args.smoke else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo" if args.smoke or args.share_gpus else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))
-    side = 128 if args.smoke else 1024
+    side = 128 if args.smoke else args.side
     pipe = random_pipeline(args.smoke)
     results, reference, reference_s, floors = [], {}, {}, {}
     engines: dict[tuple[int, int], ParallelDiT] = {}
@@ -149,7 +153,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     if rank == 0:
         print_table(results)
         if args.json:
-            name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
+            name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name() + (" (shared by the ranks)" if args.share_gpus else "")
             with open(args.json, "w") as f:
                 json.dump({"device": name, "ranks": world, "torch": torch.__version__, "results": results}, f, indent=2)
         if failed:
@@ -172,6 +176,8 @@ def main() -> str | None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 4 with --smoke)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--side", type=int, default=1024, help="image side in pixels (default 1024)")
+    parser.add_argument("--share-gpus", action="store_true", help="more ranks than GPUs, over gloo (plumbing, not speed)")
     parser.add_argument("--smoke", action="store_true", help="the tiny config on 4 CPU ranks over gloo, to check the script")
     args = parser.parse_args()
     args.rows = args.rows or (SMOKE_ROWS if args.smoke else ",".join(ROWS))
@@ -185,8 +191,8 @@ def main() -> str | None:
         if not torch.cuda.is_available():
             parser.error("no CUDA GPU: run with --smoke to check the script on CPUs")
         world = args.gpus or min(torch.cuda.device_count(), 8)
-        if world > torch.cuda.device_count():
-            parser.error(f"--gpus {world}, but {torch.cuda.device_count()} GPU(s) are visible")
+        if world > torch.cuda.device_count() and not args.share_gpus:
+            parser.error(f"--gpus {world}, but {torch.cuda.device_count()} GPU(s) are visible (--share-gpus puts several on one)")
     print(f"{world} rank(s), rows {args.rows}, {args.steps} steps, {args.reps} reps", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:

@@ -5,6 +5,7 @@ and when its worker-rank actor is killed the replica turns unhealthy, requests f
 
 from __future__ import annotations
 
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.serve.config import AppConfig
 from tests.serve.conftest import deploy_variant, replica_actor_names
-from tests.serve.test_app import png_pixels
+from tests.serve.test_app import png_pixels, post
 
 BODY = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 6, "seed": 7, "cfg_interval": [0.0, 1.0]}
 REQ = GenerationRequest("text2img", "a lighthouse", seed=7, steps=6, height=64, width=64, cfg_interval=(0.0, 1.0))
@@ -58,12 +59,21 @@ def generate(app) -> requests.Response:
     return requests.post(app.url + "/v1/images/generations", json=BODY, timeout=120)
 
 
-def test_a_two_bundle_dit_replica_answers_over_http(parallel_app, local):
+def test_a_two_bundle_dit_replica_answers_over_http(parallel_app, local, picture):
+    """text2img (contexts from the Thinker, cond and cfg_text on one rank each) and img2img
+    (contexts built on the DiT's rank 0, three branches dealt over the two ranks)."""
     resp = generate(parallel_app)
     assert resp.status_code == 200, resp.text
     want = np.asarray(local.run(REQ).image).astype(int)
     got = png_pixels(resp.json()["data"][0]["b64_json"]).astype(int)
     assert np.abs(got - want).max() <= 1  # the golden uint8 tolerance (rows split differently: ~1e-6 apart)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    resp = post(parallel_app, "/v1/images/edits", files={"image": ("in.png", buf.getvalue(), "image/png")},
+                data={"prompt": "Make it night.", "num_inference_steps": "5", "seed": "21"})
+    assert resp.status_code == 200, resp.text
+    want = np.asarray(local.run(GenerationRequest("img2img", "Make it night.", image=picture, seed=21, steps=5)).image)
+    assert np.abs(png_pixels(resp.json()["data"][0]["b64_json"]).astype(int) - want.astype(int)).max() <= 1
     from ray import serve
 
     dit = serve.get_deployment_handle("DiT", parallel_app.name)

@@ -17,6 +17,9 @@ size of every row (1024 by default; the row names keep theirs):
   t2i1024_cfg2_seq2    4 GPUs, CFG 2 x sequence 2 [<= 2.8 s]
   t2i1024_cfg2_seq4    8 GPUs, CFG 2 x sequence 4 [<= 1.8 s]
   t2i1024_seq2         2 GPUs, sequence parallel only (for comparison with cfg2)
+  t2i1024_cfg2_idle    cfg2 with the second rank idle at the steps outside cfg_interval (the
+                       other rows split cond over both ranks there: `help_cond`)
+  t2i1024_cfg2_seq2_idle  the same for cfg 2 x sequence 2 (cond over 4 ranks, or over its 2)
   edit1024_1gpu        img2img 1024² input, 50 steps, edit defaults, one GPU [17.6 s today]
   edit1024_cfg3        the same on 3 GPUs, CFG parallel [<= 7.0 s]
 
@@ -50,17 +53,19 @@ from bagel_ray.engine.request import GenerationRequest
 from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image, random_pipeline
 from benchmarks.table import print_table
 
-# row -> (modality, cfg ranks, sequence ranks, issue target in seconds or None)
+# row -> (modality, cfg ranks, sequence ranks, issue target in seconds or None, help_cond)
 ROWS = {
-    "t2i1024_1gpu": ("text2img", 1, 1, 9.0),
-    "t2i1024_cfg2": ("text2img", 2, 1, 5.0),
-    "t2i1024_cfg2_seq2": ("text2img", 2, 2, 2.8),
-    "t2i1024_cfg2_seq4": ("text2img", 2, 4, 1.8),
-    "t2i1024_seq2": ("text2img", 1, 2, None),
-    "edit1024_1gpu": ("img2img", 1, 1, None),
-    "edit1024_cfg3": ("img2img", 3, 1, 7.0),
+    "t2i1024_1gpu": ("text2img", 1, 1, 9.0, True),
+    "t2i1024_cfg2": ("text2img", 2, 1, 5.0, True),
+    "t2i1024_cfg2_seq2": ("text2img", 2, 2, 2.8, True),
+    "t2i1024_cfg2_seq4": ("text2img", 2, 4, 1.8, True),
+    "t2i1024_seq2": ("text2img", 1, 2, None, True),
+    "t2i1024_cfg2_idle": ("text2img", 2, 1, None, False),
+    "t2i1024_cfg2_seq2_idle": ("text2img", 2, 2, None, False),
+    "edit1024_1gpu": ("img2img", 1, 1, None, True),
+    "edit1024_cfg3": ("img2img", 3, 1, 7.0, True),
 }
-SMOKE_ROWS = "t2i1024_1gpu,t2i1024_cfg2,t2i1024_seq2,t2i1024_cfg2_seq2,edit1024_1gpu,edit1024_cfg3"
+SMOKE_ROWS = "t2i1024_1gpu,t2i1024_cfg2,t2i1024_cfg2_idle,t2i1024_seq2,t2i1024_cfg2_seq2,edit1024_1gpu,edit1024_cfg3"
 FLOOR_FACTOR = 2.0  # latents within 2x the bf16 floor (bench_pipeline's guard)
 PIXEL_MEAN_MAX = 2.0
 
@@ -112,7 +117,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     engines: dict[tuple[int, int], ParallelDiT] = {}
     groups: dict[int, dist.ProcessGroup] = {}
     for name in args.rows.split(","):
-        modality, cfg, seq, target = ROWS[name]
+        modality, cfg, seq, target, help_cond = ROWS[name]
         size = cfg * seq
         if size > world:
             if rank == 0:
@@ -125,12 +130,15 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             if size > 1 and (cfg, seq) not in engines:
                 engines[cfg, seq] = ParallelDiT(pipe.dit, ParallelConfig(cfg, seq), groups[size])
             engine = engines.get((cfg, seq)) if size > 1 else None
+            if engine is not None:
+                engine.help_cond = help_cond and engine.can_help
             run_row(pipe, engine, GenerationRequest(**{**req.__dict__, "steps": 3}), device, rank)  # warm-up
             runs = [run_row(pipe, engine, req, device, rank) for _ in range(args.reps)]
             seconds, denoise_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             _, _, latents, picture = runs[-1]
             if rank == 0:
-                row = {"row": name, "seconds": seconds, "denoise_s": denoise_s, "ranks": size, "target_s": target}
+                row = {"row": name, "seconds": seconds, "denoise_s": denoise_s, "ranks": size, "target_s": target,
+                       "help_cond": engine is not None and engine.help_cond}
                 if size == 1:
                     reference[modality] = (latents, picture)
                     reference_s[modality] = seconds

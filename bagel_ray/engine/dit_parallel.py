@@ -9,10 +9,11 @@ Rank r sits at (cfg index c, sequence index s) = divmod(r, sequence).
   of its own branches. Each step every rank runs the forward of its branches, the velocities
   (latent rows x 64, small) are gathered from all ranks, and every rank applies the same CFG
   combination, renorm and Euler step to the same numbers, so all ranks hold the same latents
-  without sending them. Outside `cfg_interval` only cond runs: the ranks of the other cfg
-  indices idle through the forward (they take part in the gather only). Lending them to cond
-  as extra sequence ranks would need the head counts divisible by cfg x sequence (8 ranks do
-  not divide 28 query / 4 KV heads), so it is not done.
+  without sending them. Outside `cfg_interval` only cond runs: where the group's size divides
+  the head counts (2 or 4 ranks for BAGEL-7B's 28 query / 4 KV heads), cond's rows are then
+  split over every rank (`help_cond`, each holding cond's context for its KV heads only);
+  otherwise (3 or 8 ranks) the ranks of the other cfg indices idle through the forward and
+  only join the gather.
 - **Sequence parallel (Ulysses).** The image block `[<|vision_start|>] + latents +
   [<|vision_end|>]` of a branch is cut into `sequence` contiguous row ranges, one a rank of
   the cfg index's sequence group. Everything but attention is row-wise, so a rank runs its
@@ -100,6 +101,12 @@ def latent_shares(n_lat: int, parts: int) -> list[tuple[int, int]]:
     return shares
 
 
+def head_slice(context: KVContext, index: int, parts: int) -> KVContext:
+    """KV heads group `index` of `parts` of a context (a view): what one Ulysses rank attends over."""
+    k = context.kv.shape[3] // parts
+    return KVContext(context.kv[:, :, :, index * k : (index + 1) * k], context.rope)
+
+
 @dataclass(frozen=True)
 class BranchPlan:
     """Which branches a request runs and on which cfg index each lives. `run`: the branches that
@@ -125,26 +132,21 @@ class BranchPlan:
     def branches_of(self, c: int) -> tuple[str, ...]:
         return tuple(b for b in self.run if self.home(b) == c)
 
-    @property
-    def slots(self) -> int:
-        """Branches per cfg index, at most."""
-        return -(-len(self.run) // self.cfg)
-
     def share(self, contexts: ImageContexts, c: int) -> dict[str, KVContext]:
         """The contexts cfg index c needs (views of `contexts`; copy them to ship them)."""
         return {b: contexts.branch(b) for b in self.branches_of(c)}
 
 
 class UlyssesKV:
-    """Attention of a branch block whose rows are split over a sequence group (the `RaggedKV`
-    contract: `past[b]` per-layer ([T_b, kv, hd], [T_b, kv, hd]) or None). One all-to-all
-    trades rows for heads, each rank attends with its heads over all rows and its heads of the
-    context, a second all-to-all trades back. Returns this rank's rows with all heads, and its
-    rows' K/V."""
+    """Attention of a branch block whose rows are split over a group (the `RaggedKV` contract,
+    but `past[b]` holds only this rank's KV heads: ([T_b, kv / ranks, hd], ...) per layer, or
+    None). One all-to-all trades rows for heads, each rank attends with its heads over all rows
+    and its heads of the context, a second all-to-all trades back. Returns this rank's rows
+    with all heads, and its rows' K/V."""
 
-    def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None], group: dist.ProcessGroup,
-                 sizes: list[int], index: int) -> None:
-        self.past, self.group, self.sizes, self.index = past, group, sizes, index
+    def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None], group: dist.ProcessGroup | None,
+                 sizes: list[int]) -> None:
+        self.past, self.group, self.sizes = past, group, sizes
         self.offsets = [sum(sizes[:j]) for j in range(len(sizes))]
 
     def _exchange(self, send: torch.Tensor, in_sizes: list[int], out_sizes: list[int]) -> torch.Tensor:
@@ -164,13 +166,12 @@ class UlyssesKV:
         recv = self._exchange(send, [B * n] * S, [B * m for m in self.sizes])
         blocks = torch.cat([r.view(B, m, hq + 2 * hk, hd) for r, m in zip(recv.split([B * m for m in self.sizes]), self.sizes)], dim=1)
         qs, ks, vs = blocks.split((hq, hk, hk), dim=2)
-        heads = slice(self.index * hk, (self.index + 1) * hk)
         outs = []
         for b, past in enumerate(self.past):
             kb, vb = ks[b], vs[b]
             if past is not None and past[layer][0].shape[0]:
-                kb = torch.cat((past[layer][0][:, heads], kb))
-                vb = torch.cat((past[layer][1][:, heads], vb))
+                kb = torch.cat((past[layer][0], kb))
+                vb = torch.cat((past[layer][1], vb))
             outs.append(sdpa(qs[b : b + 1], kb[None], vb[None], None))
         out = torch.cat(outs)  # [B, all rows, hq, hd]
         back = torch.cat([out[:, o : o + m].reshape(B * m, hq, hd) for o, m in zip(self.offsets, self.sizes)])
@@ -186,6 +187,7 @@ class ParallelJob:
 
     plan: BranchPlan
     branches: dict[str, KVContext]  # this rank's branches only
+    helper: KVContext | None  # cond's KV heads of this rank when all ranks run cond (`help_cond`)
     params: DenoiseParams
     grid: tuple[int, int]
     timesteps_host: torch.Tensor
@@ -198,6 +200,7 @@ class ParallelJob:
     index: int = 0
     error: BaseException | None = None
     stop_next: bool = False  # rank 0: tell the others to stop at the next gather
+    helped: int = 0  # steps run with cond split over every rank
     ended: bool = False  # stopped early, on every rank alike
 
     @property
@@ -213,9 +216,16 @@ class ParallelDiT:
     """A `DiT` engine as one rank of a cfg x sequence grid over `group` (None: the default
     group). Every rank of the group builds one; each creates its own sequence subgroup with
     the other members only (so `group` may be a subgroup of the world). Build one per grid
-    and process: a second one over the same ranks would ask for a subgroup of the same name."""
+    and process: a second one over the same ranks would ask for a subgroup of the same name.
 
-    def __init__(self, dit: DiT, config: ParallelConfig, group: dist.ProcessGroup | None = None) -> None:
+    `help_cond`: at a step where only cond runs (outside `cfg_interval`, or no CFG), the ranks
+    of the other cfg indices would idle; with it, cond's rows are split over all ranks instead
+    (Ulysses over the whole group), where the group's size divides the head counts (2 or 4
+    ranks for BAGEL-7B; not 3 or 8). Each such rank then holds cond's context for its heads
+    only (a 1 / size share). Off, or where the heads do not divide, those ranks idle."""
+
+    def __init__(self, dit: DiT, config: ParallelConfig, group: dist.ProcessGroup | None = None,
+                 help_cond: bool = True) -> None:
         llm = dit.cfg.llm
         config.check_heads(llm.num_attention_heads, llm.num_key_value_heads)
         world = dist.get_world_size(group)
@@ -228,7 +238,9 @@ class ParallelDiT:
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
         members = ranks[self.c * config.sequence : (self.c + 1) * config.sequence]
         self.seq_group = dist.new_group(members, use_local_synchronization=True) if config.sequence > 1 else None
-        self._experts: dict[tuple[int, int], ExpertRows] = {}
+        self.can_help = config.cfg > 1 and llm.num_attention_heads % config.size == 0 and llm.num_key_value_heads % config.size == 0
+        self.help_cond = help_cond and self.can_help
+        self._experts: dict[tuple[int, int, bool, bool], ExpertRows] = {}
 
     # -- contexts over the group -----------------------------------------------------------------
 
@@ -236,22 +248,35 @@ class ParallelDiT:
     def context_layout(plan: BranchPlan, contexts: ImageContexts) -> dict[str, tuple[tuple[int, ...], int]]:
         """What a receiving rank must know before `receive_contexts`: each running branch's
         KV shape and next position (small: it travels with the request)."""
-        return {b: (tuple(contexts.branch(b).kv.shape), contexts.branch(b).rope) for b in plan.run}
+        return {b: (tuple(contexts.branch(b).kv.shape), contexts.branch(b).rope) for b in BRANCHES
+                if b in plan.run or b == "cond"}
+
+    def share(self, plan: BranchPlan, contexts: ImageContexts, rank: int | None = None) -> dict[str, KVContext]:
+        """What a rank (default: this one) keeps of a request's contexts: its cfg index's
+        branches, and when it helps cond but lives elsewhere, cond's KV heads it attends over."""
+        rank = self.rank if rank is None else rank
+        c = self.config.coords(rank)[0]
+        out = plan.share(contexts, c)
+        if self.help_cond and c > 0:
+            out["cond"] = head_slice(contexts.gen, rank, self.config.size)
+        return out
 
     def send_contexts(self, plan: BranchPlan, contexts: ImageContexts) -> None:
-        """Rank 0: every other rank gets its cfg index's branch contexts over the group itself
-        (GPU to GPU on NCCL), in `plan.branches_of` order. Collective with `receive_contexts`."""
+        """Rank 0: every other rank gets its `share` over the group itself (GPU to GPU on NCCL),
+        in `BRANCHES` order. Collective with `receive_contexts`."""
         dtype = self.dit.model.dtype
         for rank in range(1, self.config.size):
-            dst = self._global(rank)
-            for b, c in plan.share(contexts, self.config.coords(rank)[0]).items():
-                dist.send(c.kv.to(dtype).contiguous(), dst, group=self.group)
+            for b, c in sorted(self.share(plan, contexts, rank).items(), key=lambda item: BRANCHES.index(item[0])):
+                dist.send(c.kv.to(dtype).contiguous(), self._global(rank), group=self.group)
 
     def receive_contexts(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]]) -> dict[str, KVContext]:
-        """A rank other than 0: its branches' contexts, as rank 0's `send_contexts` sends them."""
+        """A rank other than 0: its `share`, as rank 0's `send_contexts` sends it."""
         out = {}
-        for b in plan.branches_of(self.c):
+        wanted = set(plan.branches_of(self.c)) | ({"cond"} if self.help_cond and self.c > 0 else set())
+        for b in (b for b in BRANCHES if b in wanted):
             shape, rope = layout[b]
+            if b not in plan.branches_of(self.c):  # cond's heads of this rank only
+                shape = (*shape[:3], shape[3] // self.config.size, *shape[4:])
             kv = torch.empty(shape, dtype=self.dit.model.dtype, device=self.dit.model.device)
             dist.recv(kv, self._global(0), group=self.group)
             out[b] = KVContext(kv, rope)
@@ -262,9 +287,10 @@ class ParallelDiT:
 
     # -- the rows of this rank ---------------------------------------------------------------
 
-
     def _expert_rows(self, batch: int, n: int, start: bool, end: bool) -> ExpertRows:
-        key = (batch, n)
+        """Which of this rank's block rows are the (und) markers: kept per shape, so that the
+        host reads the mask once."""
+        key = (batch, n, start, end)
         if key not in self._experts:
             mask = torch.ones(batch, n, dtype=torch.bool)
             if start:
@@ -277,16 +303,16 @@ class ParallelDiT:
         return self._experts[key]
 
     @torch.inference_mode()
-    def _velocities(self, job: ParallelJob, mine: list[str]) -> torch.Tensor:
-        """v of this rank's latent rows for each of its running branches: [B, rows, 64]."""
+    def _velocities(self, job: ParallelJob, contexts: list[KVContext], S: int, s: int,
+                    group: dist.ProcessGroup | None) -> torch.Tensor:
+        """v of this rank's latent rows (share s of S, split over `group`) for each context:
+        [B, rows, 64]. With S > 1 the contexts hold only this rank's KV heads."""
         dit, model = self.dit, self.dit.model
-        dev, B = model.device, len(mine)
+        dev, B = model.device, len(contexts)
         h, w = job.grid
-        S = self.config.sequence
         sizes = row_split(h * w + 2, S)
-        lo, hi = latent_shares(h * w, S)[self.s]
-        start, end = self.s == 0, self.s == S - 1
-        contexts = [job.branches[b] for b in mine]
+        lo, hi = latent_shares(h * w, S)[s]
+        start, end = s == 0, s == S - 1
         n_l = hi - lo
         x = job.x[lo:hi].expand(B, n_l, -1).reshape(B * n_l, -1)
         t = job.timesteps[job.index].reshape(1).expand(B * n_l)
@@ -298,7 +324,7 @@ class ParallelDiT:
         n = rows.shape[1]
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
-        attention = RaggedKV(past) if self.seq_group is None else UlyssesKV(past, self.seq_group, sizes, self.s)
+        attention = RaggedKV(past) if S == 1 else UlyssesKV(past, group, sizes)
         hidden, _ = model.llm(rows, positions, self._expert_rows(B, n, start, end), attention, ForwardMode(gen=True))
         return model.velocity(hidden[:, int(start) : n - int(end)])
 
@@ -322,24 +348,36 @@ class ParallelDiT:
         schedule = make_schedule(params.num_timesteps, params.timestep_shift)
         dev = self.dit.model.device
         mine = {b: branches[b] for b in plan.branches_of(self.c)}
-        return ParallelJob(plan, mine, params, (h, w), schedule.timesteps, schedule.timesteps.to(dev),
+        helper = None
+        if self.help_cond:
+            if "cond" not in branches:
+                raise ValueError(f"rank {self.rank} helps the cond branch: it needs cond's context (or its heads of it)")
+            helper = branches["cond"]
+            if helper.kv.shape[3] == self.dit.cfg.llm.num_key_value_heads:  # the whole context: take this rank's heads
+                helper = head_slice(helper, self.rank, self.config.size)
+        return ParallelJob(plan, mine, helper, params, (h, w), schedule.timesteps, schedule.timesteps.to(dev),
                            schedule.dts.to(dev), grid_position_ids(h, w, self.dit.cfg.max_latent_size).to(dev),
                            noise.to(dev, torch.float32), on_step if self.rank == 0 else None,
                            should_stop if self.rank == 0 else None)
 
-    def _gather(self, job: ParallelJob, mine: list[str], v: torch.Tensor | None, stop: bool) -> tuple[torch.Tensor, bool]:
-        """All ranks' velocities [world, slots * rows + 1, 64] (rows: the largest share) and
-        rank 0's stop flag (in the last row)."""
-        h, w = job.grid
-        rows = row_split(h * w + 2, self.config.sequence)[0]
+    def _pieces(self, job: ParallelJob, run: list[str], helping: bool) -> list[list[tuple[str, int, int]]]:
+        """Per rank, the (branch, latent rows [lo, hi)) it computes at a step, in its order:
+        every rank works this out alike, so the gather needs no header."""
+        n, size = job.grid[0] * job.grid[1], self.config.size
+        if helping:
+            return [[("cond", lo, hi)] for lo, hi in latent_shares(n, size)]
+        shares = latent_shares(n, self.config.sequence)
+        coords = [self.config.coords(r) for r in range(size)]
+        return [[(b, *shares[s]) for b in run if job.plan.home(b) == c] for c, s in coords]
+
+    def _gather(self, pieces: list[list[tuple[str, int, int]]], v: torch.Tensor | None, stop: bool) -> tuple[torch.Tensor, bool]:
+        """Every rank's velocity rows [size, most rows + 1, 64], and rank 0's stop flag (the
+        last row)."""
+        rows = max(sum(hi - lo for _, lo, hi in mine) for mine in pieces)
         dim = self.dit.cfg.patch_latent_dim
-        dtype = self.dit.model.llm2vae.weight.dtype
-        buf = torch.zeros(job.plan.slots * rows + 1, dim, dtype=dtype, device=self.dit.model.device)
+        buf = torch.zeros(rows + 1, dim, dtype=self.dit.model.llm2vae.weight.dtype, device=self.dit.model.device)
         if v is not None:
-            home = job.plan.branches_of(self.c)
-            for k, b in enumerate(mine):
-                slot = home.index(b)
-                buf[slot * rows : slot * rows + v.shape[1]] = v[k]
+            buf[: v.shape[0] * v.shape[1]] = v.reshape(-1, dim)
         if stop:
             buf[-1, 0] = 1
         out = buf.new_empty(self.config.size * buf.shape[0], dim)
@@ -347,18 +385,16 @@ class ParallelDiT:
         out = out.view(self.config.size, *buf.shape)
         return out, bool(out[0, -1, 0] != 0)
 
-    def _assemble(self, job: ParallelJob, gathered: torch.Tensor, branches: list[str]) -> dict[str, torch.Tensor]:
-        """The full [h*w, 64] velocity of each branch from the gathered shares."""
-        h, w = job.grid
-        S = self.config.sequence
-        rows = row_split(h * w + 2, S)[0]
-        shares = latent_shares(h * w, S)
-        out = {}
-        for b in branches:
-            c = job.plan.home(b)
-            slot = job.plan.branches_of(c).index(b)
-            out[b] = torch.cat([gathered[c * S + s, slot * rows : slot * rows + hi - lo] for s, (lo, hi) in enumerate(shares)])
-        return out
+    @staticmethod
+    def _assemble(pieces: list[list[tuple[str, int, int]]], gathered: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The full [h*w, 64] velocity of each branch (its pieces lie in rank order)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for rank, mine in enumerate(pieces):
+            off = 0
+            for b, lo, hi in mine:
+                parts.setdefault(b, []).append(gathered[rank, off : off + hi - lo])
+                off += hi - lo
+        return {b: torch.cat(p) for b, p in parts.items()}
 
     @torch.inference_mode()
     def step(self, job: ParallelJob) -> None:
@@ -366,15 +402,24 @@ class ParallelDiT:
         rank0_stop = self.rank == 0 and (job.stop_next or (job.should_stop is not None and job.should_stop()))
         p = job.params
         s_t, s_i, wanted, run = guidance(p, job.timesteps_host[job.index], lambda b: b in job.plan.same)
-        mine = [b for b in run if job.plan.home(b) == self.c]
-        v_mine = self._velocities(job, mine) if mine else None
-        gathered, stop = self._gather(job, mine, v_mine, rank0_stop)
+        helping = self.help_cond and run == ["cond"]
+        pieces = self._pieces(job, run, helping)
+        if helping:
+            v_mine = self._velocities(job, [job.helper], self.config.size, self.rank, self.group)
+            job.helped += 1
+        else:
+            S = self.config.sequence
+            mine = [job.branches[b] for b, _, _ in pieces[self.rank]]
+            if S > 1:
+                mine = [head_slice(c, self.s, S) for c in mine]
+            v_mine = self._velocities(job, mine, S, self.s, self.seq_group) if mine else None
+        gathered, stop = self._gather(pieces, v_mine, rank0_stop)
         if stop:
             job.ended = True
             if job.error is None:
                 job.error = Cancelled(f"denoising stopped before step {job.index + 1} of {job.total}: the request was cancelled")
             return
-        v = self._assemble(job, gathered, run)
+        v = self._assemble(pieces, gathered)
         for b in wanted:
             v.setdefault(b, v["cond"])
         guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, p.cfg_renorm_type, p.cfg_renorm_min)
@@ -403,5 +448,5 @@ class ParallelDiT:
                          should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """`denoise` for a rank that holds all of a request's contexts (it keeps only its own)."""
         plan = BranchPlan.of(contexts, params, self.config.cfg)
-        return self.denoise(plan, plan.share(contexts, self.c), contexts.height, contexts.width, params, noise,
+        return self.denoise(plan, self.share(plan, contexts), contexts.height, contexts.width, params, noise,
                             on_step, should_stop)

@@ -179,7 +179,7 @@ class DiTGroup:
         contexts, params = job.contexts, job.params
         plan = BranchPlan.of(contexts, params, self.config.cfg)
         # checked here first: a request rank 0 refuses must not set the workers going
-        ours = self.engine.job(plan, plan.share(contexts, 0), contexts.height, contexts.width, params, job.x,
+        ours = self.engine.job(plan, self.engine.share(plan, contexts), contexts.height, contexts.width, params, job.x,
                                job.on_step, job.should_stop)
         layout, noise = self.engine.context_layout(plan, contexts), job.x.cpu()
         calls = [worker.denoise.remote(plan, layout, contexts.height, contexts.width, params, noise) for worker in self.workers]

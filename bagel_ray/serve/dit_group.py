@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -69,6 +70,11 @@ def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeou
     backend = "nccl" if dit.model.device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(dit.model.device)
+        # Ray shows each rank only its own GPU. NCCL then reaches the peers' GPUs through
+        # cuMem handles, and its NVLink SHARP (NVLS) collectives are known to misorder ranks
+        # when each process sees different devices (NVIDIA/nccl#1906): keep NVLS off unless
+        # the operator chose otherwise. Not yet run on GPUs.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=config.size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return ParallelDiT(dit, config)

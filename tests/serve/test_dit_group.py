@@ -80,6 +80,28 @@ def test_a_two_bundle_dit_replica_answers_over_http(parallel_app, local, picture
     assert len(dit.group_workers.remote().result()) == 1
 
 
+def test_a_cancelled_request_stops_every_rank_and_the_group_goes_on(parallel_app, local):
+    """Cancelling a request in flight stops it on both ranks at its next step (rank 0 tells the
+    worker through the step's gather): the group is free for the next request at once, and
+    is not broken (the same replica answers)."""
+    from ray.serve.exceptions import RequestCancelledError
+
+    before = replica_actor_names(parallel_app.name, "DiT")
+    long = parallel_app.handle.generate.remote(GenerationRequest("text2img", "a long one", seed=3, steps=20000,
+                                                                 height=64, width=64))
+    time.sleep(2.0)
+    long.cancel()
+    with pytest.raises(RequestCancelledError):
+        long.result(timeout_s=30)
+    t0 = time.monotonic()
+    resp = generate(parallel_app)  # queued behind the long one until it stops
+    assert resp.status_code == 200, resp.text
+    assert time.monotonic() - t0 < 60, "the cancelled request kept the group busy"
+    want = np.asarray(local.run(REQ).image).astype(int)
+    assert np.abs(png_pixels(resp.json()["data"][0]["b64_json"]).astype(int) - want).max() <= 1
+    assert replica_actor_names(parallel_app.name, "DiT") == before
+
+
 def test_the_replica_survives_the_kill_of_its_worker_rank(parallel_app, local):
     """The worker rank is killed while a long request runs on the group: that request ends
     with a clear 5xx soon after (or had finished), the next ones fail the same way until Serve

@@ -3,7 +3,7 @@
 The replica's Serve options carry one placement-group bundle per rank (`DiTConfig.serve_options`,
 STRICT_PACK: one node). The replica is rank 0, in the first bundle; at start it places N-1
 `RankWorker` actors in the other bundles of its own placement group, waits until they have
-loaded the denoiser (no VAE, no ViT), and joins them in a `torch.distributed` group (NCCL on
+loaded the model (the parts rank 0 loads), and joins them in a `torch.distributed` group (NCCL on
 GPUs, gloo on CPUs) whose rendezvous is on the replica's node.
 
 A request still goes through the replica's `DenoiseWorker`, whose batch is a `GroupBatch`:
@@ -46,7 +46,8 @@ from bagel_ray.serve.config import AppConfig, ParallelSettings
 
 log = logging.getLogger("bagel_ray.serve")
 
-RANK_PARTS = frozenset({"und", "gen", "gen_heads"})  # a worker rank only denoises
+# A worker rank only denoises, but it loads what rank 0 loads: `random-7b` draws its weights in
+# parameter order from one seed, so other parts would give it other weights.
 PING_TIMEOUT_S = 10.0
 
 
@@ -101,13 +102,13 @@ class RankWorker:
     """Rank r >= 1 of a parallel DiT replica, in bundle r of the replica's placement group."""
 
     def __init__(self, app_config: dict, rank: int) -> None:
-        from bagel_ray.serve.stages import resolve_device
+        from bagel_ray.serve.stages import dit_parts, resolve_device
 
         self.config = AppConfig.model_validate(app_config)
         self.rank = rank
         device, dtype = resolve_device(self.config.dit)
-        ckpt = load_checkpoint(self.config.model, RANK_PARTS, device, dtype)
-        self.dit = DiT(ckpt.model, ckpt.tokenizer, None, cuda_graphs=False)
+        ckpt = load_checkpoint(self.config.model, dit_parts(self.config), device, dtype)
+        self.dit = DiT(ckpt.model, ckpt.tokenizer, ckpt.vae, cuda_graphs=False)
         self.engine: ParallelDiT | None = None
 
     def ping(self) -> int:

@@ -19,6 +19,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config  # noqa
 
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 SERVE_YAML = REPO_ROOT / "deployments" / "bagel.yaml"
+# DiT replicas of several GPUs each (one bundle per rank, packed on one node)
+MULTI_GPU_YAMLS = [REPO_ROOT / "deployments" / f"bagel_dit{n}gpu.yaml" for n in (2, 4, 8)]
 BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
@@ -93,36 +95,52 @@ def test_worker_types_have_gpus_and_bounds(worker_types):
         assert 0 <= t["min_workers"] <= t["max_workers"], name
 
 
-def test_every_requested_resource_is_on_a_gpu_worker(worker_types):
-    """Each stage of deployments/bagel.yaml can be placed: its custom resources, GPUs and
-    CPUs fit on one worker type, and the types that carry its marker have room for its
-    max replicas."""
-    stages = stage_options(load(SERVE_YAML))
+@pytest.mark.parametrize("serve_yaml", [SERVE_YAML, *MULTI_GPU_YAMLS], ids=lambda p: p.name)
+def test_every_requested_resource_is_on_a_gpu_worker(worker_types, serve_yaml):
+    """Each stage of deployments/bagel.yaml (and of the multi-GPU DiT variants) can be placed:
+    its custom resources, GPUs and CPUs fit on one worker type (all ranks of a parallel DiT
+    replica on one node: its bundles are STRICT_PACK), and the types that carry its marker
+    have room for its max replicas."""
+    stages = stage_options(load(serve_yaml))
     assert {"thinker", "dit"} <= set(stages)
     for stage, opts in stages.items():
         actor = opts["ray_actor_options"]
-        custom = {k: v for k, v in actor.get("resources", {}).items() if k not in BUILTIN_RESOURCES}
+        parallel = opts.get("parallel", {})
+        ranks = parallel.get("cfg", 1) * parallel.get("sequence", 1)
+        custom = {k: v * ranks for k, v in actor.get("resources", {}).items() if k not in BUILTIN_RESOURCES}
         if stage in ("thinker", "dit"):
             assert custom, f"{stage} must be pinned to its node type with a custom resource"
         if not custom:
             continue
+        gpus = max(actor.get("num_gpus", 0), 1) * ranks
         hosts = {
             name: t
             for name, t in worker_types.items()
             if all(t["resources"].get(k, 0) >= v for k, v in custom.items())
-            and t["resources"].get("GPU", 0) >= max(actor.get("num_gpus", 0), 1)
-            and t["resources"].get("CPU", 0) >= actor.get("num_cpus", 1)
+            and t["resources"].get("GPU", 0) >= gpus
+            and t["resources"].get("CPU", 0) >= actor.get("num_cpus", 1) * ranks
         }
-        assert hosts, f"no GPU worker type in cluster.yaml offers {custom} with {actor.get('num_gpus', 0)} GPU for {stage}"
+        assert hosts, f"no GPU worker type in cluster.yaml offers {custom} with {gpus} GPU for {stage}"
         max_replicas = opts.get("autoscaling_config", {}).get("max_replicas", opts.get("num_replicas", 1))
-        capacity = sum(t["max_workers"] * int(t["resources"]["GPU"] // actor["num_gpus"]) for t in hosts.values())
+        capacity = sum(t["max_workers"] * int(t["resources"]["GPU"] // gpus) for t in hosts.values())
         assert capacity >= max_replicas, f"{stage}: {max_replicas} replicas but room for {capacity} on {sorted(hosts)}"
+
+
+@pytest.mark.parametrize("serve_yaml", MULTI_GPU_YAMLS, ids=lambda p: p.name)
+def test_multi_gpu_dit_configs_are_valid_app_configs(serve_yaml):
+    """The files load as app configs, and their DiT asks for one bundle per rank."""
+    from bagel_ray.serve.config import AppConfig
+
+    app = AppConfig.model_validate(load(serve_yaml)["applications"][0]["args"])
+    n = int(serve_yaml.stem.removeprefix("bagel_dit").removesuffix("gpu"))
+    assert app.dit.parallel.size == n
+    assert len(app.dit.serve_options("DiT", 5, None)["placement_group_bundles"]) == n
 
 
 def test_stage_markers_do_not_overlap(worker_types):
     """A node type carries one stage's marker, so Thinker and DiT never share a node type."""
     for name, t in worker_types.items():
-        markers = {"thinker_node", "dit_node"} & set(t["resources"])
+        markers = {"thinker_node", "dit_node", "dit_multi_gpu_node"} & set(t["resources"])
         assert len(markers) <= 1, f"{name} carries {markers}"
 
 

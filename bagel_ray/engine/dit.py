@@ -80,6 +80,19 @@ class DenoiseParams:
             raise ValueError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
 
 
+def guidance(params: DenoiseParams, t: torch.Tensor, same_as_gen: Callable[[str], bool]) -> tuple[float, float, list[str], list[str]]:
+    """The scales of a step at time `t`, gated by the CFG interval; the branches the
+    combination needs; and those to run (a branch whose context equals gen's reuses the
+    conditional velocity). A function of the schedule alone, so every rank of a parallel
+    replica (`dit_parallel`) decides the same without talking."""
+    on = cfg_active(t, params.cfg_interval)
+    s_t = params.cfg_text_scale if on else 1.0
+    s_i = params.cfg_img_scale if on else 1.0
+    wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
+    run = [b for b in wanted if b == "cond" or not same_as_gen(b)]
+    return s_t, s_i, wanted, run
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """What one denoising step did, for progress bars, stats and tests."""
@@ -169,6 +182,11 @@ class DiT:
         h, w = self.latent_grid(height, width)
         return torch.randn(h * w, self.cfg.patch_latent_dim, generator=generator, dtype=torch.float32)
 
+    def markers(self) -> torch.Tensor:
+        """The two marker rows of an image block (for a rank of `dit_parallel` that builds its
+        own share of the block)."""
+        return self._markers()
+
     def _markers(self) -> torch.Tensor:
         """The embedded <|vision_start|> and <|vision_end|> rows that open and close every image
         block: the same for every step of every request, so embedded once."""
@@ -255,17 +273,11 @@ class DiT:
         With TaylorSeer such a branch reuses it only while it has run at every step so far:
         then its cache equals the conditional branch's. Otherwise (CFG starting after the
         first step) its count lags, and it runs on its own cache as the official one does."""
-        p = job.params
-        on = cfg_active(job.schedule.timesteps[job.index], p.cfg_interval)
-        s_t = p.cfg_text_scale if on else 1.0
-        s_i = p.cfg_img_scale if on else 1.0
-        wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
 
         def reuses(b: str) -> bool:
             return job.contexts.same_as_gen(b) and (job.taylor is None or job.taylor[b].step == job.taylor["cond"].step)
 
-        run = [b for b in wanted if b == "cond" or not reuses(b)]
-        return s_t, s_i, wanted, run
+        return guidance(job.params, job.schedule.timesteps[job.index], reuses)
 
     def _batched_velocities(self, jobs: list[DenoiseJob], runs: list[list[str]]) -> list[_Forwarded]:
         """Each job's velocities of the branches in its `runs` entry, with one forward per

@@ -138,6 +138,23 @@ class ThinkerConfig(StageConfig):
     max_model_len: int = Field(32768, ge=16, description="longest context plus new tokens a request may use")
 
 
+class ParallelSettings(StrictModel):
+    """One image over several ranks of one DiT replica (`engine/dit_parallel.py`,
+    `serve/dit_group.py`): `cfg` ranks for a request's CFG branches times `sequence` ranks for
+    a branch's rows. Each rank takes one bundle of the replica's placement group, the size of
+    `ray_actor_options`; the replica is rank 0. `sequence` must divide the model's head counts
+    (28 query / 4 KV heads for BAGEL-7B: 1, 2 or 4), checked when the replica starts."""
+
+    cfg: int = Field(1, ge=1, le=3, description="ranks for the CFG branches (a request has at most 3)")
+    sequence: int = Field(1, ge=1, description="ranks a branch's latent rows are split over (Ulysses)")
+    timeout_s: float = Field(120.0, gt=0, description="how long a rank waits in a collective before the group counts as broken")
+    start_timeout_s: float = Field(1800.0, gt=0, description="how long the replica waits for its worker ranks to load the model")
+
+    @property
+    def size(self) -> int:
+        return self.cfg * self.sequence
+
+
 class DiTConfig(StageConfig):
     max_ongoing_requests: int = Field(
         8, ge=1, description="requests a replica takes at once (a batch can hold no more); the rest queue"
@@ -149,11 +166,30 @@ class DiTConfig(StageConfig):
         8, ge=1, description="image requests of the same size denoised together, step by step (1: one at a time)"
     )
 
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+
     @field_validator("transport")
     @classmethod
     def _known(cls, value: str) -> str:
         assert value in TRANSPORT_NAMES
         return value
+
+    def rank_bundle(self) -> dict[str, float]:
+        """One rank's placement-group bundle: the replica's own resources (Serve places the
+        replica in the first bundle, which must hold them)."""
+        actor = self.ray_actor_options
+        bundle = {"CPU": actor.num_cpus, "GPU": actor.num_gpus, **actor.resources}
+        if actor.memory is not None:
+            bundle["memory"] = actor.memory
+        return {k: v for k, v in bundle.items() if v}
+
+    def serve_options(self, name: str, retry_after_s: int, queue_bound: int | None) -> dict[str, Any]:
+        """A replica of a parallel DiT owns one bundle per rank, all on one node (STRICT_PACK)."""
+        options = super().serve_options(name, retry_after_s, queue_bound)
+        if self.parallel.size > 1:
+            options["placement_group_bundles"] = [self.rank_bundle() for _ in range(self.parallel.size)]
+            options["placement_group_strategy"] = "STRICT_PACK"
+        return options
 
 
 # Requests an ingress replica takes beyond its API admission limit: /health, /v1/models, the

@@ -237,7 +237,14 @@ class DiTServer:
         self.transport = make_transport(self.config.dit.transport)
         self.lock = EngineLock()
         batch = self.config.dit.max_batch_size
-        self.worker = DenoiseWorker(self.pipeline, self.lock, batch)
+        self.group = None
+        if self.config.dit.parallel.size > 1:  # one request over several ranks: serve/dit_group.py
+            from bagel_ray.serve.dit_group import DiTGroup, GroupBatch
+
+            self.group = DiTGroup(self.pipeline.dit, self.config, app_config)
+            self.worker = DenoiseWorker(self.pipeline, self.lock, 1, lambda: GroupBatch(self.group))
+        else:
+            self.worker = DenoiseWorker(self.pipeline, self.lock, batch)
         # Contexts received here at once (off the engine lock): a full batch denoising, and
         # the next one arriving meanwhile.
         self.handoff_slots = asyncio.Semaphore(batch + 1)
@@ -314,4 +321,10 @@ class DiTServer:
             raise RuntimeError("DiT engine missing")
         if not self.worker.alive:
             raise RuntimeError("the DiT's denoising thread has died")
+        if self.group is not None:
+            self.group.check_health()
+
+    def group_workers(self) -> list:
+        """The worker-rank actors of a parallel replica (none otherwise)."""
+        return [] if self.group is None else list(self.group.workers)
 

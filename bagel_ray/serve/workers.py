@@ -336,9 +336,12 @@ class DenoiseWorker(InboxWorker):
 
     thread_name = "dit-denoise"
 
-    def __init__(self, pipeline: LocalPipeline, lock: EngineLock, max_batch_size: int) -> None:
+    def __init__(self, pipeline: LocalPipeline, lock: EngineLock, max_batch_size: int,
+                 new_batch: Callable[[], Any] | None = None) -> None:
         self.pipeline, self.lock = pipeline, lock
-        self.batch = BatchDenoiser(pipeline.dit, max_batch_size)
+        # `new_batch`: another batch with BatchDenoiser's interface (dit_group.GroupBatch)
+        self.new_batch = new_batch or (lambda: BatchDenoiser(pipeline.dit, max_batch_size))
+        self.batch = self.new_batch()
         self.plans_waiting = 0  # attention shapes on flash until this thread builds their plans
         self.plans_built = 0
         super().__init__()
@@ -432,7 +435,7 @@ class DenoiseWorker(InboxWorker):
                 log.exception("the denoising worker failed; failing the requests it holds")
                 for held in (*self.batch.running, *self.batch.waiting):
                     held.key.send(exc)
-                self.batch = BatchDenoiser(self.pipeline.dit, self.batch.max_batch_size)
+                self.batch = self.new_batch()
 
 
 def understand_jobs(pipeline: LocalPipeline, jobs: list[TextJob]) -> list[GenerationResult | Exception]:

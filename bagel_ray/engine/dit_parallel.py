@@ -1,0 +1,452 @@
+"""One request's denoising spread over the ranks of a `torch.distributed` process group:
+CFG parallel and (Ulysses) sequence parallel, alone or as a cfg x sequence grid.
+
+Rank r sits at (cfg index c, sequence index s) = divmod(r, sequence).
+
+- **CFG parallel.** The branches a request runs while CFG is on (cond, then cfg_text and
+  cfg_img unless their context equals gen's) are dealt round-robin to the cfg indices: branch
+  k of that list lives on cfg index k % cfg (`BranchPlan`). A rank holds only the KV contexts
+  of its own branches. Each step every rank runs the forward of its branches, the velocities
+  (latent rows x 64, small) are gathered from all ranks, and every rank applies the same CFG
+  combination, renorm and Euler step to the same numbers, so all ranks hold the same latents
+  without sending them. Outside `cfg_interval` only cond runs: where the group's size divides
+  the head counts (2 or 4 ranks for BAGEL-7B's 28 query / 4 KV heads), cond's rows are then
+  split over every rank (`help_cond`, each holding cond's context for its KV heads only);
+  otherwise (3 or 8 ranks) the ranks of the other cfg indices idle through the forward and
+  only join the gather.
+- **Sequence parallel (Ulysses).** The image block `[<|vision_start|>] + latents +
+  [<|vision_end|>]` of a branch is cut into `sequence` contiguous row ranges, one a rank of
+  the cfg index's sequence group. Everything but attention is row-wise, so a rank runs its
+  rows only. In each layer's attention, one all-to-all turns (rows of mine, all heads) into
+  (all rows, heads of mine): query heads and KV heads are split alike (contiguous groups, so
+  each rank's query heads use its own KV heads under GQA), and `sequence` must divide both
+  head counts. The KV context is replicated on the sequence ranks (each attends over its heads
+  of it). A second all-to-all returns each rank's rows with all heads.
+
+Cancellation and callbacks: rank 0 owns `should_stop` and `on_step`; its answer travels in the
+step's gather (one extra row), so every rank ends the job at the same step, and a failing
+`on_step` on rank 0 stops the others one step later. Collectives are the only thing that
+ties the ranks: all ranks must call `denoise` with the same plan, size, params and noise.
+
+The engine sees only a process group (gloo on CPUs, NCCL on GPUs); how the ranks were started
+is the caller's business (`bagel_ray.serve.dit_group` on Ray, `torch.multiprocessing` in the
+tests, torchrun in `benchmarks/bench_parallel.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from bagel_ray.engine.cancel import Cancelled
+from bagel_ray.engine.cfg import combine
+from bagel_ray.engine.dit import BRANCHES, DenoiseParams, DiT, StepRecord, guidance, host_to_device
+from bagel_ray.engine.kv_context import ImageContexts, KVContext
+from bagel_ray.engine.schedule import euler_step, make_schedule
+from bagel_ray.model import kernels
+from bagel_ray.model.image_transforms import grid_position_ids
+from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV, sdpa
+
+MAX_CFG = len(BRANCHES)
+# torch 2.13 renamed all_gather_into_tensor (the old name warns); older torch has only that
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many ranks one request spreads over: `cfg` ranks for its CFG branches (at most 3,
+    a request's branch count) times `sequence` ranks for a branch's rows."""
+
+    cfg: int = 1
+    sequence: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.cfg <= MAX_CFG:
+            raise ValueError(f"parallel.cfg must be 1, 2 or 3 (a request has at most {MAX_CFG} CFG branches), got {self.cfg}")
+        if self.sequence < 1:
+            raise ValueError(f"parallel.sequence must be >= 1, got {self.sequence}")
+
+    @property
+    def size(self) -> int:
+        return self.cfg * self.sequence
+
+    def check_heads(self, heads: int, kv_heads: int) -> None:
+        """Ulysses splits query and KV heads alike over the sequence ranks."""
+        if heads % self.sequence or kv_heads % self.sequence:
+            raise ValueError(f"parallel.sequence={self.sequence} must divide the model's attention head counts "
+                             f"({heads} query heads, {kv_heads} key/value heads)")
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(cfg index, sequence index) of a rank."""
+        return divmod(rank, self.sequence)
+
+
+def row_split(n: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous ranges covering n rows, the first ones a row longer."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def latent_shares(n_lat: int, parts: int) -> list[tuple[int, int]]:
+    """The latent rows [lo, hi) in each of `parts` row ranges of an image block of n_lat
+    latents between its two markers (the first range holds the start marker, the last the end
+    marker)."""
+    shares, off = [], 0
+    for m in row_split(n_lat + 2, parts):
+        lo = max(off, 1) - 1
+        shares.append((lo, max(min(off + m, n_lat + 1) - 1, lo)))
+        off += m
+    return shares
+
+
+def head_slice(context: KVContext, index: int, parts: int) -> KVContext:
+    """KV heads group `index` of `parts` of a context (a view): what one Ulysses rank attends over."""
+    k = context.kv.shape[3] // parts
+    return KVContext(context.kv[:, :, :, index * k : (index + 1) * k], context.rope)
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    """Which branches a request runs and on which cfg index each lives. `run`: the branches that
+    run at some step of the schedule (`guidance`), in `BRANCHES` order; `same`: branches whose
+    context equals gen's (they reuse cond's velocity and never run)."""
+
+    run: tuple[str, ...]
+    same: frozenset[str]
+    cfg: int
+
+    @staticmethod
+    def of(contexts: ImageContexts, params: DenoiseParams, cfg: int) -> "BranchPlan":
+        schedule = make_schedule(params.num_timesteps, params.timestep_shift)
+        ran: set[str] = set()
+        for t in schedule.timesteps:
+            ran.update(guidance(params, t, contexts.same_as_gen)[3])
+        same = frozenset(b for b in BRANCHES[1:] if contexts.same_as_gen(b))
+        return BranchPlan(tuple(b for b in BRANCHES if b in ran), same, cfg)
+
+    def home(self, branch: str) -> int:
+        return self.run.index(branch) % self.cfg
+
+    def branches_of(self, c: int) -> tuple[str, ...]:
+        return tuple(b for b in self.run if self.home(b) == c)
+
+    def share(self, contexts: ImageContexts, c: int) -> dict[str, KVContext]:
+        """The contexts cfg index c needs (views of `contexts`; copy them to ship them)."""
+        return {b: contexts.branch(b) for b in self.branches_of(c)}
+
+
+class UlyssesKV:
+    """Attention of a branch block whose rows are split over a group (the `RaggedKV` contract,
+    but `past[b]` holds only this rank's KV heads: ([T_b, kv / ranks, hd], ...) per layer, or
+    None). One all-to-all trades rows for heads, each rank attends with its heads over all rows
+    and its heads of the context, a second all-to-all trades back. Returns this rank's rows
+    with all heads, and its rows' K/V."""
+
+    def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None], group: dist.ProcessGroup | None,
+                 sizes: list[int]) -> None:
+        self.past, self.group, self.sizes = past, group, sizes
+        self.offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+
+    def _exchange(self, send: torch.Tensor, in_sizes: list[int], out_sizes: list[int]) -> torch.Tensor:
+        recv = send.new_empty(sum(out_sizes), *send.shape[1:])
+        dist.all_to_all_single(recv, send, out_sizes, in_sizes, group=self.group)
+        return recv
+
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        qk = norm(qk)
+        q, k = qk[:, :, : norm.q_heads], qk[:, :, norm.q_heads :]
+        B, n, H, hd = q.shape
+        kvh, S = k.shape[2], len(self.sizes)
+        hq, hk = H // S, kvh // S
+        # to sequence rank j: its head group of q, k and v for my rows, [S, B, n, hq + 2 hk, hd]
+        send = torch.cat((q.view(B, n, S, hq, hd), k.view(B, n, S, hk, hd), v.view(B, n, S, hk, hd)), dim=3)
+        send = send.permute(2, 0, 1, 3, 4).reshape(S * B * n, hq + 2 * hk, hd)
+        recv = self._exchange(send, [B * n] * S, [B * m for m in self.sizes])
+        blocks = torch.cat([r.view(B, m, hq + 2 * hk, hd) for r, m in zip(recv.split([B * m for m in self.sizes]), self.sizes)], dim=1)
+        qs, ks, vs = blocks.split((hq, hk, hk), dim=2)
+        outs = []
+        for b, past in enumerate(self.past):
+            kb, vb = ks[b], vs[b]
+            if past is not None and past[layer][0].shape[0]:
+                kb = torch.cat((past[layer][0], kb))
+                vb = torch.cat((past[layer][1], vb))
+            outs.append(sdpa(qs[b : b + 1], kb[None], vb[None], None))
+        out = torch.cat(outs)  # [B, all rows, hq, hd]
+        back = torch.cat([out[:, o : o + m].reshape(B * m, hq, hd) for o, m in zip(self.offsets, self.sizes)])
+        mine = self._exchange(back, [B * m for m in self.sizes], [B * n] * S)
+        attn = mine.view(S, B, n, hq, hd).permute(1, 2, 0, 3, 4).reshape(B, n, H, hd)
+        return attn, (k, v)
+
+
+@dataclass(eq=False, repr=False)
+class ParallelJob:
+    """One request's state on one rank: the latents (the same on every rank) and the index of
+    the next step; `error` as in `DenoiseJob`."""
+
+    plan: BranchPlan
+    branches: dict[str, KVContext]  # this rank's branches only
+    helper: KVContext | None  # cond's KV heads of this rank when all ranks run cond (`help_cond`)
+    params: DenoiseParams
+    grid: tuple[int, int]
+    timesteps_host: torch.Tensor
+    timesteps: torch.Tensor
+    dts: torch.Tensor
+    pos_ids: torch.Tensor
+    x: torch.Tensor
+    on_step: Callable[[StepRecord], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    index: int = 0
+    error: BaseException | None = None
+    stop_next: bool = False  # rank 0: tell the others to stop at the next gather
+    helped: int = 0  # steps run with cond split over every rank
+    ended: bool = False  # stopped early, on every rank alike
+
+    @property
+    def done(self) -> bool:
+        return self.ended or self.index >= self.total
+
+    @property
+    def total(self) -> int:
+        return self.timesteps_host.shape[0]
+
+
+class ParallelDiT:
+    """A `DiT` engine as one rank of a cfg x sequence grid over `group` (None: the default
+    group). Every rank of the group builds one; each creates its own sequence subgroup with
+    the other members only (so `group` may be a subgroup of the world). Build one per grid
+    and process: a second one over the same ranks would ask for a subgroup of the same name.
+
+    `help_cond`: at a step where only cond runs (outside `cfg_interval`, or no CFG), the ranks
+    of the other cfg indices would idle; with it, cond's rows are split over all ranks instead
+    (Ulysses over the whole group), where the group's size divides the head counts (2 or 4
+    ranks for BAGEL-7B; not 3 or 8). Each such rank then holds cond's context for its heads
+    only (a 1 / size share). Off, or where the heads do not divide, those ranks idle."""
+
+    def __init__(self, dit: DiT, config: ParallelConfig, group: dist.ProcessGroup | None = None,
+                 help_cond: bool = True) -> None:
+        llm = dit.cfg.llm
+        config.check_heads(llm.num_attention_heads, llm.num_key_value_heads)
+        world = dist.get_world_size(group)
+        if world != config.size:
+            raise ValueError(f"parallel: cfg {config.cfg} x sequence {config.sequence} = {config.size} ranks, "
+                             f"but the process group has {world}")
+        self.dit, self.config, self.group = dit, config, group
+        self.rank = dist.get_rank(group)
+        self.c, self.s = config.coords(self.rank)
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        members = ranks[self.c * config.sequence : (self.c + 1) * config.sequence]
+        self.seq_group = dist.new_group(members, use_local_synchronization=True) if config.sequence > 1 else None
+        self.can_help = config.cfg > 1 and llm.num_attention_heads % config.size == 0 and llm.num_key_value_heads % config.size == 0
+        self.help_cond = help_cond and self.can_help
+        self._experts: dict[tuple[int, int, bool, bool], ExpertRows] = {}
+
+    # -- contexts over the group -----------------------------------------------------------------
+
+    @staticmethod
+    def context_layout(plan: BranchPlan, contexts: ImageContexts) -> dict[str, tuple[tuple[int, ...], int]]:
+        """What a receiving rank must know before `receive_contexts`: each running branch's
+        KV shape and next position (small: it travels with the request)."""
+        return {b: (tuple(contexts.branch(b).kv.shape), contexts.branch(b).rope) for b in BRANCHES
+                if b in plan.run or b == "cond"}
+
+    def share(self, plan: BranchPlan, contexts: ImageContexts, rank: int | None = None) -> dict[str, KVContext]:
+        """What a rank (default: this one) keeps of a request's contexts: its cfg index's
+        branches, and when it helps cond but lives elsewhere, cond's KV heads it attends over."""
+        rank = self.rank if rank is None else rank
+        c = self.config.coords(rank)[0]
+        out = plan.share(contexts, c)
+        if self.help_cond and c > 0:
+            out["cond"] = head_slice(contexts.gen, rank, self.config.size)
+        return out
+
+    def send_contexts(self, plan: BranchPlan, contexts: ImageContexts) -> None:
+        """Rank 0: every other rank gets its `share` over the group itself (GPU to GPU on NCCL),
+        in `BRANCHES` order. Collective with `receive_contexts`."""
+        dtype = self.dit.model.dtype
+        for rank in range(1, self.config.size):
+            for b, c in sorted(self.share(plan, contexts, rank).items(), key=lambda item: BRANCHES.index(item[0])):
+                dist.send(c.kv.to(dtype).contiguous(), self._global(rank), group=self.group)
+
+    def receive_contexts(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]]) -> dict[str, KVContext]:
+        """A rank other than 0: its `share`, as rank 0's `send_contexts` sends it."""
+        out = {}
+        wanted = set(plan.branches_of(self.c)) | ({"cond"} if self.help_cond and self.c > 0 else set())
+        for b in (b for b in BRANCHES if b in wanted):
+            shape, rope = layout[b]
+            if b not in plan.branches_of(self.c):  # cond's heads of this rank only
+                shape = (*shape[:3], shape[3] // self.config.size, *shape[4:])
+            kv = torch.empty(shape, dtype=self.dit.model.dtype, device=self.dit.model.device)
+            dist.recv(kv, self._global(0), group=self.group)
+            out[b] = KVContext(kv, rope)
+        return out
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    # -- the rows of this rank ---------------------------------------------------------------
+
+    def _expert_rows(self, batch: int, n: int, start: bool, end: bool) -> ExpertRows:
+        """Which of this rank's block rows are the (und) markers: kept per shape, so that the
+        host reads the mask once."""
+        key = (batch, n, start, end)
+        if key not in self._experts:
+            mask = torch.ones(batch, n, dtype=torch.bool)
+            if start:
+                mask[:, 0] = False
+            if end:
+                mask[:, -1] = False
+            rows = ExpertRows.from_mask(mask)
+            dev = self.dit.model.device
+            self._experts[key] = ExpertRows(rows.experts.to(dev), rows.und_index.to(dev))
+        return self._experts[key]
+
+    @torch.inference_mode()
+    def _velocities(self, job: ParallelJob, contexts: list[KVContext], S: int, s: int,
+                    group: dist.ProcessGroup | None) -> torch.Tensor:
+        """v of this rank's latent rows (share s of S, split over `group`) for each context:
+        [B, rows, 64]. With S > 1 the contexts hold only this rank's KV heads."""
+        dit, model = self.dit, self.dit.model
+        dev, B = model.device, len(contexts)
+        h, w = job.grid
+        sizes = row_split(h * w + 2, S)
+        lo, hi = latent_shares(h * w, S)[s]
+        start, end = s == 0, s == S - 1
+        n_l = hi - lo
+        x = job.x[lo:hi].expand(B, n_l, -1).reshape(B * n_l, -1)
+        t = job.timesteps[job.index].reshape(1).expand(B * n_l)
+        latents = model.latent_embeds(x, t, job.pos_ids[lo:hi].repeat(B)).view(B, n_l, -1)
+        markers = dit.markers()
+        parts = ([markers[:1].expand(B, 1, -1)] if start else []) + [latents.to(markers.dtype)] + (
+            [markers[1:].expand(B, 1, -1)] if end else [])
+        rows = torch.cat(parts, dim=1)
+        n = rows.shape[1]
+        positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
+        past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
+        attention = RaggedKV(past) if S == 1 else UlyssesKV(past, group, sizes)
+        hidden, _ = model.llm(rows, positions, self._expert_rows(B, n, start, end), attention, ForwardMode(gen=True))
+        return model.velocity(hidden[:, int(start) : n - int(end)])
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def job(self, plan: BranchPlan, branches: dict[str, KVContext], height: int, width: int, params: DenoiseParams,
+            noise: torch.Tensor, on_step: Callable[[StepRecord], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> ParallelJob:
+        """This rank's share of a request: `branches` must hold the contexts of the branches
+        `plan` homes on this rank's cfg index (more are ignored)."""
+        if plan.cfg != self.config.cfg:
+            raise ValueError(f"the plan deals branches over {plan.cfg} cfg ranks, this grid has {self.config.cfg}")
+        missing = [b for b in plan.branches_of(self.c) if b not in branches]
+        if missing:
+            raise ValueError(f"rank {self.rank} (cfg index {self.c}) needs the contexts of {missing}")
+        h, w = self.dit.latent_grid(height, width)
+        if h * w + 2 < self.config.sequence:
+            raise ValueError(f"an image of {h * w} latent rows is too small for parallel.sequence={self.config.sequence}")
+        if tuple(noise.shape) != (h * w, self.dit.cfg.patch_latent_dim):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(h * w, self.dit.cfg.patch_latent_dim)}")
+        schedule = make_schedule(params.num_timesteps, params.timestep_shift)
+        dev = self.dit.model.device
+        mine = {b: branches[b] for b in plan.branches_of(self.c)}
+        helper = None
+        if self.help_cond:
+            if "cond" not in branches:
+                raise ValueError(f"rank {self.rank} helps the cond branch: it needs cond's context (or its heads of it)")
+            helper = branches["cond"]
+            if helper.kv.shape[3] == self.dit.cfg.llm.num_key_value_heads:  # the whole context: take this rank's heads
+                helper = head_slice(helper, self.rank, self.config.size)
+        return ParallelJob(plan, mine, helper, params, (h, w), schedule.timesteps, schedule.timesteps.to(dev),
+                           schedule.dts.to(dev), grid_position_ids(h, w, self.dit.cfg.max_latent_size).to(dev),
+                           noise.to(dev, torch.float32), on_step if self.rank == 0 else None,
+                           should_stop if self.rank == 0 else None)
+
+    def _pieces(self, job: ParallelJob, run: list[str], helping: bool) -> list[list[tuple[str, int, int]]]:
+        """Per rank, the (branch, latent rows [lo, hi)) it computes at a step, in its order:
+        every rank works this out alike, so the gather needs no header."""
+        n, size = job.grid[0] * job.grid[1], self.config.size
+        if helping:
+            return [[("cond", lo, hi)] for lo, hi in latent_shares(n, size)]
+        shares = latent_shares(n, self.config.sequence)
+        coords = [self.config.coords(r) for r in range(size)]
+        return [[(b, *shares[s]) for b in run if job.plan.home(b) == c] for c, s in coords]
+
+    def _gather(self, pieces: list[list[tuple[str, int, int]]], v: torch.Tensor | None, stop: bool) -> tuple[torch.Tensor, bool]:
+        """Every rank's velocity rows [size, most rows + 1, 64], and rank 0's stop flag (the
+        last row)."""
+        rows = max(sum(hi - lo for _, lo, hi in mine) for mine in pieces)
+        dim = self.dit.cfg.patch_latent_dim
+        buf = torch.zeros(rows + 1, dim, dtype=self.dit.model.llm2vae.weight.dtype, device=self.dit.model.device)
+        if v is not None:
+            buf[: v.shape[0] * v.shape[1]] = v.reshape(-1, dim)
+        if stop:
+            buf[-1, 0] = 1
+        out = buf.new_empty(self.config.size * buf.shape[0], dim)
+        _all_gather(out, buf, group=self.group)
+        out = out.view(self.config.size, *buf.shape)
+        return out, bool(out[0, -1, 0] != 0)
+
+    @staticmethod
+    def _assemble(pieces: list[list[tuple[str, int, int]]], gathered: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The full [h*w, 64] velocity of each branch (its pieces lie in rank order)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for rank, mine in enumerate(pieces):
+            off = 0
+            for b, lo, hi in mine:
+                parts.setdefault(b, []).append(gathered[rank, off : off + hi - lo])
+                off += hi - lo
+        return {b: torch.cat(p) for b, p in parts.items()}
+
+    @torch.inference_mode()
+    def step(self, job: ParallelJob) -> None:
+        """One step on this rank (a collective: every rank calls it for the same job)."""
+        rank0_stop = self.rank == 0 and (job.stop_next or (job.should_stop is not None and job.should_stop()))
+        p = job.params
+        s_t, s_i, wanted, run = guidance(p, job.timesteps_host[job.index], lambda b: b in job.plan.same)
+        helping = self.help_cond and run == ["cond"]
+        pieces = self._pieces(job, run, helping)
+        if helping:
+            v_mine = self._velocities(job, [job.helper], self.config.size, self.rank, self.group)
+            job.helped += 1
+        else:
+            S = self.config.sequence
+            mine = [job.branches[b] for b, _, _ in pieces[self.rank]]
+            if S > 1:
+                mine = [head_slice(c, self.s, S) for c in mine]
+            v_mine = self._velocities(job, mine, S, self.s, self.seq_group) if mine else None
+        gathered, stop = self._gather(pieces, v_mine, rank0_stop)
+        if stop:
+            job.ended = True
+            if job.error is None:
+                job.error = Cancelled(f"denoising stopped before step {job.index + 1} of {job.total}: the request was cancelled")
+            return
+        v = self._assemble(pieces, gathered)
+        for b in wanted:
+            v.setdefault(b, v["cond"])
+        guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, p.cfg_renorm_type, p.cfg_renorm_min)
+        if job.on_step is not None and job.error is None:
+            try:
+                job.on_step(StepRecord(job.index, job.total, float(job.timesteps_host[job.index]), job.x, v, guided))
+            except Exception as exc:  # rank 0's callback: the others stop at the next gather
+                job.error, job.stop_next = exc, True
+        job.x = euler_step(job.x, guided, job.dts[job.index])
+        job.index += 1
+
+    def denoise(self, plan: BranchPlan, branches: dict[str, KVContext], height: int, width: int,
+                params: DenoiseParams, noise: torch.Tensor, on_step: Callable[[StepRecord], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """The final latent tokens [h*w, 64] (the same on every rank). Raises `Cancelled` on
+        every rank when rank 0's `should_stop` says yes, and on rank 0 what its `on_step` raised."""
+        job = self.job(plan, branches, height, width, params, noise, on_step, should_stop)
+        while not job.done:
+            self.step(job)
+        if job.error is not None:
+            raise job.error
+        return job.x
+
+    def denoise_contexts(self, contexts: ImageContexts, params: DenoiseParams, noise: torch.Tensor,
+                         on_step: Callable[[StepRecord], None] | None = None,
+                         should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """`denoise` for a rank that holds all of a request's contexts (it keeps only its own)."""
+        plan = BranchPlan.of(contexts, params, self.config.cfg)
+        return self.denoise(plan, self.share(plan, contexts), contexts.height, contexts.width, params, noise,
+                            on_step, should_stop)

@@ -1,0 +1,287 @@
+"""A DiT replica that owns several GPUs (or CPUs): the Ray side of `engine/dit_parallel.py`.
+
+The replica's Serve options carry one placement-group bundle per rank (`DiTConfig.serve_options`,
+STRICT_PACK: one node). The replica is rank 0, in the first bundle; at start it places N-1
+`RankWorker` actors in the other bundles of its own placement group, waits until they have
+loaded the model (the parts rank 0 loads), and joins them in a `torch.distributed` group (NCCL on
+GPUs, gloo on CPUs) whose rendezvous is on the replica's node.
+
+A request still goes through the replica's `DenoiseWorker`, whose batch is a `GroupBatch`:
+one request at a time (no cross-request batching over a group), stepped by rank 0 under the
+replica's engine lock while each worker rank runs the whole loop of the same request in one
+actor call. The contexts reach rank 0 as on any DiT replica; rank 0 sends each worker the KV
+contexts of its cfg index's branches over the group itself (GPU to GPU on NCCL), their shapes
+riding with the actor call. So they pass through rank 0's GPU, not from the Thinker to each
+rank directly.
+
+Faults: a worker that dies makes the replica unhealthy (`check_health` pings them), so Serve
+replaces the replica and with it the group (the workers are owned by the replica and die
+with it). The request in flight fails with `GroupBroken` at the collective that misses the
+dead rank (at once on gloo; on NCCL when the collective times out, `dit.parallel.timeout_s`),
+later requests fail at once until the replacement is up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from bagel_ray.engine.cancel import Cancelled
+from bagel_ray.engine.dit import DenoiseJob, DenoiseParams, DiT
+from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, ParallelDiT, ParallelJob
+from bagel_ray.model.loader import load_checkpoint
+from bagel_ray.serve.config import AppConfig, ParallelSettings
+
+log = logging.getLogger("bagel_ray.serve")
+
+# A worker rank only denoises, but it loads what rank 0 loads: `random-7b` draws its weights in
+# parameter order from one seed, so other parts would give it other weights.
+PING_TIMEOUT_S = 10.0
+
+
+class GroupBroken(RuntimeError):
+    """A rank of this replica's group died or stopped answering: the request fails, and so do
+    later ones until Serve has replaced the replica (its health check fails)."""
+
+
+def engine_config(settings: ParallelSettings, heads: int, kv_heads: int) -> ParallelConfig:
+    """The engine's grid, checked against the model; errors name the key under `dit.`."""
+    try:
+        config = ParallelConfig(settings.cfg, settings.sequence)
+        config.check_heads(heads, kv_heads)
+    except ValueError as exc:
+        raise ValueError(f"dit.{exc}") from None
+    return config
+
+
+def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeout_s: float) -> ParallelDiT:
+    """Join the replica's process group as `rank` and build this rank's engine."""
+    backend = "nccl" if dit.model.device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(dit.model.device)
+        # Ray shows each rank only its own GPU. NCCL then reaches the peers' GPUs through
+        # cuMem handles, and its NVLink SHARP (NVLS) collectives are known to misorder ranks
+        # when each process sees different devices (NVIDIA/nccl#1906): keep NVLS off unless
+        # the operator chose otherwise. Not yet run on GPUs.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=config.size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return ParallelDiT(dit, config)
+
+
+def leave_group() -> None:
+    """After a failure mid-request: close this rank's connections, so that the other ranks'
+    pending collectives fail now (a dead peer on gloo) rather than at their timeout. The group
+    is broken from then on; Serve replaces the replica."""
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - already gone
+        log.exception("leaving the DiT group failed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote(max_concurrency=2)  # a ping answers while `denoise` runs
+class RankWorker:
+    """Rank r >= 1 of a parallel DiT replica, in bundle r of the replica's placement group."""
+
+    def __init__(self, app_config: dict, rank: int) -> None:
+        from bagel_ray.serve.stages import dit_parts, resolve_device
+
+        self.config = AppConfig.model_validate(app_config)
+        self.rank = rank
+        device, dtype = resolve_device(self.config.dit)
+        ckpt = load_checkpoint(self.config.model, dit_parts(self.config), device, dtype)
+        self.dit = DiT(ckpt.model, ckpt.tokenizer, ckpt.vae, cuda_graphs=False)
+        self.engine: ParallelDiT | None = None
+
+    def ping(self) -> int:
+        return self.rank
+
+    def join(self, address: str) -> int:
+        llm = self.dit.cfg.llm
+        settings = self.config.dit.parallel
+        config = engine_config(settings, llm.num_attention_heads, llm.num_key_value_heads)
+        self.engine = join_group(self.dit, config, self.rank, address, settings.timeout_s)
+        return self.rank
+
+    def denoise(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]], height: int, width: int,
+                params: DenoiseParams, noise: torch.Tensor) -> str:
+        """This rank's part of one request, start to end, in step with rank 0: its branches'
+        contexts arrive from rank 0 over the group, then the denoising loop."""
+        try:
+            mine = self.engine.receive_contexts(plan, layout)
+            self.engine.denoise(plan, mine, height, width, params, noise)
+        except Cancelled:
+            return "cancelled"
+        except BaseException:
+            leave_group()  # the others fail at their next collective instead of waiting it out
+            raise
+        return "done"
+
+
+class DiTGroup:
+    """Rank 0's view of its group: the worker actors, the engine, and whether the group still
+    works."""
+
+    def __init__(self, dit: DiT, app: AppConfig, raw_config: dict) -> None:
+        settings = app.dit.parallel
+        llm = dit.cfg.llm
+        self.config = engine_config(settings, llm.num_attention_heads, llm.num_key_value_heads)
+        self.settings = settings
+        pg = get_current_placement_group()
+        bundles = pg.bundle_specs if pg is not None else []
+        if len(bundles) < self.config.size:
+            raise ValueError(f"dit.parallel: cfg {settings.cfg} x sequence {settings.sequence} = {self.config.size} ranks, "
+                             f"but this replica's placement group has {len(bundles)} bundle(s); deploy it through "
+                             f"build_app, which gives it one bundle per rank")
+        self.broken: str | None = None
+        self.workers = []
+        for rank in range(1, self.config.size):
+            bundle = dict(bundles[rank])
+            options: dict[str, Any] = {"num_cpus": bundle.pop("CPU", 0), "num_gpus": bundle.pop("GPU", 0)}
+            if "memory" in bundle:
+                options["memory"] = bundle.pop("memory")
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+            self.workers.append(RankWorker.options(scheduling_strategy=strategy, resources=bundle, **options)
+                                .remote(raw_config, rank))
+        t0 = time.perf_counter()
+        ray.get([w.ping.remote() for w in self.workers], timeout=settings.start_timeout_s)  # loaded
+        address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+        joined = [w.join.remote(address) for w in self.workers]
+        self.engine = join_group(dit, self.config, 0, address, settings.timeout_s)
+        ray.get(joined, timeout=settings.timeout_s)
+        log.info("DiT group of %d ranks (cfg %d x sequence %d) joined in %.1fs", self.config.size, settings.cfg,
+                 settings.sequence, time.perf_counter() - t0)
+
+    def check_health(self) -> None:
+        """Raises when a worker rank is dead or does not answer (Serve then replaces the replica)."""
+        if self.broken is None:
+            try:
+                ray.get([w.ping.remote() for w in self.workers], timeout=PING_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError) as exc:
+                self.broken = f"a worker rank is gone ({type(exc).__name__})"
+        if self.broken is not None:
+            raise GroupBroken(f"the DiT replica's process group is broken: {self.broken}")
+
+    def start(self, job: DenoiseJob) -> tuple[ParallelJob, list]:
+        """Rank 0's share of a request, and the worker ranks' calls running the rest."""
+        self.check_health()
+        contexts, params = job.contexts, job.params
+        plan = BranchPlan.of(contexts, params, self.config.cfg)
+        # checked here first: a request rank 0 refuses must not set the workers going
+        ours = self.engine.job(plan, self.engine.share(plan, contexts), contexts.height, contexts.width, params, job.x,
+                               job.on_step, job.should_stop)
+        layout, noise = self.engine.context_layout(plan, contexts), job.x.cpu()
+        calls = [worker.denoise.remote(plan, layout, contexts.height, contexts.width, params, noise) for worker in self.workers]
+        try:
+            self.engine.send_contexts(plan, contexts)
+        except Exception as exc:  # noqa: BLE001 - a rank is gone: settle breaks the group
+            self.settle(calls, exc)
+            raise
+        return ours, calls
+
+    def settle(self, calls: list, failure: BaseException | None) -> None:
+        """After rank 0's loop: the workers must have ended the same request. `failure`: what
+        rank 0's step raised (its forward or a collective); the other ranks wait in a
+        collective for it then, so rank 0 leaves the group at once, which fails them too. A
+        failed or silent worker, or such a failure, breaks the group."""
+        if failure is not None and self.broken is None:
+            self.broken = f"rank 0 failed mid-request ({_first_line(failure)})"
+            leave_group()
+        ready, pending = ray.wait(calls, num_returns=len(calls), timeout=self.settings.timeout_s)
+        problem = self.broken or (f"{len(pending)} worker rank(s) did not end the request" if pending else None)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - any failure of a rank breaks the group
+                problem = problem or f"a worker rank failed ({_first_line(exc)})"
+        if problem is not None:
+            if self.broken is None:
+                self.broken = problem
+                leave_group()
+            log.error("DiT group broken: %s", problem)
+            raise GroupBroken(f"the DiT replica's process group is broken: {problem}; Serve replaces the replica") from failure
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class GroupBatch:
+    """`BatchDenoiser`'s interface (what `DenoiseWorker` steps) over a `DiTGroup`: one job at a
+    time over all ranks, one step a call."""
+
+    max_batch_size = 1
+
+    def __init__(self, group: DiTGroup) -> None:
+        self.group = group
+        self.waiting: deque[DenoiseJob] = deque()
+        self.running: list[DenoiseJob] = []
+        self._ours: ParallelJob | None = None
+        self._calls: list = []
+
+    def submit(self, job: DenoiseJob) -> None:
+        self.waiting.append(job)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def _end(self, job: DenoiseJob, failure: BaseException | None) -> None:
+        ours = self._ours
+        self.running, self._ours = [], None
+        job.x, job.index = ours.x, ours.index
+        job.error = failure or ours.error
+        try:
+            self.group.settle(self._calls, failure)
+        except GroupBroken as exc:
+            job.error = exc
+
+    def step_or_back_off(self) -> list[DenoiseJob]:
+        """One step of the running job (starting the next one first when none runs); returns
+        the jobs that ended. A broken group fails every job it is handed."""
+        ended = []
+        for job in list(self.waiting):
+            if job.should_stop is not None and job.should_stop():
+                self.waiting.remove(job)
+                job.error = Cancelled("denoising cancelled before it started")
+                ended.append(job)
+        if not self.running and self.waiting:
+            job = self.waiting.popleft()
+            try:
+                self._ours, self._calls = self.group.start(job)
+                self.running = [job]
+            except Exception as exc:  # a dead rank, or a bad request: it fails alone
+                job.error = exc
+                return ended + [job]
+        if not self.running:
+            return ended
+        job = self.running[0]
+        try:
+            self.group.engine.step(self._ours)
+        except Exception as exc:  # noqa: BLE001 - the collective or the forward failed: settle decides
+            self._end(job, exc)
+            return ended + [job]
+        job.index = self._ours.index
+        if self._ours.done:
+            self._end(job, None)
+            ended.append(job)
+        return ended

@@ -1,0 +1,237 @@
+"""One request denoised over several ranks of a gloo process group (CFG parallel, Ulysses
+sequence parallel, both) gives the one-process latents and images, and golden parity.
+
+The ranks are real processes (`torch.multiprocessing` spawn) joined in a gloo group on the
+CPU. Each loads the golden tiny checkpoint in float32 with one intra-op thread, builds the
+request's contexts itself (the same on every rank) and keeps only its branches'. The tiny
+model has 4 query and 2 KV heads, so sequence degrees 1 and 2 apply. Rows of a GEMM or an
+attention split differently than in one process, so the latents agree with the one-process
+path within the golden float32 tolerances, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from bagel_ray.engine.cancel import Cancelled
+from bagel_ray.engine.dit import DenoiseParams
+from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, latent_shares, row_split
+from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
+from bagel_ray.model.image_transforms import decoded_to_uint8
+from tests.engine.test_golden_pipeline import check, image_request
+from tests.golden import load_case_tensors
+
+# (world size, [(cfg, sequence, golden case), ...]): every degree and layout of the issue
+RUNS = {
+    2: [(2, 1, "text2img"), (2, 1, "img2img"), (2, 1, "text2img_variant"), (1, 2, "text2img"), (1, 2, "img2img")],
+    3: [(3, 1, "img2img"), (3, 1, "text2img_think")],
+    4: [(2, 2, "text2img"), (2, 2, "img2img")],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, out: str) -> None:
+    """One rank: each run's final latents (every rank), its step records and image (rank 0);
+    then a cancelled run and a failing callback on the first grid."""
+    import json
+
+    import torch.distributed as dist
+
+    from bagel_ray.engine.dit_parallel import ParallelDiT
+    from bagel_ray.engine.pipeline import LocalPipeline
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    golden = Path(golden_dir)
+    manifest = json.loads((golden / "manifest.json").read_text())
+    pipeline = LocalPipeline.from_pretrained(golden / "model", device="cpu", dtype="float32")
+    results = {}
+    grids = {}
+    for cfg, seq, name in runs:
+        if (cfg, seq) not in grids:
+            grids[cfg, seq] = ParallelDiT(pipeline.dit, ParallelConfig(cfg, seq))
+        case = manifest["cases"][name]
+        req = image_request(case, golden, load_case_tensors(golden, case))
+        prepared = pipeline.prepare_image(req)
+        records = []
+        latents = grids[cfg, seq].denoise_contexts(prepared.contexts, req.sampler(), prepared.noise, records.append)
+        entry = {"latents": latents}
+        if rank == 0:
+            ctx = prepared.contexts
+            entry["decoded"] = pipeline.dit.decode_image(latents, ctx.height, ctx.width)[0]
+            entry["records"] = [(r.t, r.x, r.velocities, r.guided) for r in records]
+        results[cfg, seq, name] = entry
+    # the first run again with the contexts on rank 0 only: the others get theirs over the group
+    cfg, seq, name = runs[0]
+    case = manifest["cases"][name]
+    req = image_request(case, golden, load_case_tensors(golden, case))
+    engine = grids[cfg, seq]
+    sent = [None]
+    if rank == 0:
+        prepared = pipeline.prepare_image(req)
+        plan = BranchPlan.of(prepared.contexts, req.sampler(), cfg)
+        ctx = prepared.contexts
+        sent = [(plan, engine.context_layout(plan, ctx), ctx.height, ctx.width, prepared.noise)]
+    dist.broadcast_object_list(sent, src=0)
+    plan, layout, height, width, noise = sent[0]
+    if rank == 0:
+        engine.send_contexts(plan, prepared.contexts)
+        branches = plan.share(prepared.contexts, 0)
+    else:
+        branches = engine.receive_contexts(plan, layout)
+        helps = engine.help_cond and engine.c > 0  # then it also gets its KV heads of cond
+        assert set(branches) == set(plan.branches_of(engine.c)) | ({"cond"} if helps else set())
+        if helps:
+            assert branches["cond"].kv.shape[3] == pipeline.cfg.llm.num_key_value_heads // world
+    results["delivered"] = engine.denoise(plan, branches, height, width, req.sampler(), noise)
+    # the same stepped by hand: how many steps ran cond over every rank (`help_cond`)
+    job = engine.job(plan, branches, height, width, req.sampler(), noise)
+    while not job.done:
+        engine.step(job)
+    assert torch.equal(job.x, results["delivered"])
+    results["helped"] = (job.helped, engine.can_help)
+    # cancellation (rank 0's should_stop) and a failing callback on rank 0 end every rank alike
+    prepared = pipeline.prepare_image(req)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    def fail(record) -> None:
+        if record.index == 1:
+            raise RuntimeError("client went away")
+
+    outcomes = []
+    for kwargs in ({"should_stop": stop}, {"on_step": fail}):
+        try:
+            grids[cfg, seq].denoise_contexts(prepared.contexts, req.sampler(), prepared.noise, **kwargs)
+            outcomes.append("finished")
+        except Cancelled as exc:
+            outcomes.append(f"cancelled: {exc}")
+        except RuntimeError as exc:
+            outcomes.append(f"raised: {exc}")
+    results["outcomes"] = outcomes
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def golden_pipeline(golden_model_dir):
+    from bagel_ray.engine.pipeline import LocalPipeline
+
+    return LocalPipeline.from_pretrained(golden_model_dir, device="cpu", dtype="float32")
+
+
+def one_process(pipeline, manifest, golden_dir, name: str) -> tuple[torch.Tensor, list]:
+    case = manifest["cases"][name]
+    req = image_request(case, golden_dir, load_case_tensors(golden_dir, case))
+    prepared = pipeline.prepare_image(req)
+    records = []
+    latents = pipeline.dit.denoise(prepared.contexts, req.sampler(), prepared.noise, records.append)
+    return latents, records
+
+
+@pytest.mark.parametrize("world", sorted(RUNS))
+def test_parallel_denoise_matches_one_process_and_golden(world, golden_dir, manifest, golden_pipeline, tmp_path, one_thread):
+    runs = RUNS[world]
+    torch.multiprocessing.spawn(_rank_main, args=(world, free_port(), runs, str(golden_dir), str(tmp_path)), nprocs=world)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for cfg, seq, name in runs:
+        case = manifest["cases"][name]
+        tensors = load_case_tensors(golden_dir, case)
+        tol = case["tensors"]["final_latent_packed"]["compare"]
+        latents = ranks[0][cfg, seq, name]["latents"]
+        for r in range(1, world):  # every rank took the same steps on the same numbers
+            assert torch.equal(ranks[r][cfg, seq, name]["latents"], latents), (cfg, seq, name, r)
+        alone, alone_records = one_process(golden_pipeline, manifest, golden_dir, name)
+        torch.testing.assert_close(latents, alone, atol=tol["atol"], rtol=tol["rtol"], msg=f"{cfg}x{seq} {name}")
+        records = ranks[0][cfg, seq, name]["records"]
+        assert len(records) == len(alone_records) == len(case["results"]["steps"])
+        for i, ((t, x, v, guided), mine, step) in enumerate(zip(records, alone_records, case["results"]["steps"])):
+            assert t == mine.t
+            assert sorted(v) == sorted(mine.velocities) == sorted(step["branches"]), f"step {i} branches"
+        # golden parity through the parallel path
+        check(case, "x_t", torch.stack([r[1] for r in records]), tensors)
+        check(case, "v_cond", torch.stack([r[2]["cond"] for r in records]), tensors)
+        check(case, "v_guided", torch.stack([r[3] for r in records]), tensors)
+        check(case, "final_latent_packed", latents, tensors)
+        decoded = ranks[0][cfg, seq, name]["decoded"]
+        check(case, "decoded_raw", decoded, tensors)
+        check(case, "image_uint8", decoded_to_uint8(decoded), tensors)
+        ctx_h, ctx_w = case["results"]["image_shape_hw"]
+        alone_decoded = golden_pipeline.dit.decode_image(alone, ctx_h, ctx_w)[0]
+        torch.testing.assert_close(decoded, alone_decoded, atol=tol["atol"], rtol=tol["rtol"])
+    # contexts sent over the group from rank 0 are the ones each rank built itself
+    first = runs[0]
+    for r in range(world):
+        assert torch.equal(ranks[r]["delivered"], ranks[r][first]["latents"]), r
+    # cond-only steps (outside cfg_interval) ran on every rank where the heads divide by the
+    # ranks (2 here: the tiny model's 4 / 2 heads), and on cond's ranks alone otherwise
+    cond_only = sum(step["branches"] == ["cond"] for step in manifest["cases"][first[2]]["results"]["steps"])
+    helped, can_help = ranks[0]["helped"]
+    assert can_help == (world == 2)
+    assert helped == (cond_only if can_help else 0) and (world != 2 or helped > 0)
+    # rank 0's cancel stops every rank before the same step; its failing callback ends the
+    # others one step later, and only rank 0 raises it
+    cancelled = [r["outcomes"][0] for r in ranks]
+    assert cancelled == ["cancelled: denoising stopped before step 3 of 7: the request was cancelled"] * world
+    assert [r["outcomes"][1] for r in ranks] == ["raised: client went away"] + [
+        "cancelled: denoising stopped before step 3 of 7: the request was cancelled"] * (world - 1)
+
+
+def test_config_is_validated_naming_the_key():
+    with pytest.raises(ValueError, match="parallel.cfg"):
+        ParallelConfig(cfg=4)
+    with pytest.raises(ValueError, match="parallel.sequence"):
+        ParallelConfig(sequence=0)
+    ParallelConfig(2, 4).check_heads(28, 4)  # the real model: cfg 2 x sequence 4
+    with pytest.raises(ValueError, match="parallel.sequence=3 must divide"):
+        ParallelConfig(1, 3).check_heads(28, 4)
+    with pytest.raises(ValueError, match="parallel.sequence=4 must divide"):
+        ParallelConfig(1, 4).check_heads(4, 2)  # the tiny model
+    assert ParallelConfig(2, 2).size == 4
+    assert ParallelConfig(2, 3).coords(4) == (1, 1)
+
+
+@pytest.mark.parametrize("n_lat,parts", [(16, 1), (16, 2), (16, 3), (20, 4), (4096, 4), (1, 3)])
+def test_latent_shares_cover_the_block(n_lat, parts):
+    sizes = row_split(n_lat + 2, parts)
+    assert sum(sizes) == n_lat + 2 and max(sizes) - min(sizes) <= 1
+    shares = latent_shares(n_lat, parts)
+    covered = [i for lo, hi in shares for i in range(lo, hi)]
+    assert covered == list(range(n_lat))
+    # a range's latents are its rows less the markers it holds
+    for s, ((lo, hi), m) in enumerate(zip(shares, sizes)):
+        assert hi - lo == m - (s == 0) - (s == parts - 1)
+
+
+def contexts(img2img: bool) -> ImageContexts:
+    gen = KVContext(torch.zeros(1, 2, 5, 1, 2), 5)
+    cfg_img = KVContext(torch.zeros(1, 2, 3, 1, 2), 3) if img2img else gen.cut
+    return ImageContexts(gen, Cut(0, 0), cfg_img, 64, 64)
+
+
+def test_branch_plan_deals_running_branches_round_robin():
+    edit = BranchPlan.of(contexts(True), DenoiseParams(cfg_img_scale=2.0), cfg=2)
+    assert edit.run == ("cond", "cfg_text", "cfg_img") and edit.same == frozenset()
+    assert [edit.branches_of(c) for c in range(2)] == [("cond", "cfg_img"), ("cfg_text",)]
+    text = BranchPlan.of(contexts(False), DenoiseParams(cfg_img_scale=1.5), cfg=3)
+    assert text.run == ("cond", "cfg_text") and text.same == frozenset({"cfg_img"})
+    assert text.branches_of(2) == ()  # a third cfg rank idles on a two-branch request
+    plain = BranchPlan.of(contexts(False), DenoiseParams(cfg_text_scale=1.0), cfg=2)
+    assert plain.run == ("cond",)
+    shares = edit.share(contexts(True), 1)
+    assert list(shares) == ["cfg_text"] and shares["cfg_text"].length == 0

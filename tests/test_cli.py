@@ -1,6 +1,6 @@
 """End-to-end tests of the `bagel-ray` command line on the tiny model (CPU, real weights,
-real files): every modality, prompt files, bad input, and the golden text2text and text2img
-cases run through the flags."""
+real files): every modality, prompt files, bad input, and the golden text2text and image
+cases (TaylorSeer's included) run through the flags."""
 
 from __future__ import annotations
 
@@ -270,20 +270,28 @@ def test_golden_text2text(golden_model_dir, manifest, tmp_path):
     assert record["text"] == case["results"]["output_text"]
 
 
-def test_golden_text2img(golden_dir, golden_model_dir, manifest, tmp_path):
-    case = manifest["cases"]["text2img"]
+@pytest.mark.parametrize("name", ["text2img", "text2img_taylorseer", "img2img_taylorseer"])
+def test_golden_image(golden_dir, golden_model_dir, manifest, tmp_path, name):
+    """The official images through the flags, from the seed (`--taylorseer` for the step-cache
+    cases, whose every knob the manifest's `hyper` gives)."""
+    case = manifest["cases"][name]
     hyper = case["hyper"]
-    height, width = case["image_shape"]
+    if case["kind"] == "img2img":
+        shape = ["--modality", "img2img", "--image-path", str(golden_dir / case["input_image"])]
+    else:
+        height, width = case["image_shape"]
+        shape = ["--modality", "text2img", "--height", str(height), "--width", str(width)]
     out = tmp_path / "out"
     assert main([
-        "generate", "--model", str(golden_model_dir), "--modality", "text2img", "--prompts", case["prompt"],
-        "--steps", str(case["num_timesteps"]), "--height", str(height), "--width", str(width), "--seed", str(case["seed"]),
+        "generate", "--model", str(golden_model_dir), *shape, "--prompts", case["prompt"],
+        "--steps", str(case["num_timesteps"]), "--seed", str(case["seed"]),
         "--cfg-text-scale", str(hyper["cfg_text_scale"]), "--cfg-img-scale", str(hyper["cfg_img_scale"]),
         "--cfg-interval", *map(str, hyper["cfg_interval"]), "--cfg-renorm-type", hyper["cfg_renorm_type"],
         "--cfg-renorm-min", str(hyper["cfg_renorm_min"]), "--timestep-shift", str(hyper["timestep_shift"]),
+        *(["--taylorseer"] if hyper.get("enable_taylorseer") else []),
         "--dtype", "float32", "--device", "cpu", "--output", str(out),
     ]) == 0
     (record,) = read_results(out)
     with Image.open(out / record["image"]) as png, Image.open(golden_dir / case["png"]) as want:
         actual, expected = torch.tensor(np.array(png)), torch.tensor(np.array(want.convert("RGB")))
-    assert_matches("text2img.png", actual, expected, case["tensors"]["image_uint8"]["compare"])
+    assert_matches(f"{name}.png", actual, expected, case["tensors"]["image_uint8"]["compare"])

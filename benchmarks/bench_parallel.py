@@ -72,8 +72,8 @@ PIXEL_MEAN_MAX = 2.0
 
 def request(modality: str, side: int, steps: int) -> GenerationRequest:
     if modality == "img2img":
-        return GenerationRequest("img2img", EDIT_PROMPT, image=image(side), steps=steps, seed=11)
-    return GenerationRequest("text2img", PROMPT, height=side, width=side, steps=steps, seed=11)
+        return GenerationRequest("img2img", EDIT_PROMPT, image=image(side), num_inference_steps=steps, seed=11)
+    return GenerationRequest("text2img", PROMPT, height=side, width=side, num_inference_steps=steps, seed=11)
 
 
 def sync(device: str) -> None:
@@ -132,7 +132,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             engine = engines.get((cfg, seq)) if size > 1 else None
             if engine is not None:
                 engine.help_cond = help_cond and engine.can_help
-            run_row(pipe, engine, GenerationRequest(**{**req.__dict__, "steps": 3}), device, rank)  # warm-up
+            run_row(pipe, engine, GenerationRequest(**{**req.__dict__, "num_inference_steps": 3}), device, rank)  # warm-up
             runs = [run_row(pipe, engine, req, device, rank) for _ in range(args.reps)]
             seconds, denoise_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             _, _, latents, picture = runs[-1]

@@ -119,7 +119,7 @@ class BranchPlan:
 
     @staticmethod
     def of(contexts: ImageContexts, params: DenoiseParams, cfg: int) -> "BranchPlan":
-        schedule = make_schedule(params.num_timesteps, params.timestep_shift)
+        schedule = make_schedule(params.num_inference_steps, params.timestep_shift)
         ran: set[str] = set()
         for t in schedule.timesteps:
             ran.update(guidance(params, t, contexts.same_as_gen)[3])
@@ -345,7 +345,7 @@ class ParallelDiT:
             raise ValueError(f"an image of {h * w} latent rows is too small for parallel.sequence={self.config.sequence}")
         if tuple(noise.shape) != (h * w, self.dit.cfg.patch_latent_dim):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(h * w, self.dit.cfg.patch_latent_dim)}")
-        schedule = make_schedule(params.num_timesteps, params.timestep_shift)
+        schedule = make_schedule(params.num_inference_steps, params.timestep_shift)
         dev = self.dit.model.device
         mine = {b: branches[b] for b in plan.branches_of(self.c)}
         helper = None

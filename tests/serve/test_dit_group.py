@@ -16,11 +16,12 @@ from pydantic import ValidationError
 
 from bagel_ray.engine.request import GenerationRequest
 from bagel_ray.serve.config import AppConfig
+from tests.conftest import outlasting
 from tests.serve.conftest import deploy_variant, replica_actor_names
 from tests.serve.test_app import png_pixels, post
 
 BODY = {"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 6, "seed": 7, "cfg_interval": [0.0, 1.0]}
-REQ = GenerationRequest("text2img", "a lighthouse", seed=7, steps=6, height=64, width=64, cfg_interval=(0.0, 1.0))
+REQ = GenerationRequest("text2img", "a lighthouse", seed=7, num_inference_steps=6, height=64, width=64, cfg_interval=(0.0, 1.0))
 
 
 def test_parallel_settings_are_validated_and_give_one_bundle_per_rank():
@@ -72,7 +73,7 @@ def test_a_two_bundle_dit_replica_answers_over_http(parallel_app, local, picture
     resp = post(parallel_app, "/v1/images/edits", files={"image": ("in.png", buf.getvalue(), "image/png")},
                 data={"prompt": "Make it night.", "num_inference_steps": "5", "seed": "21"})
     assert resp.status_code == 200, resp.text
-    want = np.asarray(local.run(GenerationRequest("img2img", "Make it night.", image=picture, seed=21, steps=5)).image)
+    want = np.asarray(local.run(GenerationRequest("img2img", "Make it night.", image=picture, seed=21, num_inference_steps=5)).image)
     assert np.abs(png_pixels(resp.json()["data"][0]["b64_json"]).astype(int) - want.astype(int)).max() <= 1
     from ray import serve
 
@@ -87,8 +88,8 @@ def test_a_cancelled_request_stops_every_rank_and_the_group_goes_on(parallel_app
     from ray.serve.exceptions import RequestCancelledError
 
     before = replica_actor_names(parallel_app.name, "DiT")
-    long = parallel_app.handle.generate.remote(GenerationRequest("text2img", "a long one", seed=3, steps=20000,
-                                                                 height=64, width=64))
+    long = parallel_app.handle.generate.remote(outlasting(GenerationRequest("text2img", "a long one", seed=3, height=64,
+                                                                            width=64), 20000))
     time.sleep(2.0)
     long.cancel()
     with pytest.raises(RequestCancelledError):

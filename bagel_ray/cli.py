@@ -36,7 +36,8 @@ from bagel_ray.engine.dit import StepRecord
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline
 from bagel_ray.engine.request import IMAGE_INPUT, MODALITIES, GenerationRequest, GenerationResult
 from bagel_ray.flags import UsageError, add_request_flags, default_dtype, fit_size, read_image, request_fields
-from bagel_ray.model.loader import DEFAULT_MODEL, CheckpointError, read_config, resolve_model_path
+from bagel_ray.model.layout import CheckpointError
+from bagel_ray.model.loader import DEFAULT_MODEL, read_config, resolve_model_path
 
 RESULTS_FILE = "results.jsonl"
 RANDOM_SIZES = ("tiny", "7b")  # make-random-model: the embedded tiny geometry, or BAGEL-7B-MoT's

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from bagel_ray.engine.dit import DenoiseParams
-from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.engine.decoder import DecodeParams
 
 MODALITIES = ("text2img", "img2img", "img2text", "text2text")
 IMAGE_OUTPUT = ("text2img", "img2img")

@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from bagel_ray.engine.cancel import Cancelled
-from bagel_ray.engine.continuous import ContinuousDecoder
+from bagel_ray.engine.decoder import ContinuousDecoder
 from bagel_ray.engine.dit import DenoiseJob, DiT, StepRecord
 from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline, PreparedImage

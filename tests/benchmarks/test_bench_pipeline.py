@@ -16,10 +16,14 @@ def test_smoke_run_has_every_row(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) >= {"forward", "guard", "t2i512", "t2i1024", "edit512", "edit1024", "dit_batch", "decode_b1", "decode_b32",
+    assert set(rows) >= {"forward", "guard", "t2i512", "t2i1024", "edit512", "edit1024", "dit_batch", "decode_b1", "decode_b32", "decode_cli_b1",
                          "dit_graphs_t2i512", "dit_graphs_edit512"}
     assert rows["dit_graphs_t2i512"]["latent_max_abs_diff"] == 0.0  # on the CPU both are the eager forward
     batch = rows["dit_batch"]
     # the tiny model in fp32 on the CPU: batched latents agree with each request alone
     assert batch["batch4_max_abs_diff"] < 1e-4 and batch["batch8_max_abs_diff"] < 1e-4
     assert rows["guard"]["decode_same_ids"] is True
+    cli = rows["decode_cli_b1"]  # the first call and the later ones timed, each with the tokens it made
+    assert cli["tokens"] > 0 and cli["first_tok_per_s"] > 0 and cli["steady_tok_per_s"] > 0 and cli["setup_s"] > 0
+    assert min(cli["first_tok_per_s"], cli["steady_tok_per_s"]) <= cli["tok_per_s"] <= max(cli["first_tok_per_s"],
+                                                                                          cli["steady_tok_per_s"]) * 1.5

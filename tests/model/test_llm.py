@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.engine.decoder import DecodeParams
 from bagel_ray.model.image_transforms import grid_position_ids
 from bagel_ray.model.llm import (
     ExpertRows,

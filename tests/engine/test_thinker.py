@@ -1,0 +1,61 @@
+"""The Thinker decodes on one decoder set up with the engine: calls reuse it, a call that needs
+more grows it, a call made while it is busy gets its own, and none of this changes a token."""
+
+from __future__ import annotations
+
+import torch
+
+from bagel_ray.engine.decoder import DecodeParams
+from bagel_ray.engine.thinker import Thinker
+
+PROMPTS = ["Tell me a fun fact about the moon.", "hi", "What is a fox?", "Write a long poem about the sea and the sky."]
+GREEDY = DecodeParams(max_new_tokens=12)
+SAMPLED = DecodeParams(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.9)
+
+
+def _fresh(pipeline, decode_width: int = 2048) -> Thinker:
+    th = pipeline.thinker
+    return Thinker(th.model, th.tokenizer, decode_width=decode_width)
+
+
+def _tokens(th: Thinker, contexts, params: DecodeParams, seed: int = 5) -> list[list[int]]:
+    return [o.token_ids for o in th.decode(contexts, params, torch.Generator().manual_seed(seed))]
+
+
+def test_calls_reuse_the_decoder_set_up_with_the_engine(pipeline):
+    th = _fresh(pipeline)
+    decoder = th.decoder_for(1, 1)
+    assert (decoder.slots, decoder.width) == (1, 2048)
+    ctx = th.append_text(th.empty(), PROMPTS[0])
+    first = _tokens(th, [ctx], GREEDY)
+    assert _tokens(th, [ctx], GREEDY) == first
+    assert _tokens(th, [ctx], SAMPLED) == _tokens(th, [ctx], SAMPLED)
+    assert th.decoder_for(1, 1) is decoder and not decoder.busy
+
+
+def test_a_call_that_needs_more_grows_the_decoder_and_keeps_the_tokens(pipeline):
+    small, grown = _fresh(pipeline, decode_width=0), _fresh(pipeline, decode_width=0)
+    contexts = [small.append_text(small.empty(), p) for p in PROMPTS]
+    _tokens(grown, contexts, GREEDY)  # four slots
+    long = DecodeParams(max_new_tokens=300)
+    _tokens(grown, contexts[:1], long)  # more rows than its first width
+    decoder = grown.decoder_for(1, 1)
+    assert decoder.slots == 4 and decoder.width >= contexts[0].length + 300
+    for params in (GREEDY, SAMPLED):
+        for i, ctx in enumerate(contexts):  # a decoder of one slot, made for the call, against the grown one
+            assert _tokens(grown, [ctx], params, seed=i) == _tokens(_fresh(pipeline, decode_width=0), [ctx], params, seed=i)
+        assert _tokens(grown, contexts, params) == _tokens(small, contexts, params)
+
+
+def test_a_decode_while_another_is_being_consumed_gets_its_own_decoder(pipeline):
+    th = _fresh(pipeline)
+    a, b = (th.append_text(th.empty(), p) for p in PROMPTS[:2])
+    alone = {key: _tokens(th, [ctx], GREEDY)[0] for key, ctx in (("a", a), ("b", b))}
+    own = th.decoder_for(1, 1)
+    stream = th.decode_steps([a], GREEDY)
+    streamed = [next(stream).tokens[0] for _ in range(3)]
+    assert own.busy and th.decoder_for(1, 1) is not own
+    assert _tokens(th, [b], GREEDY)[0] == alone["b"]
+    streamed += [step.tokens[0] for step in stream]
+    assert [t for t in streamed if t is not None] == alone["a"]
+    assert not own.busy and th.decoder_for(1, 1) is own

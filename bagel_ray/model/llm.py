@@ -28,7 +28,7 @@ from bagel_ray.model.config import LLMConfig
 from bagel_ray.model.kernels.decode_attention import decode_attention
 from bagel_ray.model.kernels.gemv import linear, silu_mul_linear
 from bagel_ray.model.kernels.norm import add_rms_norm, rms_norm
-from bagel_ray.model.kernels.rope import QKNormRope, rotate_half
+from bagel_ray.model.kernels.rope import QKNormRope
 
 # (official name fragment, fused parameter fragment, shard index) for the loader.
 STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
@@ -70,12 +70,6 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, heads, head_dim]; cos/sin: [B, N, head_dim]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
-
-
 @dataclass(frozen=True)
 class ExpertRows:
     """Which rows of a [B, N] call use which expert (MoT selection by index, spec 3.1).
@@ -87,12 +81,6 @@ class ExpertRows:
 
     experts: torch.Tensor  # [B*N] int
     und_index: torch.Tensor  # [U] long
-
-    @staticmethod
-    def from_mask(gen_mask: torch.Tensor) -> "ExpertRows":
-        """From a boolean [B, N] mask (True = gen); reads the mask once on the host."""
-        flat = gen_mask.reshape(-1)
-        return ExpertRows(flat.to(torch.int32), torch.nonzero(~flat).flatten())
 
     @staticmethod
     def block_markers(batch: int, n: int, device: torch.device | str) -> "ExpertRows":

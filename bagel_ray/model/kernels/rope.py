@@ -26,14 +26,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (spec 3.4). x: [B, N, heads, head_dim]; cos/sin: [B, N, head_dim]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
 def _qk_norm_rope_heads(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor | None, cos: torch.Tensor,
                         sin: torch.Tensor, eps: float, fp32: bool) -> torch.Tensor:
     dtype = x.dtype
     B, N, H, hd = x.shape
     per_head = None if experts is None else experts.repeat_interleave(H)
     h = rms_norm_reference(x.float() if fp32 else x, weights, per_head, eps)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (h * cos + rotate_half(h) * sin).to(dtype)
+    return apply_rope(h, cos, sin).to(dtype)
 
 
 def qk_norm_rope_reference(x: torch.Tensor, q_weights: torch.Tensor, k_weights: torch.Tensor, q_heads: int,

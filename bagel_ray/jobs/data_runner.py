@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from bagel_ray.engine.dit import DenoiseJob
     from bagel_ray.engine.pipeline import PreparedImage
 
-log = logging.getLogger("bagel_ray.jobs")
+log = logging.getLogger(__name__)
 
 TEXT_OUTPUT = frozenset({"text2text", "img2text"})
 THINKER_WORK = TEXT_OUTPUT | {"text2img"}

@@ -22,7 +22,7 @@ Two ways to drive it:
   or 32 sequences (it reads all the weights either way), so a new request never waits for a
   running batch to finish. A step runs over the leading slots that hold every live sequence,
   rounded up to a power of four (or all slots): at batch 1 the projections run as GEMVs
-  (`kernels.linear`), faster than the GEMMs of 32 rows, and the eager attention (the CPU
+  (`kernels.gemv.linear`), faster than the GEMMs of 32 rows, and the eager attention (the CPU
   path) reads every row of each slot it runs. Each of these sizes is captured when the
   decoder is made, so that a burst of arrivals never waits for a capture. Greedy only: a
   sampled request decodes through `steps`, so that a seed gives the same text whatever else

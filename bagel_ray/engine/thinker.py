@@ -2,8 +2,10 @@
 
 Decoding runs on the engine's own `ContinuousDecoder` (`decoder.py`), set up once when the
 engine is made (its cache, and on a GPU the graph of a batch-1 step) and reused by every
-call: several prompts decode together in its first slots. A call that needs more slots or
-rows than it has sets up a bigger one, kept for the calls after it.
+call: several prompts decode together in its first slots. A batch of more prompts than it has
+slots sets up one with more (kept for the calls after it); a decode that needs more rows than
+a slot has gets a decoder of its own for that call, so that one long request does not hold
+its memory for good.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from bagel_ray.model.vae import AutoEncoder
 
 log = logging.getLogger(__name__)
 
-DECODE_ROWS = 256  # a decoder's rows grow in steps of this many
-
 
 @dataclass
 class DecodeOutput:
@@ -43,16 +43,18 @@ class Thinker:
 
     def __init__(self, model: BagelModel, tokenizer: BagelTokenizer, vae: AutoEncoder | None = None,
                  cuda_graphs: bool = True, decode_width: int = 2048) -> None:
-        """`decode_width`: the rows of each slot of the decoder set up now (a context and its
-        new tokens; the default fits a prompt of 1.5k tokens and the default 512 new ones),
-        with the step of one slot captured on a GPU, so that no decode pays for its setup
-        unless it needs more (0: set up by the first decode)."""
+        """`decode_width`: the rows of each slot of the engine's decoder (a context and its new
+        tokens; the default fits a prompt of 1.5k tokens and the default 512 new ones). It is
+        set up now, with the step of one slot captured on a GPU, so that no decode that fits
+        pays for a setup."""
+        if decode_width < 1:
+            raise ValueError(f"decode_width must be >= 1, got {decode_width}")
         self.model = model
         self.tokenizer = tokenizer
         self.builder = ContextBuilder(model, tokenizer, vae, cuda_graphs)
+        self.decode_width = decode_width
         self._decoder: ContinuousDecoder | None = None
-        if decode_width > 0:
-            self.decoder_for(1, decode_width).prepare(1)
+        self.decoder_for(1, 1).prepare(1)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -108,20 +110,19 @@ class Thinker:
         return outputs
 
     def decoder_for(self, batch: int, width: int) -> ContinuousDecoder:
-        """The engine's decoder when it has `batch` slots of `width` rows and is free; otherwise
-        a bigger one is set up and kept (grown, never shrunk), or, while the engine's decoder is
-        busy (a decode still being consumed), one for this call alone."""
+        """A decoder for `batch` sequences of up to `width` rows: the engine's (given more slots
+        when the batch needs them: kept), or one for this call alone when `width` passes
+        `decode_width` or the engine's is busy (a decode still being consumed)."""
         current = self._decoder
-        if current is not None and current.busy:
-            log.debug("the Thinker's decoder is busy: this decode sets up its own")
+        if width > self.decode_width or (current is not None and current.busy):
+            log.debug("Thinker: a decoder of %d slot(s) x %d rows for this call alone (%s)", batch, width,
+                      "the engine's is busy" if width <= self.decode_width else f"past {self.decode_width} rows")
             return ContinuousDecoder(self, batch, width, sizes=())
-        if current is None or batch > current.slots or width > current.width:
-            slots = batch if current is None else max(batch, current.slots)
-            width = -(-width // DECODE_ROWS) * DECODE_ROWS
-            width = width if current is None else max(width, current.width)
-            log.info("Thinker decoder: %d slot(s) x %d rows", slots, width)
+        if current is None or batch > current.slots:
+            slots = max(batch, current.slots if current is not None else 1)
+            log.info("Thinker decoder: %d slot(s) x %d rows", slots, self.decode_width)
             self._decoder = current = None  # its memory goes before the new one is made
-            self._decoder = ContinuousDecoder(self, slots, width, sizes=())
+            self._decoder = ContinuousDecoder(self, slots, self.decode_width, sizes=())
         return self._decoder
 
     def decode_steps(

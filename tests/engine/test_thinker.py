@@ -1,5 +1,6 @@
-"""The Thinker decodes on one decoder set up with the engine: calls reuse it, a call that needs
-more grows it, a call made while it is busy gets its own, and none of this changes a token."""
+"""The Thinker decodes on one decoder set up with the engine: calls reuse it, a bigger batch
+gives it more slots, a call that needs longer slots or comes while it is busy gets its own, and
+none of this changes a token."""
 
 from __future__ import annotations
 
@@ -33,18 +34,22 @@ def test_calls_reuse_the_decoder_set_up_with_the_engine(pipeline):
     assert th.decoder_for(1, 1) is decoder and not decoder.busy
 
 
-def test_a_call_that_needs_more_grows_the_decoder_and_keeps_the_tokens(pipeline):
-    small, grown = _fresh(pipeline, decode_width=0), _fresh(pipeline, decode_width=0)
-    contexts = [small.append_text(small.empty(), p) for p in PROMPTS]
-    _tokens(grown, contexts, GREEDY)  # four slots
-    long = DecodeParams(max_new_tokens=300)
-    _tokens(grown, contexts[:1], long)  # more rows than its first width
-    decoder = grown.decoder_for(1, 1)
-    assert decoder.slots == 4 and decoder.width >= contexts[0].length + 300
+def test_a_bigger_batch_adds_slots_and_a_longer_decode_gets_its_own_decoder(pipeline):
+    th = _fresh(pipeline, decode_width=64)
+    contexts = [th.append_text(th.empty(), p) for p in PROMPTS]
+    assert max(c.length for c in contexts) + GREEDY.max_new_tokens <= 64
+    batch = {params: _tokens(th, contexts, params) for params in (GREEDY, SAMPLED)}
+    decoder = th.decoder_for(1, 1)
+    assert (decoder.slots, decoder.width) == (4, 64)  # kept for the calls after
+    long = DecodeParams(max_new_tokens=80)
+    alone = _tokens(th, contexts[:1], long)
+    assert th.decoder_for(1, 1) is decoder and th.decoder_for(1, 65) is not decoder
+    roomy = _fresh(pipeline, decode_width=4096)  # every call on the engine's decoder
+    assert _tokens(roomy, contexts[:1], long) == alone
     for params in (GREEDY, SAMPLED):
-        for i, ctx in enumerate(contexts):  # a decoder of one slot, made for the call, against the grown one
-            assert _tokens(grown, [ctx], params, seed=i) == _tokens(_fresh(pipeline, decode_width=0), [ctx], params, seed=i)
-        assert _tokens(grown, contexts, params) == _tokens(small, contexts, params)
+        assert _tokens(roomy, contexts, params) == batch[params]
+        for i, ctx in enumerate(contexts):  # one slot of four against one slot of one
+            assert _tokens(th, [ctx], params, seed=i) == _tokens(roomy, [ctx], params, seed=i)
 
 
 def test_a_decode_while_another_is_being_consumed_gets_its_own_decoder(pipeline):

@@ -64,3 +64,15 @@ def test_a_decode_while_another_is_being_consumed_gets_its_own_decoder(pipeline)
     streamed += [step.tokens[0] for step in stream]
     assert [t for t in streamed if t is not None] == alone["a"]
     assert not own.busy and th.decoder_for(1, 1) is own
+
+
+def test_a_text_stream_closed_early_frees_the_decoder(pipeline):
+    from bagel_ray.engine.pipeline import LocalPipeline
+    from bagel_ray.engine.request import GenerationRequest
+
+    pipe = LocalPipeline(_fresh(pipeline), None)
+    own = pipe.thinker.decoder_for(1, 1)
+    stream = pipe.understand_stream(GenerationRequest("text2text", PROMPTS[0], max_tokens=12))
+    assert isinstance(next(stream), str) and own.busy
+    stream.close()
+    assert not own.busy and pipe.thinker.decoder_for(1, 1) is own

@@ -37,7 +37,8 @@ from bagel_ray.engine.dit import StepRecord
 from bagel_ray.engine.pipeline import DTYPES, LocalPipeline
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
 from bagel_ray.flags import UsageError, add_request_flags, default_dtype, fit_size, read_image, request_fields
-from bagel_ray.model.loader import DEFAULT_MODEL, CheckpointError, read_config, resolve_model_path
+from bagel_ray.model.layout import CheckpointError
+from bagel_ray.model.loader import DEFAULT_MODEL, read_config, resolve_model_path
 from bagel_ray.routes import IMAGE_INPUT, MODALITIES
 
 RESULTS_FILE = "results.jsonl"

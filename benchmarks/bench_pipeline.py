@@ -10,7 +10,11 @@ Rows (issue targets in brackets):
   t2i1024   text2img 1024^2, 50 steps, notebook settings [<= 9.0 s]
   edit512   img2img 512^2 input, 20 steps, edit defaults [<= 1.5 s]
   edit1024  img2img 1024^2 input, 50 steps, edit defaults [<= 16 s]
-  decode    Thinker greedy decode, batch 1 and 32 [>= 180 tok/s, >= 2500 tok/s]
+  decode    Thinker greedy decode, batch 1 and 32, after a warm-up call [>= 180 tok/s, >= 2500 tok/s]
+  decode_cli text2text at batch 1 through the CLI's path (`LocalPipeline.run`, 128 new tokens) on a
+            Thinker made in the row: the seconds to make it (its decoder is set up with it), the first
+            call's tok/s, the median of the later calls, and tok/s over all calls, the first
+            included [>= 180 tok/s]. Run it alone (`--rows decode_cli`) for a process's first decode.
   dit_batch text2img 512^2 / 20 steps, cfg 4 / 1.5: 8 requests one after the other against 4
             and 8 stepped together (`DiT.step`, cross-request batching), images/s and the
             largest |batched - alone| latent difference
@@ -43,7 +47,8 @@ from bagel_ray.engine.dit import DiT
 from bagel_ray.engine.kv_context import ImageContexts
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.engine.thinker import DecodeParams, Thinker
+from bagel_ray.engine.decoder import DecodeParams
+from bagel_ray.engine.thinker import Thinker
 from bagel_ray.model import kernels
 from bagel_ray.model.config import BagelConfig
 from bagel_ray.model.random_init import random_model, random_vae, tokenizer
@@ -120,6 +125,29 @@ def random_pipeline(smoke: bool) -> LocalPipeline:
     return LocalPipeline(Thinker(model, tok, vae), DiT(model, tok, vae))
 
 
+def decode_cli_row(pipe: LocalPipeline, reps: int, max_tokens: int = 128) -> dict:
+    """Text decoding at batch 1 as `bagel-ray generate --modality text2text` runs it, on a new
+    Thinker over the pipeline's weights, first call included (see the module docstring)."""
+    th = pipe.thinker
+    sync()
+    t0 = time.perf_counter()
+    cli = LocalPipeline(Thinker(th.model, th.tokenizer), None)
+    sync()
+    setup_s = time.perf_counter() - t0
+    req = GenerationRequest("text2text", PROMPT, max_tokens=max_tokens)
+    calls = []
+    for _ in range(reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        timings = cli.run(req).timings
+        sync()
+        calls.append((time.perf_counter() - t0, timings["decode_s"], timings["tokens"]))
+    rate = [tokens / decode_s for _, decode_s, tokens in calls]
+    return {"row": "decode_cli_b1", "seconds": calls[0][0], "setup_s": setup_s, "first_tok_per_s": rate[0],
+            "steady_tok_per_s": statistics.median(rate[1:]),
+            "tok_per_s": sum(c[2] for c in calls) / sum(c[1] for c in calls), "tokens": calls[0][2]}
+
+
 def image(side: int) -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
@@ -149,8 +177,8 @@ def taylorseer_row(pipe: LocalPipeline, name: str, req: GenerationRequest, reps:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,dit_batch,dit_graphs,"
-                                          "taylorseer")
+    parser.add_argument("--rows", default="gemm,forward,guard,t2i512,t2i1024,edit512,edit1024,decode,decode_cli,dit_batch,"
+                                          "dit_graphs,taylorseer")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="the tiny config on the CPU, to check the script itself")
@@ -308,6 +336,10 @@ def main() -> None:
             tokens = sum(len(o.token_ids) for o in outs)
             results.append({"row": f"decode_b{batch}", "seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds})
             print(results[-1], flush=True)
+
+    if "decode_cli" in rows:
+        results.append(decode_cli_row(pipe, args.reps))
+        print(results[-1], flush=True)
 
     print_table(results)
     if args.json:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bagel_ray.model import kernels
+from bagel_ray.model.kernels.gemv import _gemv, _gemv_kernel
+from bagel_ray.model.kernels.silu_mul import silu_mul
 
 # name: (out features, in features, bias, input is a gate/up row whose SiLU-mul is taken)
 SHAPES = {"qkv_proj": (4608, 3584, True, False), "o_proj": (3584, 3584, False, False),
@@ -56,9 +58,9 @@ def main() -> None:
                    for _ in range(max(2, int(600e6 // (n * k * 2))))]
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if has_bias else None
         x = torch.randn(2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
-        dense_in = kernels.silu_mul(x[None]) if silu else x[None]
+        dense_in = silu_mul(x[None]) if silu else x[None]
         cublas = per_call_us([lambda w=w: F.linear(dense_in, w, bias) for w in weights])
-        gemv = per_call_us([lambda w=w: kernels._gemv(x, w, bias, silu) for w in weights])
+        gemv = per_call_us([lambda w=w: _gemv(x, w, bias, silu) for w in weights])
         gb = n * k * 2 / 1e9
         print(f"| {name} | {gb * 1e3:.0f} MB | {cublas:.1f} us, {gb / cublas * 1e3:.2f} TB/s | "
               f"{gemv:.1f} us, {gb / gemv * 1e3:.2f} TB/s | x{cublas / gemv:.2f} |", flush=True)
@@ -67,7 +69,7 @@ def main() -> None:
             found = []
             for block_n, block_k, warps, stages in itertools.product((4, 8, 16), (512, 1024), (4, 8), (2, 3, 4)):
                 def call(w, block_n=block_n, block_k=block_k, warps=warps, stages=stages):
-                    kernels._gemv_kernel[(triton.cdiv(n, block_n),)](
+                    _gemv_kernel[(triton.cdiv(n, block_n),)](
                         x, w, bias if bias is not None else w, y, n, k, HAS_BIAS=bias is not None, SILU_MUL=silu,
                         BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
                 found.append((per_call_us([lambda w=w: call(w) for w in weights]), block_n, block_k, warps, stages))

@@ -265,7 +265,7 @@ def stage_class():
         def sender_marks(self, receive_start: float) -> dict[str, float]:
             """When this sender saw the last send request and posted its NCCL send, in seconds
             after the receiver began `receive` (perf_counter is one clock for the whole host)."""
-            return {name: t - receive_start for name, t in self.transport.send_marks.items()}
+            return {name: t - receive_start for name, t in self.transport.sender.send_marks.items()}
 
         def last_receive_start(self) -> float:
             return self.receive_start

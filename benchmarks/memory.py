@@ -13,7 +13,7 @@ import torch
 
 from bagel_ray.model.bagel import ALL_PARTS, DIT_PARTS, THINKER_PARTS, BagelModel
 from bagel_ray.model.config import BagelConfig
-from bagel_ray.model.loader import checkpoint_layout, param_target, stage_bytes
+from bagel_ray.model.layout import checkpoint_layout, param_target, stage_bytes
 
 GB = 1e9
 PART_NAMES = {

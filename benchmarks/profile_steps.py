@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.engine.decoder import DecodeParams
 from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image, random_pipeline, sync
 
 

@@ -67,7 +67,8 @@ MARKERS = {"ray_started": "Started a local Ray instance", "config_submitted": "S
 def ensure_checkpoint(folder: Path, smoke: bool, seed: int) -> dict:
     """Write the random checkpoint unless `folder` holds one; its size and how it was made."""
     from bagel_ray.model.config import BagelConfig
-    from bagel_ray.model.loader import EMA_FILE, read_config
+    from bagel_ray.model.layout import EMA_FILE
+    from bagel_ray.model.loader import read_config
     from bagel_ray.model.random_checkpoint import write_random_checkpoint
     from bagel_ray.model.tiny import TINY_CONFIG
 
@@ -324,7 +325,8 @@ def pure_load(folder: Path, app_args: dict, drop_all: bool) -> dict:
     """`load_checkpoint` of each stage's parts in this process, each from a cold page cache."""
     import torch
 
-    from bagel_ray.model.loader import AE_FILE, load_checkpoint, read_config, stage_bytes
+    from bagel_ray.model.layout import AE_FILE, stage_bytes
+    from bagel_ray.model.loader import load_checkpoint, read_config
     from bagel_ray.serve.config import AppConfig
     from bagel_ray.serve.stages import dit_parts, resolve_device, thinker_parts
 

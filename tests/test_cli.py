@@ -17,7 +17,8 @@ from PIL import Image
 
 from bagel_ray.cli import main
 from bagel_ray.model.image_transforms import resize_size
-from bagel_ray.model.loader import EMA_FILE, read_config
+from bagel_ray.model.layout import EMA_FILE
+from bagel_ray.model.loader import read_config
 from bagel_ray.model.tiny import TINY_CONFIG, tiny_model_path
 from tests.conftest import REPO_ROOT
 from tests.golden import assert_matches

@@ -46,7 +46,7 @@ from bagel_ray.engine.cfg import combine
 from bagel_ray.engine.dit import BRANCHES, DenoiseParams, DiT, StepRecord, guidance, host_to_device
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.schedule import euler_step, make_schedule
-from bagel_ray.model import kernels
+from bagel_ray.model.kernels.rope import QKNormRope
 from bagel_ray.model.image_transforms import grid_position_ids
 from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV, sdpa
 
@@ -154,7 +154,7 @@ class UlyssesKV:
         dist.all_to_all_single(recv, send, out_sizes, in_sizes, group=self.group)
         return recv
 
-    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: QKNormRope) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         qk = norm(qk)
         q, k = qk[:, :, : norm.q_heads], qk[:, :, norm.q_heads :]
         B, n, H, hd = q.shape

@@ -8,6 +8,7 @@ the serving layer runs on different replicas: `build_contexts` (Thinker side) an
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -148,15 +149,17 @@ class LocalPipeline:
         t1 = time.perf_counter()
         ids: list[int] = []
         sent, stopped = "", False
-        for step in th.decode_steps([ctx], req.decode_params(), _seeded(req.seed)):
-            stopped = stopped or step.stopped[0]
-            if step.tokens[0] is None:
-                continue
-            ids.append(step.tokens[0])
-            text = th.tokenizer.decode(ids)
-            if not text.endswith("\ufffd") and len(text) > len(sent):  # hold back a split UTF-8 char
-                yield text[len(sent):]
-                sent = text
+        # closed with this stream, also when its consumer stops early: the engine's decoder is free again
+        with closing(th.decode_steps([ctx], req.decode_params(), _seeded(req.seed))) as steps:
+            for step in steps:
+                stopped = stopped or step.stopped[0]
+                if step.tokens[0] is None:
+                    continue
+                ids.append(step.tokens[0])
+                text = th.tokenizer.decode(ids)
+                if not text.endswith("\ufffd") and len(text) > len(sent):  # hold back a split UTF-8 char
+                    yield text[len(sent):]
+                    sent = text
         final = clean_generated_text(th.tokenizer.decode([th.tokenizer.bos_id] + ids))
         if len(final) > len(sent) and final.startswith(sent):
             yield final[len(sent):]

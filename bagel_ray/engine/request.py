@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from bagel_ray.engine.dit import DenoiseParams
-from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.engine.decoder import DecodeParams
 from bagel_ray.knobs import BY_NAME, DEFAULT_SEED, KNOBS, sampler_defaults
 from bagel_ray.routes import IMAGE_OUTPUT, route
 

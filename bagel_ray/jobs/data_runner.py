@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from bagel_ray.engine.dit import DenoiseJob
     from bagel_ray.engine.pipeline import PreparedImage
 
-log = logging.getLogger("bagel_ray.jobs")
+log = logging.getLogger(__name__)
 
 # The standalone job builds edit contexts on the DiT actors (no KV handoff for img2img).
 EDIT_CONTEXTS_ON = DIT

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bagel_ray.model import kernels
+from bagel_ray.model.kernels.gemv import linear
 from bagel_ray.model.config import BagelConfig
 from bagel_ray.model.heads import PositionTable, TimestepEmbedder
 from bagel_ray.model.llm import MoTLanguageModel
@@ -75,7 +75,7 @@ class BagelModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.language_model.lm_head is None:
             raise RuntimeError("this model was loaded without the lm_head part")
-        return kernels.linear(hidden, self.language_model.lm_head.weight)
+        return linear(hidden, self.language_model.lm_head.weight)
 
     def vit_embeds(self, patches: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's ViT rows for the LLM: (encoder output, connector + vit_pos_embed)."""

@@ -8,17 +8,12 @@ ratio rather than its square root), because the official outputs depend on them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from bagel_ray.model.config import ResizeConfig
-
-if TYPE_CHECKING:
-    from bagel_ray.model.vae import AutoEncoder
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -137,9 +132,3 @@ def decoded_to_uint8(decoded: Tensor) -> Tensor:
 def decoded_to_pil(decoded: Tensor) -> Image.Image:
     """Decoder output [1, 3, H, W] -> RGB PIL image (see `decoded_to_uint8`)."""
     return Image.fromarray(decoded_to_uint8(decoded).cpu().numpy())
-
-
-def latent_to_pil(latent: Tensor, vae: AutoEncoder) -> Image.Image:
-    """Scaled VAE latent [1, C, 2h, 2w] -> decoded RGB PIL image (use `tokens_to_latent` first for tokens)."""
-    with torch.no_grad():
-        return decoded_to_pil(vae.decode(latent))

@@ -23,9 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bagel_ray.model import kernels
 from bagel_ray.model.attention import attend
 from bagel_ray.model.config import LLMConfig
+from bagel_ray.model.kernels.decode_attention import decode_attention
+from bagel_ray.model.kernels.gemv import linear, silu_mul_linear
+from bagel_ray.model.kernels.norm import add_rms_norm, rms_norm
+from bagel_ray.model.kernels.rope import QKNormRope
 
 # (official name fragment, fused parameter fragment, shard index) for the loader.
 STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
@@ -51,7 +54,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight[None], None, self.eps)
+        return rms_norm(x, self.weight[None], None, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -65,13 +68,6 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-rotate_half = kernels.rotate_half
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, heads, head_dim]; cos/sin: [B, N, head_dim]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
 
 
 @dataclass(frozen=True)
@@ -85,12 +81,6 @@ class ExpertRows:
 
     experts: torch.Tensor  # [B*N] int
     und_index: torch.Tensor  # [U] long
-
-    @staticmethod
-    def from_mask(gen_mask: torch.Tensor) -> "ExpertRows":
-        """From a boolean [B, N] mask (True = gen); reads the mask once on the host."""
-        flat = gen_mask.reshape(-1)
-        return ExpertRows(flat.to(torch.int32), torch.nonzero(~flat).flatten())
 
     @staticmethod
     def block_markers(batch: int, n: int, device: torch.device | str) -> "ExpertRows":
@@ -131,7 +121,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | Non
     return out.transpose(1, 2)
 
 
-def _split_qk(qk: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_qk(qk: torch.Tensor, norm: QKNormRope) -> tuple[torch.Tensor, torch.Tensor]:
     """The normed q and k heads of raw qk heads [B, N, heads + kv, hd]."""
     qk = norm(qk)
     return qk[:, :, : norm.q_heads], qk[:, :, norm.q_heads :]
@@ -148,7 +138,7 @@ class PrefixKV:
                  causal: bool = False) -> None:
         self.past, self.mask, self.causal = past, mask, causal
 
-    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, KV]:
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: QKNormRope) -> tuple[torch.Tensor, KV]:
         q, k = _split_qk(qk, norm)
         keys, values = k, v
         if self.past is not None:
@@ -167,7 +157,7 @@ class RaggedKV:
         self.past = past
         self.out = out
 
-    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, KV]:
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: QKNormRope) -> tuple[torch.Tensor, KV]:
         q, k = _split_qk(qk, norm)
         outs = []
         for b, past in enumerate(self.past):
@@ -182,7 +172,7 @@ class RaggedKV:
 class CachedKV:
     """Decoding into a preallocated cache: this call's K/V (one row per sample) are written in
     place at `write_at` [B], then the query attends over the cache rows up to it
-    (`kernels.decode_attention`, which also applies the QK-norm and RoPE). Static shapes and
+    (`decode_attention`, which also applies the QK-norm and RoPE). Static shapes and
     no host reads, so a step can be captured in a CUDA graph. `cache` is [layers, 2, B, W,
     kv, hd]; the K/V it returns are None (they are in the cache)."""
 
@@ -191,9 +181,9 @@ class CachedKV:
         layers, _, batch, _, kv, _ = cache.shape
         self.arrived = torch.zeros(layers, batch * kv, dtype=torch.int32, device=cache.device)  # the kernel's counters
 
-    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: kernels.QKNormRope) -> tuple[torch.Tensor, None]:
-        return kernels.decode_attention(qk, v, norm, self.cache[layer, 0], self.cache[layer, 1], self.write_at,
-                                        self.arrived[layer]), None
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: QKNormRope) -> tuple[torch.Tensor, None]:
+        return decode_attention(qk, v, norm, self.cache[layer, 0], self.cache[layer, 1], self.write_at,
+                                self.arrived[layer]), None
 
 
 KVAttention = PrefixKV | RaggedKV | CachedKV
@@ -216,16 +206,16 @@ class Expert(nn.Module):
         self.gate_up_proj = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
 
-    # The projections go through `kernels.linear` (a GEMV for a single row on the GPU); the
+    # The projections go through `linear` (a GEMV for a single row on the GPU); the
     # nn.Linear modules hold the weights under their official names.
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        return linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
 
     def out(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.o_proj.weight)
+        return linear(x, self.o_proj.weight)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.silu_mul_linear(kernels.linear(x, self.gate_up_proj.weight), self.down_proj.weight)
+        return silu_mul_linear(linear(x, self.gate_up_proj.weight), self.down_proj.weight)
 
 
 def _experts(rows: ExpertRows | None) -> torch.Tensor | None:
@@ -286,8 +276,8 @@ class DecoderLayer(nn.Module):
         if rows is not None and self.gen is None:
             raise RuntimeError("this model was loaded without the generation expert")
         und, gen = self.und, self.gen
-        x, h = kernels.add_rms_norm(x, pending, _weights(rows, und.input_layernorm, gen and gen.input_layernorm),
-                                    _experts(rows), self.cfg.rms_norm_eps)
+        x, h = add_rms_norm(x, pending, _weights(rows, und.input_layernorm, gen and gen.input_layernorm),
+                            _experts(rows), self.cfg.rms_norm_eps)
         return x, route(h, rows, und.qkv, gen.qkv if gen is not None else None)
 
     def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: ExpertRows | None,
@@ -298,9 +288,9 @@ class DecoderLayer(nn.Module):
         hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         qk = h[..., : und.q_size + und.kv_size].unflatten(-1, (nq + nkv, hd))
         v = h[..., und.q_size + und.kv_size :].unflatten(-1, (nkv, hd))
-        norm = kernels.QKNormRope(_weights(rows, und.q_norm, gen and gen.q_norm),
-                                  _weights(rows, und.k_norm, gen and gen.k_norm), nq,
-                                  _experts(rows), cos, sin, cfg.rms_norm_eps, mode.gen)
+        norm = QKNormRope(_weights(rows, und.q_norm, gen and gen.q_norm),
+                          _weights(rows, und.k_norm, gen and gen.k_norm), nq,
+                          _experts(rows), cos, sin, cfg.rms_norm_eps, mode.gen)
         attn, kv = attention(self.index, qk, v, norm)
         return attn.reshape(B, N, nq * hd), kv
 
@@ -308,9 +298,9 @@ class DecoderLayer(nn.Module):
         """The output projection, the residual add and post-attention norm, then the MLP:
         (stream, MLP output not yet added)."""
         und, gen = self.und, self.gen
-        x, h = kernels.add_rms_norm(x, route(attn, rows, und.out, gen.out if gen is not None else None),
-                                    _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm),
-                                    _experts(rows), self.cfg.rms_norm_eps)
+        x, h = add_rms_norm(x, route(attn, rows, und.out, gen.out if gen is not None else None),
+                            _weights(rows, und.post_attention_layernorm, gen and gen.post_attention_layernorm),
+                            _experts(rows), self.cfg.rms_norm_eps)
         return x, route(h, rows, und.mlp, gen.mlp if gen is not None else None)
 
 
@@ -355,7 +345,7 @@ class MoTLanguageModel(nn.Module):
         """The last residual add and the final norm (`norm` / `norm_moe_gen` by row): (the
         residual stream after the last layer, its normed rows)."""
         weights = _weights(rows, self.norm, self.norm_moe_gen)
-        return kernels.add_rms_norm(x, pending, weights, _experts(rows), self.cfg.rms_norm_eps)
+        return add_rms_norm(x, pending, weights, _experts(rows), self.cfg.rms_norm_eps)
 
 
 def attention_mask(past_lens: torch.Tensor, past_width: int, new_lens: torch.Tensor, num_new: int, causal: bool) -> AttnMask:

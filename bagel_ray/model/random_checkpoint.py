@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from bagel_ray.atomic import temp_path
 from bagel_ray.model.config import BagelConfig, VAEConfig
-from bagel_ray.model.loader import AE_FILE, EMA_FILE, checkpoint_layout
+from bagel_ray.model.layout import AE_FILE, EMA_FILE, checkpoint_layout
 from bagel_ray.model.tiny_tokenizer import write_tiny_tokenizer
 from bagel_ray.model.tokenizer import BagelTokenizer
 from bagel_ray.model.vae import AutoEncoder

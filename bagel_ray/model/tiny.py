@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bagel_ray.model.config import BagelConfig, LLMConfig, ResizeConfig, VAEConfig, ViTConfig
-from bagel_ray.model.loader import EMA_FILE
+from bagel_ray.model.layout import EMA_FILE
 from bagel_ray.model.random_checkpoint import write_random_checkpoint
 
 TINY_VERSION = 1

@@ -8,7 +8,7 @@ Geometry comes from a `VAEConfig`: the encoder has `len(ch_mult)` levels of `num
 ResnetBlocks (a Downsample after every level but the last), the decoder mirrors it with one extra
 ResnetBlock per level and an Upsample on every level but level 0. Only the mid blocks attend.
 
-The GroupNorms (with the swish that follows most of them) go through `vae_kernels.group_norm`:
+The GroupNorms (with the swish that follows most of them) go through `kernels.group_norm`:
 Triton kernels on a GPU, PyTorch's own ops (the official numerics) on the CPU.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bagel_ray.model.config import VAEConfig
-from bagel_ray.model.vae_kernels import group_norm
+from bagel_ray.model.kernels.group_norm import group_norm
 
 _GROUPS = 32
 _EPS = 1e-6

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import torch
 
 from bagel_ray.engine.cancel import Cancelled
-from bagel_ray.engine.continuous import ContinuousDecoder
+from bagel_ray.engine.decoder import ContinuousDecoder
 from bagel_ray.engine.dit import DenoiseJob, StepRecord
 from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.errors import EngineOutOfMemory, PromptTooLong

@@ -45,7 +45,6 @@ class TransferStats:
 class KVTransport:
     name: ClassVar[str] = "base"
     crosses_processes: ClassVar[bool] = False
-    crosses_nodes: ClassVar[bool] = False
     needs_cuda: ClassVar[bool] = False
 
     def send(self, contexts: ImageContexts) -> Any:

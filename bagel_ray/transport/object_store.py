@@ -81,7 +81,6 @@ def unpacked(payload: PackedContexts, device: torch.device) -> ImageContexts:
 class ObjectStoreTransport(KVTransport):
     name = "object_store"
     crosses_processes = True
-    crosses_nodes = True
 
     def send(self, contexts: ImageContexts) -> PackedContexts:
         return packed(contexts)

@@ -3,7 +3,7 @@
 A payload names its sender by the Ray actor handle of the replica that made it. When no GPU
 route works, the receiver calls into exactly that replica (a Serve handle would route to any
 replica) with the handle's `__ray_call__`, which runs `_fetch` in the replica's process: it
-finds the sender's transport there by key (`direct.local_sender`) and packs the contexts
+finds the sender there by key (`sender.local_sender`) and packs the contexts
 into host memory for the object store. Requests for GPU transfers go over the control
 channel instead (`control.py`), which is much faster than a call through Ray.
 """
@@ -14,8 +14,10 @@ import socket
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError
 
 from bagel_ray.transport.object_store import PackedContexts
+from bagel_ray.transport.sender import local_sender
 
 
 def node_id() -> str:
@@ -41,18 +43,15 @@ def current_actor() -> Any | None:
 # -- run in the sender's process (through __ray_call__) --------------------------------------
 
 
-def _sender(key: str):
-    from bagel_ray.transport.direct import local_sender
-
-    return local_sender(key)
-
-
 def _fetch(_actor: Any, key: str, handoff_id: str) -> PackedContexts | None:
-    sender = _sender(key)
+    sender = local_sender(key)
     return None if sender is None else sender.serve_fetch(handoff_id)
 
 
 def fetch(actor: Any, key: str, handoff_id: str, timeout_s: float) -> PackedContexts | None:
     """The handoff packed into host memory by the sender replica `actor`, through the object
-    store; None when the sender no longer has it."""
-    return ray.get(actor.__ray_call__.remote(_fetch, key, handoff_id), timeout=timeout_s)
+    store; None when the sender no longer has it. Past `timeout_s`, `TimeoutError`."""
+    try:
+        return ray.get(actor.__ray_call__.remote(_fetch, key, handoff_id), timeout=timeout_s)
+    except GetTimeoutError as exc:
+        raise TimeoutError(str(exc)) from None

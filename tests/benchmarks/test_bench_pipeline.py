@@ -17,8 +17,8 @@ def test_smoke_run_has_every_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) >= {"forward", "guard", "t2i512", "t2i1024", "edit512", "edit1024", "dit_batch", "decode_b1", "decode_b32",
-                         "dit_graphs_t2i512", "dit_graphs_edit512", "taylorseer_t2i1024", "taylorseer_t2i512",
-                         "taylorseer_edit512"}
+                         "decode_cli_b1", "dit_graphs_t2i512", "dit_graphs_edit512", "taylorseer_t2i1024",
+                         "taylorseer_t2i512", "taylorseer_edit512"}
     assert rows["dit_graphs_t2i512"]["latent_max_abs_diff"] == 0.0  # on the CPU both are the eager forward
     batch = rows["dit_batch"]
     # the tiny model in fp32 on the CPU: batched latents agree with each request alone
@@ -30,3 +30,7 @@ def test_smoke_run_has_every_row(tmp_path):
               for name in ("t2i1024", "t2i512", "edit512")}
     assert counts == {"t2i1024": (36, 90), "t2i512": (17, 35), "edit512": (27, 57)}
     assert all(0 < rows[f"taylorseer_{name}"]["latent_rel_l2"] < 1 for name in counts)
+    cli = rows["decode_cli_b1"]  # the first call and the later ones timed, each with the tokens it made
+    assert cli["tokens"] > 0 and cli["first_tok_per_s"] > 0 and cli["steady_tok_per_s"] > 0 and cli["setup_s"] > 0
+    assert min(cli["first_tok_per_s"], cli["steady_tok_per_s"]) <= cli["tok_per_s"] <= max(cli["first_tok_per_s"],
+                                                                                          cli["steady_tok_per_s"]) * 1.5

@@ -1,15 +1,15 @@
-"""Greedy decoding replayed as CUDA graphs (`Thinker.decode`'s per-call graph, the continuous
-decoder's graphs per slot count, both made by `cuda_graph.capture`) gives the eager path's
-tokens on a GPU; `capture` itself replays what it captured and undoes its warm-up."""
+"""Greedy decoding replayed as CUDA graphs (the decoder's graph per slot count, made by
+`cuda_graph.capture`, through `Thinker.decode` and through continuous batching) gives the
+eager path's tokens on a GPU; `capture` itself replays what it captured and undoes its warm-up."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bagel_ray.engine.continuous import ContinuousDecoder
+from bagel_ray.engine.decoder import ContinuousDecoder
 from bagel_ray.engine.cuda_graph import capture
-from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.engine.decoder import DecodeParams
 
 PROMPTS = ["Tell me a fun fact about the moon.", "hi", "What is a fox?"]
 

@@ -17,7 +17,7 @@ from PIL import Image
 from bagel_ray.engine.context import GEN_THINK_SYSTEM_PROMPT
 from bagel_ray.engine.pipeline import LocalPipeline
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.engine.decoder import DecodeParams
 from bagel_ray.model.image_transforms import decoded_to_uint8
 from tests.golden import assert_matches, load_case_tensors
 

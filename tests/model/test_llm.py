@@ -8,20 +8,17 @@ import pytest
 import torch
 from torch import nn
 
+from bagel_ray.engine.decoder import DecodeParams
 from bagel_ray.engine.request import GenerationRequest
-from bagel_ray.engine.thinker import DecodeParams
 from bagel_ray.model.image_transforms import grid_position_ids
-from bagel_ray.model.llm import (
-    ExpertRows,
-    PrefixKV,
-    RMSNorm,
-    apply_rope,
-    attention_mask,
-    rope_cos_sin,
-    rope_inv_freq,
-    rotate_half,
-    route,
-)
+from bagel_ray.model.kernels.rope import apply_rope, rotate_half
+from bagel_ray.model.llm import ExpertRows, PrefixKV, RMSNorm, attention_mask, rope_cos_sin, rope_inv_freq, route
+
+
+def rows_of(gen_mask: torch.Tensor) -> ExpertRows:
+    """The expert rows of a boolean [B, N] mask (True = gen)."""
+    flat = gen_mask.reshape(-1)
+    return ExpertRows(flat.to(torch.int32), torch.nonzero(~flat).flatten())
 
 
 # -- RoPE positions of mixed contexts ---------------------------------------------------------
@@ -214,13 +211,13 @@ def test_route_sends_rows_to_their_expert():
     x = torch.randn(2, 4, 6, generator=g)
     gen_mask = torch.tensor([[False, True, True, False], [True, False, False, False]])
     with torch.no_grad():
-        out = route(x, ExpertRows.from_mask(gen_mask), und, gen)
+        out = route(x, rows_of(gen_mask), und, gen)
         for b in range(2):
             for n in range(4):
                 expert = gen if gen_mask[b, n] else und
                 torch.testing.assert_close(out[b, n], expert(x[b, n]), rtol=1e-6, atol=1e-6)
         assert torch.equal(route(x, None, und, gen), und(x))
-        torch.testing.assert_close(route(x, ExpertRows.from_mask(torch.zeros(2, 4, dtype=torch.bool)), und, gen), und(x))
+        torch.testing.assert_close(route(x, rows_of(torch.zeros(2, 4, dtype=torch.bool)), und, gen), und(x))
 
 
 def test_block_markers_layout():
@@ -229,14 +226,12 @@ def test_block_markers_layout():
     want = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 0]])
     assert torch.equal(rows.experts.view(2, 5), want.to(rows.experts.dtype))
     assert rows.und_index.tolist() == [0, 4, 5, 9]
-    from_mask = ExpertRows.from_mask(want.bool())
-    assert torch.equal(from_mask.und_index, rows.und_index)
 
 
 def test_route_promotes_to_the_wider_dtype():
     """gen-mode QK-norm returns fp32 for gen rows while und rows stay bf16: the output is fp32."""
     x = torch.randn(1, 3, 4).to(torch.bfloat16)
-    out = route(x, ExpertRows.from_mask(torch.tensor([[False, True, False]])), lambda r: r * 2, lambda r: r.float() / 3)
+    out = route(x, rows_of(torch.tensor([[False, True, False]])), lambda r: r * 2, lambda r: r.float() / 3)
     assert out.dtype == torch.float32
     assert torch.equal(out[0, 0], (x[0, 0] * 2).float())
     assert torch.equal(out[0, 1], x[0, 1].float() / 3)

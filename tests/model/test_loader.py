@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from bagel_ray.model.bagel import ALL_PARTS, DIT_PARTS, THINKER_PARTS, BagelModel
 from bagel_ray.model.config import BagelConfig
-from bagel_ray.model.loader import EMA_FILE, CheckpointError, checkpoint_layout, load_model, param_target, read_config, stage_bytes
+from bagel_ray.model.layout import EMA_FILE, CheckpointError, checkpoint_layout, param_target, stage_bytes
+from bagel_ray.model.loader import load_model, read_config
 from bagel_ray.model.tiny import make_tiny_model
 
 FULL = BagelConfig()

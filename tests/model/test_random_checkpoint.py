@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from bagel_ray.model.bagel import ALL_PARTS
 from bagel_ray.model.config import BagelConfig, read_bagel_config
-from bagel_ray.model.loader import AE_FILE, EMA_FILE, checkpoint_layout, load_checkpoint
+from bagel_ray.model.layout import AE_FILE, EMA_FILE, checkpoint_layout
+from bagel_ray.model.loader import load_checkpoint
 from bagel_ray.model.random_checkpoint import (
     LM_HEAD,
     ema_layout,

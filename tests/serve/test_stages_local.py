@@ -349,7 +349,7 @@ def test_the_thinker_health_check_fails_once_its_decoding_thread_has_died(args, 
     def broken_run(self):  # a fault of the decoding loop itself, not of one request
         raise RuntimeError("a bug in the decode loop")
 
-    from bagel_ray.engine.continuous import ContinuousDecoder
+    from bagel_ray.engine.decoder import ContinuousDecoder
 
     monkeypatch.setattr(ContinuousDecoder, "run", broken_run)
     job = TextJob(text("this one kills the loop", 2))

@@ -15,7 +15,8 @@ import torch
 
 from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
 from bagel_ray.transport.base import REGISTRY
-from bagel_ray.transport.direct import AutoTransport, DirectTransport, Placement
+from bagel_ray.transport.direct import AutoTransport, DirectTransport
+from bagel_ray.transport.routes import Placement
 from bagel_ray.transport.outbox import Outbox
 
 LAYERS, KV_HEADS, HEAD_DIM = 3, 4, 64  # ~110 KB+ per context: above Ray's inline-object limit
@@ -121,10 +122,10 @@ class SenderActor:
         return self.transport.send(make_contexts(case, dtype))
 
     def outbox_size(self) -> int:
-        return len(self.transport.outbox)
+        return len(self.transport.sender.outbox)
 
     def set_outbox(self, max_bytes: int = 8 << 30, ttl_s: float = 600.0) -> None:
-        self.transport.outbox = Outbox(max_bytes, ttl_s)
+        self.transport.sender.outbox = Outbox(max_bytes, ttl_s)
 
     def comm_log(self) -> list[str]:
         return list(self.comms.log) if self.comms else []
@@ -183,7 +184,7 @@ class GpuPeer:
     def received_into(self) -> tuple[int, int | None]:
         """Where the last receive put the contexts, and where this receiver's spare buffer is
         (None without one)."""
-        spare = self.transport._spare
+        spare = self.transport.receiver.spare
         return self.received_at, None if spare is None else spare.data_ptr()
 
     def hold_pair(self, receiver_key: str, seconds: float) -> None:
@@ -191,11 +192,11 @@ class GpuPeer:
         assert isinstance(self.transport, DirectTransport)
 
         def hold() -> None:
-            with self.transport._peer_lock("send", receiver_key, time.monotonic() + 5):
+            with self.transport.sender.links.pair(receiver_key, time.monotonic() + 5):
                 time.sleep(seconds)
 
         threading.Thread(target=hold, daemon=True).start()
         time.sleep(0.05)
 
     def links(self) -> tuple[int, int]:
-        return len(self.transport._recv_links), len(self.transport._send_links)
+        return len(self.transport.receiver.links), len(self.transport.sender.links)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bagel_ray.transport.cuda import on_device
-from bagel_ray.transport.direct import AutoTransport, DirectPayload, NcclTransport, Placement, plan_route
+from bagel_ray.transport.direct import AutoTransport, NcclTransport
+from bagel_ray.transport.routes import DirectPayload, Placement, plan_route
 from bagel_ray.transport.errors import HandoffGone
 from bagel_ray.transport.layout import ContextsLayout
 from bagel_ray.transport.nccl import TransferTimeout, await_progress, comm_config
@@ -335,7 +336,7 @@ def test_a_stalled_nccl_pull_aborts_at_its_deadline_and_falls_back(actors, ray_l
     assert digest(contexts) == digest(make_contexts(case, torch.float32))
     assert 0.8 <= elapsed < 5.0  # connect + transfer budget of a new pair, then the fetch
     assert comms.log == ["open rank 1", "abort"]  # init never finished: aborted, no recv posted
-    assert not receiver._recv_links  # the pair's communicator is gone; the next handoff makes a new one
+    assert not receiver.receiver.links  # the pair's communicator is gone; the next handoff makes a new one
     assert any("over nccl failed" in r.getMessage() and "TransferTimeout" in r.getMessage() for r in caplog.records)
     deadline = time.monotonic() + 5
     while "abort" not in ray_local.get(sender.comm_log.remote()) and time.monotonic() < deadline:
@@ -387,7 +388,7 @@ def test_an_nccl_pull_from_a_dead_sender_fails_at_once(actors, ray_local):
     with pytest.raises(RayActorError):  # its control channel refuses, then the fetch finds it dead
         receiver.receive(payload, CPU)
     assert time.monotonic() - t0 < 10
-    assert not receiver._recv_links and not receiver._clients
+    assert not receiver.receiver.links and not receiver.receiver.clients
 
 
 def test_a_sender_that_does_not_answer_is_given_up_on(stalled_sender, ray_local, caplog):
@@ -406,7 +407,7 @@ def test_a_sender_that_does_not_answer_is_given_up_on(stalled_sender, ray_local,
             contexts, stats = receiver.receive(silent_payload, CPU)
     assert stats.route == "fetch" and time.monotonic() - t0 < 10
     assert digest(contexts) == digest(make_contexts("text2img", torch.float32))
-    assert comms.log == [] and not receiver._clients
+    assert comms.log == [] and not receiver.receiver.clients
     assert any("did not answer within" in r.getMessage() for r in caplog.records)
 
 
@@ -422,7 +423,7 @@ def test_a_sender_dying_mid_transfer_is_noticed_on_its_control_channel(actors, r
     with pytest.raises(Exception):  # then the fetch: the actor is dead (or the handoff gone)
         receiver.receive(payload, CPU)
     assert time.monotonic() - t0 < 30
-    assert comms.log[-1] == "abort" and not receiver._recv_links
+    assert comms.log[-1] == "abort" and not receiver.receiver.links
 
 
 def test_an_unreachable_control_channel_sends_later_handoffs_through_the_object_store(stalled_sender, ray_local):
@@ -440,7 +441,7 @@ def test_an_unreachable_control_channel_sends_later_handoffs_through_the_object_
         payload = dataclasses.replace(ray_local.get(stalled_sender.send.remote("text2img")), control=closed)
         contexts, stats = receiver.receive(payload, CPU)
         assert stats.route == "fetch" and digest(contexts) == digest(make_contexts("text2img", torch.float32))
-    assert comms.log == [] and payload.sender_key in receiver._unreachable
+    assert comms.log == [] and payload.sender_key in receiver.receiver.unreachable
 
 
 def test_control_channel_rejects_a_wrong_key():
@@ -485,22 +486,23 @@ def test_nccl_pulls_of_one_pair_wait_for_each_other_within_the_deadline(stalled_
 def test_idle_pairs_are_dropped():
     comms = StalledComms()
     receiver = AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), link_idle_s=0.0)
-    from bagel_ray.transport.direct import _Link
+    from bagel_ray.transport.links import Link
 
-    receiver._recv_links["someone"] = _Link(comms.open(b"", 2, 1, CPU), "k", last_used=time.monotonic() - 1)
-    receiver._sweep_links()
-    assert not receiver._recv_links and comms.log == ["open rank 1", "abort"]
+    receiver.receiver.links.put("someone", Link(comms.open(b"", 2, 1, CPU), "k", last_used=time.monotonic() - 1))
+    receiver.receiver.links.sweep(receiver.receiver.link_idle_s)
+    assert not receiver.receiver.links and comms.log == ["open rank 1", "abort"]
 
 
 def test_close_aborts_every_pair_and_empties_the_outbox():
     comms = StalledComms()
     transport = NcclTransport(comms=comms, pull_host_contexts=True)
-    from bagel_ray.transport.direct import _Link, local_sender
+    from bagel_ray.transport.links import Link
+    from bagel_ray.transport.sender import local_sender
 
-    transport._send_links["r"] = _Link(comms.open(b"", 2, 0, CPU), "k")
+    transport.sender.links.put("r", Link(comms.open(b"", 2, 0, CPU), "k"))
     transport.send(make_contexts("text2img", torch.float32))
     transport.close()
-    assert comms.log[-1] == "abort" and not transport._send_links and len(transport.outbox) == 0
+    assert comms.log[-1] == "abort" and not transport.sender.links and len(transport.sender.outbox) == 0
     assert local_sender(transport.key) is None
 
 
@@ -529,21 +531,21 @@ def test_a_later_handoff_is_posted_before_it_is_answered():
     """On a connected pair the receiver has posted its receive before it asks, so the sender
     posts its send first and answers after: the transfer starts with the post. A post that
     fails is answered with the reason (not "started"), and the pair's communicator dropped."""
-    from bagel_ray.transport.direct import _Link
+    from bagel_ray.transport.links import Link
 
     transport = NcclTransport(comms=StalledComms(), pull_host_contexts=True)
     log: list[str] = []
-    transport._send_links["r"] = _Link(_DoneComm(log), "k")
+    transport.sender.links.put("r", Link(_DoneComm(log), "k"))
     payload = transport.send(make_contexts("text2img", torch.float32))
-    transport.serve_send(payload.handoff_id, "r", "k", None, 5.0, lambda reply: log.append(reply["status"]))
-    assert log == ["posted", "started"] and len(transport.outbox) == 0
+    transport.sender.serve_send(payload.handoff_id, "r", "k", None, 5.0, lambda reply: log.append(reply["status"]))
+    assert log == ["posted", "started"] and len(transport.sender.outbox) == 0
 
     log.clear()
-    transport._send_links["r"] = _Link(_DoneComm(log, fail=True), "k")
+    transport.sender.links.put("r", Link(_DoneComm(log, fail=True), "k"))
     payload = transport.send(make_contexts("text2img", torch.float32))
-    transport.serve_send(payload.handoff_id, "r", "k", None, 5.0, lambda reply: log.append(reply["status"]))
+    transport.sender.serve_send(payload.handoff_id, "r", "k", None, 5.0, lambda reply: log.append(reply["status"]))
     assert len(log) == 2 and "the post failed" in log[0] and log[1] == "aborted"
-    assert "r" not in transport._send_links
+    assert "r" not in transport.sender.links
     transport.close()
 
 # -- a Serve replica as the sender ----------------------------------------------------------
@@ -591,15 +593,15 @@ def test_a_receive_fills_the_spare_buffer_when_it_fits(spare_bytes, used):
     is at most a quarter bigger; either way the receiver has no spare afterwards."""
     from types import SimpleNamespace
 
-    from bagel_ray.transport.direct import _Link
+    from bagel_ray.transport.links import Link
 
     sent = make_contexts("img2img", torch.bfloat16)  # two context tensors
     layout = ContextsLayout.of(sent)
     receiver = NcclTransport(comms=StalledComms(), placement=FixedPlacement(RECEIVER_GPU))
-    receiver._spare = spare = torch.empty(layout.nbytes + spare_bytes, dtype=torch.uint8)
-    link = _Link(_DoneComm([]), "k")
-    tensors = receiver._receive_buffers(link, SimpleNamespace(layout=layout, nbytes=layout.nbytes), CPU)
-    assert receiver._spare is None
+    receiver.receiver.spare = spare = torch.empty(layout.nbytes + spare_bytes, dtype=torch.uint8)
+    link = Link(_DoneComm([]), "k")
+    tensors = receiver.receiver.receive_buffers(link, SimpleNamespace(layout=layout, nbytes=layout.nbytes), CPU)
+    assert receiver.receiver.spare is None
     starts = [tensors[0].data_ptr(), tensors[1].data_ptr()]
     assert (starts == [spare.data_ptr(), spare.data_ptr() + layout.sizes[0]]) == used
     for t, want in zip(tensors, ContextsLayout.tensors(sent)):
@@ -608,15 +610,16 @@ def test_a_receive_fills_the_spare_buffer_when_it_fits(spare_bytes, used):
 
 
 def test_no_room_for_a_spare_buffer_leaves_the_receive_as_it_was(monkeypatch):
-    from bagel_ray.transport.direct import DirectTransport, _Link
+    from bagel_ray.transport.links import Link
+    from bagel_ray.transport.receiver import Receiver
 
     def full(link, nbytes, device):
         raise torch.OutOfMemoryError("no room")
 
     receiver = NcclTransport(comms=StalledComms(), placement=FixedPlacement(RECEIVER_GPU))
-    link = _Link(_DoneComm([]), "k")
-    receiver._make_spare(link, 1024, CPU)
-    assert receiver._spare is not None and receiver._spare.numel() == 1024
-    monkeypatch.setattr(DirectTransport, "_buffer", staticmethod(full))
-    receiver._make_spare(link, 2048, CPU)
-    assert receiver._spare.numel() == 1024  # kept; the next receive allocates if it does not fit
+    link = Link(_DoneComm([]), "k")
+    receiver.receiver.make_spare(link, 1024, CPU)
+    assert receiver.receiver.spare is not None and receiver.receiver.spare.numel() == 1024
+    monkeypatch.setattr(Receiver, "buffer", staticmethod(full))
+    receiver.receiver.make_spare(link, 2048, CPU)
+    assert receiver.receiver.spare.numel() == 1024  # kept; the next receive allocates if it does not fit

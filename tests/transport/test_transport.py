@@ -25,7 +25,8 @@ import torch
 
 from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
 from bagel_ray.transport.base import REGISTRY, KVTransport, TransferStats, make_transport
-from bagel_ray.transport.direct import AutoTransport, DirectPayload, DirectTransport
+from bagel_ray.transport.direct import AutoTransport, DirectTransport
+from bagel_ray.transport.routes import DirectPayload
 from bagel_ray.transport.object_store import ObjectStoreTransport, PackedContexts
 from tests.transport.peers import make_contexts
 
@@ -93,7 +94,7 @@ def test_send_receive_is_bit_identical(backend, carrier, pull, case, dtype, requ
     transport = make_transport(backend)
     assert isinstance(transport, KVTransport) and transport.name == backend
     if pull:
-        transport.pull_host_contexts = True
+        transport.sender.pull_host_contexts = True
     sent = make_contexts(case, dtype)
     expected = {name: bits(sent.branch(name).kv).clone() for name in BRANCHES}
 
@@ -134,9 +135,9 @@ def test_object_store_receive_is_zero_copy_after_ray_get(ray_local, case):
 def test_a_pulled_handoff_is_taken_once():
     transport = AutoTransport(pull_host_contexts=True)
     payload = transport.send(make_contexts("img2img", torch.float32))
-    assert len(transport.outbox) == 1
+    assert len(transport.sender.outbox) == 1
     transport.receive(payload, CPU)
-    assert len(transport.outbox) == 0
+    assert len(transport.sender.outbox) == 0
     from ray.exceptions import ActorUnavailableError
 
     with pytest.raises(ActorUnavailableError, match="gone"):  # HandoffGone: the driver retries the request

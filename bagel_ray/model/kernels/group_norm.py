@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bagel_ray.model.kernels import triton, use_triton
+from bagel_ray.model.kernels import fall_back, triton, unsupported
 
 if triton is not None:  # pragma: no cover - exercised on GPU machines
     import triton.language as tl
@@ -38,7 +38,8 @@ def group_norm_reference(x: torch.Tensor, norm: torch.nn.GroupNorm, then_swish: 
 
 def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, then_swish: bool = False) -> torch.Tensor:
     """`norm(x)` for x [B, C, *spatial], then the swish when `then_swish`."""
-    if not use_triton(x) or not x.is_contiguous() or not norm.affine:
+    why = unsupported(x) or (None if x.is_contiguous() and norm.affine else "x not contiguous, or no affine weights")
+    if fall_back("group_norm", x, why):
         return group_norm_reference(x, norm, then_swish)
     return _launch_group_norm(x, norm, then_swish)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from bagel_ray.engine.continuous import ContinuousDecoder
+from bagel_ray.engine.decoder import ContinuousDecoder
 from bagel_ray.engine.pipeline import LocalPipeline
-from bagel_ray.engine.thinker import DecodeParams
+from bagel_ray.engine.decoder import DecodeParams
 from bagel_ray.model.tiny import make_tiny_model
 
 PROMPTS = ["Tell me a fun fact about the moon.", "hi", "What is a fox?", "Write a long poem about the sea and the sky.", "ok"]

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagel_ray.model import kernels, vae_kernels
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs a CUDA GPU and Triton")
+from bagel_ray.model.kernels.group_norm import group_norm, group_norm_reference
+from tests.model.kernels import cuda
 
 
 def _norm(channels: int, seed: int, device: str = "cpu") -> torch.nn.GroupNorm:
@@ -27,7 +26,7 @@ def test_cpu_runs_the_official_ops(then_swish):
     want = norm(x)
     if then_swish:
         want = want * torch.sigmoid(want)
-    assert torch.equal(vae_kernels.group_norm(x, norm, then_swish), want)
+    assert torch.equal(group_norm(x, norm, then_swish), want)
 
 
 @cuda
@@ -37,8 +36,8 @@ def test_group_norm_fp32(shape, then_swish):
     norm = _norm(shape[1], 2, "cuda")
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(shape, device="cuda", generator=g) * 4 + 30  # a large mean: the shifted sums keep the variance
-    got = vae_kernels.group_norm(x, norm, then_swish)
-    want = vae_kernels.group_norm_reference(x, norm, then_swish)
+    got = group_norm(x, norm, then_swish)
+    want = group_norm_reference(x, norm, then_swish)
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -47,7 +46,7 @@ def test_group_norm_fp32(shape, then_swish):
 def test_group_norm_bf16():
     norm = _norm(256, 4, "cuda").to(torch.bfloat16)
     x = torch.randn(1, 256, 64, 64, device="cuda", dtype=torch.bfloat16, generator=torch.Generator(device="cuda").manual_seed(5))
-    got = vae_kernels.group_norm(x, norm, then_swish=True)
-    want = vae_kernels.group_norm_reference(x, norm, then_swish=True)
+    got = group_norm(x, norm, then_swish=True)
+    want = group_norm_reference(x, norm, then_swish=True)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

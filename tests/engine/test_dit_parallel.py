@@ -145,7 +145,7 @@ def one_process(pipeline, manifest, golden_dir, name: str) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("world", sorted(RUNS))
-def test_parallel_denoise_matches_one_process_and_golden(world, golden_dir, manifest, golden_pipeline, tmp_path, one_thread):
+def test_parallel_denoise_matches_one_process_and_golden(world, golden_dir, manifest, golden_pipeline, tmp_path, worker_threads):
     runs = RUNS[world]
     torch.multiprocessing.spawn(_rank_main, args=(world, free_port(), runs, str(golden_dir), str(tmp_path)), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -83,6 +83,13 @@ class ExpertRows:
     und_index: torch.Tensor  # [U] long
 
     @staticmethod
+    def from_mask(gen_mask: torch.Tensor) -> "ExpertRows":
+        """From a boolean [B, N] mask (True = gen); reads the mask once on the host (a sequence
+        rank's slice of a block, `engine/dit_parallel.py`, whose markers fall on some ranks only)."""
+        flat = gen_mask.reshape(-1)
+        return ExpertRows(flat.to(torch.int32), torch.nonzero(~flat).flatten())
+
+    @staticmethod
     def block_markers(batch: int, n: int, device: torch.device | str) -> "ExpertRows":
         """Image blocks: `[<|vision_start|>] + latents + [<|vision_end|>]` per sample, markers und."""
         experts = torch.ones(batch, n, dtype=torch.int32, device=device)

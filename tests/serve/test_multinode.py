@@ -1,6 +1,6 @@
-"""The tiny app across a real multi-node Ray cluster on one machine (tests/serve/multinode.py):
+"""The tiny app across a real multi-node Ray cluster on one machine:
 each stage on its own node type, every modality over HTTP equal to one node's output (bit for
-bit, as tests/serve/test_app.py compares), and the KV handoff crossing nodes through the
+bit, as tests/serve/test_app.py compares; the cluster: benchmarks/multinode.py), and the KV handoff crossing nodes through the
 object store, as the DiT's `bagel_kv_handoffs_total` counter records it per request."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from bagel_ray.engine.request import GenerationRequest
-from tests.serve import multinode
+from benchmarks import multinode
 from tests.serve.test_app import data_url, png_pixels, post, sse_events
 
 HANDOFFS = "ray_bagel_kv_handoffs_total"

@@ -3,8 +3,9 @@ node, each with its own resources and ports) running deployments/tiny_cluster.ya
 (Serve controller, HTTP proxy and the ingress), a `thinker_node` node and `dit_node` nodes, the
 node types of cluster.yaml.
 
-This process never connects to the cluster (`ray.init` may already be taken by the
-single-node cluster of tests/serve/conftest.py in the same pytest run): the app is deployed,
+Used by tests/serve/test_multinode.py and benchmarks/soak.py. This process never connects to
+the cluster (`ray.init` may already be taken by the single-node cluster of
+tests/serve/conftest.py in the same pytest run): the app is deployed,
 and read back, through the head's dashboard REST API, as `serve deploy` and KubeRay do; nodes
 are added and killed through the `Cluster` object; each node's metrics come from its own
 metrics export port.
@@ -23,9 +24,7 @@ from typing import Any
 import requests
 import yaml
 
-from tests.conftest import REPO_ROOT
-
-CONFIG = REPO_ROOT / "deployments" / "tiny_cluster.yaml"
+CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "tiny_cluster.yaml"
 # Node death is seen within ~3 s (GCS health checks every second, 3 misses); metrics are
 # exported every second, so a test reads a request's counters soon after its answer.
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "metrics_report_interval_ms": 1000}

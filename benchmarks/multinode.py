@@ -31,6 +31,14 @@ SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold
 NODE_CPUS = 1  # each node's share of the 2 cores the tests run on; the replicas ask for 0.1
 
 
+def auth_headers() -> dict[str, str]:
+    """The Ray token, when this process runs with token auth (a `ray.init()` in it turned that
+    on, and the nodes started here inherit it), for the dashboard's REST API."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    return get_auth_headers_if_auth_enabled({})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +82,7 @@ class MultiNodeApp:
     # -- Serve, as its REST API shows it ----------------------------------------------------
 
     def details(self) -> dict:
-        resp = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=30)
+        resp = requests.get(f"{self.dashboard}/api/serve/applications/", headers=auth_headers(), timeout=30)
         resp.raise_for_status()
         return resp.json()
 
@@ -136,14 +144,17 @@ def start(cache: Path, dit_nodes: int = 2, timeout_s: float = 240) -> MultiNodeA
         for _ in range(dit_nodes):
             app.add_node("dit_node")
         deadline = time.monotonic() + timeout_s
+        last = None
         while True:  # the dashboard's Serve module comes up a while after the head
             try:
-                resp = requests.put(f"{app.dashboard}/api/serve/applications/", json=serve_config, timeout=30)
+                resp = requests.put(f"{app.dashboard}/api/serve/applications/", json=serve_config, headers=auth_headers(),
+                                    timeout=30)
                 if resp.ok:
                     break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "the dashboard never took the Serve config"
+                last = f"{resp.status_code}: {resp.text[:2000]}"
+            except requests.RequestException as exc:
+                last = repr(exc)
+            assert time.monotonic() < deadline, f"the dashboard never took the Serve config ({last})"
             time.sleep(1)
         while True:
             status = app.details()["applications"].get(app.name, {}).get("status")

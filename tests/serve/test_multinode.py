@@ -5,7 +5,7 @@ object store, as the DiT's `bagel_kv_handoffs_total` counter records it per requ
 
 from __future__ import annotations
 
-import io
+import inspect
 import json
 import subprocess
 import sys
@@ -20,7 +20,8 @@ import requests
 
 from bagel_ray.engine.request import GenerationRequest
 from benchmarks import multinode
-from tests.serve.test_app import data_url, png_pixels, post, sse_events
+from tests.serve import test_app as one_node
+from tests.serve.test_app import png_pixels, post
 
 HANDOFFS = "ray_bagel_kv_handoffs_total"
 
@@ -58,72 +59,32 @@ def test_each_stage_runs_on_its_node_type(cluster_app):
     assert sorted(r["node_id"] for r in app.replicas("DiT")) == sorted(n.node_id for n in app.dits)
 
 
+# The single-node app's HTTP checks, each comparing with LocalPipeline as it does there; the
+# number of KV handoffs each makes (text2img, think, img2img with edit contexts on the Thinker,
+# an image stream).
+ONE_NODE_CHECKS = [
+    (one_node.test_text2text_matches_local, 0),
+    (one_node.test_img2text_matches_local, 0),
+    (one_node.test_text2img_matches_local, 1),
+    (one_node.test_think_text2img_matches_local, 1),
+    (one_node.test_img2img_matches_local, 1),
+    (one_node.test_streaming_text, 0),
+    (one_node.test_streaming_image_progress, 1),
+]
+
+
 def test_every_modality_over_http_matches_one_node(cluster_app, local, picture):
     """Each request's output equals LocalPipeline's (what the single-node app gives too), and
-    each image request with a handoff (text2img, think, img2img: edit contexts are built on
-    the Thinker here) took the object store across nodes."""
+    each image request with a handoff took the object store across nodes."""
     app = cluster_app
+    assert app.args["edit_contexts_on"] == "thinker"
     before = handoffs(app, app.dits)
-    crossed = 0
-
-    body = {"messages": [{"role": "user", "content": "Tell me a fun fact about the moon."}], "max_tokens": 12, "seed": 5}
-    resp = post(app, "/v1/chat/completions", json=body)
-    assert resp.status_code == 200, resp.text
-    want = local.run(GenerationRequest("text2text", "Tell me a fun fact about the moon.", max_tokens=12, seed=5))
-    assert resp.json()["choices"][0]["message"]["content"] == want.text
-
-    content = [{"type": "text", "text": "What is in the picture?"}, {"type": "image_url", "image_url": {"url": data_url(picture)}}]
-    resp = post(app, "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 10})
-    assert resp.status_code == 200, resp.text
-    want = local.run(GenerationRequest("img2text", "What is in the picture?", image=picture, max_tokens=10))
-    assert resp.json()["choices"][0]["message"]["content"] == want.text
-
-    body = {"prompt": "A red fox sleeps under an old oak tree.", "size": "64x48", "num_inference_steps": 6, "seed": 7, "cfg_img_scale": 1.5}
-    resp = post(app, "/v1/images/generations", json=body)
-    assert resp.status_code == 200, resp.text
-    want = local.run(GenerationRequest("text2img", body["prompt"], seed=7, num_inference_steps=6, height=48, width=64, cfg_img_scale=1.5))
-    assert np.array_equal(png_pixels(resp.json()["data"][0]["b64_json"]), np.asarray(want.image))
-    crossed += 1
-
-    body = {"messages": [{"role": "user", "content": "A lighthouse at dusk"}], "modalities": ["image"], "think": True,
-            "max_think_tokens": 8, "num_inference_steps": 4, "seed": 3, "size": "32x32"}
-    resp = post(app, "/v1/chat/completions", json=body)
-    assert resp.status_code == 200, resp.text
-    parts = resp.json()["choices"][0]["message"]["content"]
-    want = local.run(GenerationRequest("text2img", "A lighthouse at dusk", think=True, max_think_tokens=8, num_inference_steps=4, seed=3,
-                                       height=32, width=32))
-    assert parts[0] == {"type": "text", "text": want.think_text}
-    assert np.array_equal(png_pixels(parts[1]["image_url"]["url"].split(",", 1)[1]), np.asarray(want.image))
-    crossed += 1
-
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    resp = post(app, "/v1/images/edits", files={"image": ("in.png", buf.getvalue(), "image/png")},
-                data={"prompt": "Make the sky purple.", "num_inference_steps": "5", "seed": "11"})
-    assert resp.status_code == 200, resp.text
-    want = local.run(GenerationRequest("img2img", "Make the sky purple.", image=picture, seed=11, num_inference_steps=5))
-    assert np.array_equal(png_pixels(resp.json()["data"][0]["b64_json"]), np.asarray(want.image))
-    crossed += 1
-
-    body = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 10, "stream": True}
-    with post(app, "/v1/chat/completions", json=body, stream=True) as resp:
-        events = sse_events(resp)
-    want = local.run(GenerationRequest("text2text", "Say something", max_tokens=10))
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == want.text
-
-    body = {"messages": [{"role": "user", "content": "a boat"}], "modalities": ["image"], "num_inference_steps": 5,
-            "size": "32x32", "stream": True, "seed": 1}
-    with post(app, "/v1/chat/completions", json=body, stream=True) as resp:
-        events = sse_events(resp)
-    assert [e["progress"]["step"] for e in events[:-1] if "progress" in e] == [1, 2, 3, 4]
-    url = events[-2]["choices"][0]["delta"]["content"][-1]["image_url"]["url"]
-    want = local.run(GenerationRequest("text2img", "a boat", num_inference_steps=5, height=32, width=32, seed=1))
-    assert np.array_equal(png_pixels(url.split(",", 1)[1]), np.asarray(want.image))
-    crossed += 1
-
-    want_counts = dict(before)
-    want_counts[("object_store", "true")] = want_counts.get(("object_store", "true"), 0.0) + crossed
-    assert wait_for_handoffs(app, app.dits, want_counts) == want_counts
+    fixtures = {"serve_app": app, "local": local, "picture": picture}
+    for check, _ in ONE_NODE_CHECKS:
+        check(**{name: fixtures[name] for name in inspect.signature(check).parameters})
+    want = dict(before)
+    want[("object_store", "true")] = want.get(("object_store", "true"), 0.0) + sum(n for _, n in ONE_NODE_CHECKS)
+    assert wait_for_handoffs(app, app.dits, want) == want
 
 
 # -- losing a node --------------------------------------------------------------------------
@@ -141,8 +102,12 @@ def image_request(i: int, steps: int = STEPS) -> tuple[str, dict, GenerationRequ
 
 
 def long_image_request(i: int) -> tuple[str, dict, GenerationRequest]:
-    """Still denoising a few seconds after it was sent (~0.1 s a step here, in a batch of four)."""
-    return image_request(i, 3 * STEPS)
+    """Denoising for seconds (10-30 ms a step here, in a batch of four)."""
+    return image_request(i, 5 * STEPS)
+
+
+def steps_run(app, node) -> float:
+    return sum(app.metric(node, "ray_bagel_denoise_steps_total").values())
 
 
 def driver_retries(app) -> int:
@@ -229,8 +194,12 @@ def test_losing_a_dit_node_under_load(cluster_app, local, tmp_path):
         while not (out / "results.jsonl").exists() or not read_records(out):  # the job is under way
             assert time.monotonic() < deadline and job.poll() is None, job.stdout.read() if job.poll() is not None else "no record"
             time.sleep(0.2)
+        steps = steps_run(app, victim)
         second_round = [pool.submit(send, app, long_image_request, [CLIENTS + c]) for c in range(CLIENTS)]
-        time.sleep(1.0)  # the second round is on the replicas
+        deadline = time.monotonic() + 60
+        while steps_run(app, victim) < steps + 20:  # the victim is denoising requests in flight
+            assert time.monotonic() < deadline, "the DiT node to kill got no work"
+            time.sleep(0.2)
         killed = app.kill(victim)
         for f in (*first_round, *second_round):
             answers += f.result()

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import multinode
 
-    cache = Path(os.environ.get("BAGEL_RAY_CACHE") or tempfile.mkdtemp(prefix="bagel-soak-"))
+    scratch = None if os.environ.get("BAGEL_RAY_CACHE") else tempfile.TemporaryDirectory(prefix="bagel-soak-")
+    cache = Path(os.environ["BAGEL_RAY_CACHE"] if scratch is None else scratch.name)  # the tiny model, made on first use
     print(f"soak: starting a head, a thinker node and two DiT nodes (cache {cache})", flush=True)
     app = multinode.start(cache)
     try:
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             series.setdefault(name, []).append(s)
     finally:
         multinode.stop(app)
+        if scratch is not None:
+            scratch.cleanup()
 
     replicas, over = {}, []
     for name, points in series.items():

@@ -87,6 +87,9 @@ class StageConfig(StrictModel):
         64, ge=-1, description="requests waiting for a replica, per ingress replica, before a 503; -1 unbounded"
     )
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="most replicas of this stage on one node (1: a node lost takes one replica with it)"
+    )
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="bfloat16 on a GPU and float32 on a CPU when auto"
@@ -121,6 +124,8 @@ class StageConfig(StrictModel):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
         if self.num_replicas is not None:
             options["num_replicas"] = self.num_replicas
         else:

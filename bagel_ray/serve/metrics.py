@@ -26,6 +26,8 @@ def _metrics():
         "stage_latency": metrics.Histogram("bagel_stage_latency_s", "Time a request spends in a stage replica.", _LATENCY_BOUNDS, tag_keys=("stage",)),
         "steps": metrics.Counter("bagel_denoise_steps_total", "Denoising steps run."),
         "handoff_bytes": metrics.Counter("bagel_kv_handoff_bytes_total", "KV context bytes handed to the DiT."),
+        "handoffs": metrics.Counter("bagel_kv_handoffs_total", "KV handoffs by the route taken and whether they crossed nodes.",
+                                    tag_keys=("route", "crossed_nodes")),
         "handoff_seconds": metrics.Histogram("bagel_kv_handoff_s", "Pack plus unpack time of one KV handoff.", [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5]),
     }
 
@@ -55,8 +57,9 @@ def count_step() -> None:
         m["steps"].inc()
 
 
-def observe_handoff(stats: TransferStats) -> None:
+def observe_handoff(stats: TransferStats, crossed_nodes: bool) -> None:
     m = _metrics()
     if m:
+        m["handoffs"].inc(tags={"route": stats.route, "crossed_nodes": str(crossed_nodes).lower()})
         m["handoff_bytes"].inc(stats.nbytes)
         m["handoff_seconds"].observe(stats.send_s + stats.receive_s)

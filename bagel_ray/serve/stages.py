@@ -32,6 +32,7 @@ from bagel_ray.routes import DIT, THINKER, stage_parts
 from bagel_ray.serve import metrics
 from bagel_ray.serve.config import AppConfig, StageConfig
 from bagel_ray.serve.workers import DecodeWorker, DenoiseWorker, EngineLock, ImageJob, TextJob, out_of_memory, understand_jobs
+from bagel_ray.transport import ray_peer
 from bagel_ray.transport.base import make_transport
 
 log = logging.getLogger("bagel_ray.serve")
@@ -66,6 +67,7 @@ class Handoff:
     think_text: str | None
     think_token_ids: list[int] | None
     timings: dict[str, float] = field(default_factory=dict)
+    node: str = ""  # the Ray node of the sender: the receiver records whether the handoff crossed nodes
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,8 @@ class ThinkerServer:
 
         prepared, payload = await self.lock.run("prepare_image", prepare)
         metrics.observe_stage("thinker", time.perf_counter() - t0)
-        return Handoff(payload, prepared.noise, prepared.think_text, prepared.think_token_ids, prepared.timings)
+        return Handoff(payload, prepared.noise, prepared.think_text, prepared.think_token_ids, prepared.timings,
+                       ray_peer.node_id())
 
     def check_health(self) -> None:
         """Serve restarts a replica whose continuous-decoding thread has died: its greedy text
@@ -254,9 +257,11 @@ class DiTServer:
 
     def _received(self, handoff: Handoff) -> PreparedImage:
         contexts, stats = self.transport.receive(handoff.payload, self.device)
-        metrics.observe_handoff(stats)
+        crossed = handoff.node != ray_peer.node_id()
+        metrics.observe_handoff(stats, crossed)
         timings = dict(handoff.timings, handoff_bytes=float(stats.nbytes), handoff_send_s=stats.send_s,
-                       handoff_receive_s=stats.receive_s, **{f"handoff_via_{stats.route}": 1.0})
+                       handoff_receive_s=stats.receive_s, handoff_crossed_nodes=float(crossed),
+                       **{f"handoff_via_{stats.route}": 1.0})
         return PreparedImage(contexts, handoff.noise, handoff.think_text, handoff.think_token_ids, timings)
 
     async def _receive(self, handoff: Handoff | None) -> PreparedImage | None:

@@ -1,0 +1,171 @@
+"""A real multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`: a raylet per
+node, each with its own resources and ports) running deployments/tiny_cluster.yaml: a head
+(Serve controller, HTTP proxy and the ingress), a `thinker_node` node and `dit_node` nodes, the
+node types of cluster.yaml.
+
+Used by tests/serve/test_multinode.py and benchmarks/soak.py. This process never connects to
+the cluster (`ray.init` may already be taken by the single-node cluster of
+tests/serve/conftest.py in the same pytest run): the app is deployed,
+and read back, through the head's dashboard REST API, as `serve deploy` and KubeRay do; nodes
+are added and killed through the `Cluster` object; each node's metrics come from its own
+metrics export port.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "tiny_cluster.yaml"
+# Node death is seen within ~3 s (GCS health checks every second, 3 misses); metrics are
+# exported every second, so a test reads a request's counters soon after its answer.
+SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "metrics_report_interval_ms": 1000}
+NODE_CPUS = 1  # each node's share of the 2 cores the tests run on; the replicas ask for 0.1
+
+
+def auth_headers() -> dict[str, str]:
+    """The Ray token, when this process runs with token auth (a `ray.init()` in it turned that
+    on, and the nodes started here inherit it), for the dashboard's REST API."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    return get_auth_headers_if_auth_enabled({})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MultiNodeApp:
+    cluster: Any  # ray.cluster_utils.Cluster
+    dashboard: str
+    url: str
+    name: str
+    args: dict
+    thinker: Any | None  # ray._private.node.Node
+    dits: list = field(default_factory=list)
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def add_node(self, kind: str):
+        """A node of cluster.yaml's type `thinker_gpu` or `dit_gpu` (its marker resource, no GPU)."""
+        node = self.cluster.add_node(num_cpus=NODE_CPUS, resources={kind: 1}, object_store_memory=100 << 20)
+        if kind == "dit_node":
+            self.dits.append(node)
+        else:
+            self.thinker = node
+        return node
+
+    def kill(self, node) -> float:
+        """Kill the node's raylet and every worker on it at once (no graceful drain); returns when."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        if node in self.dits:
+            self.dits.remove(node)
+        if node is self.thinker:
+            self.thinker = None
+        return time.monotonic()
+
+    @property
+    def head(self):
+        return self.cluster.head_node
+
+    # -- Serve, as its REST API shows it ----------------------------------------------------
+
+    def details(self) -> dict:
+        resp = requests.get(f"{self.dashboard}/api/serve/applications/", headers=auth_headers(), timeout=30)
+        resp.raise_for_status()
+        return resp.json()
+
+    def replicas(self, deployment: str, state: str = "RUNNING") -> list[dict]:
+        app = self.details()["applications"].get(self.name)
+        if app is None:
+            return []
+        return [r for r in app["deployments"][deployment]["replicas"] if r["state"] == state]
+
+    def wait_for(self, deployment: str, nodes: list, timeout_s: float = 120) -> list[dict]:
+        """Until exactly one RUNNING replica of `deployment` is on each of `nodes` (and none elsewhere)."""
+        want = sorted(n.node_id for n in nodes)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = self.replicas(deployment)
+            if sorted(r["node_id"] for r in running) == want:
+                return running
+            assert time.monotonic() < deadline, f"{deployment}: replicas on {[r['node_id'] for r in running]}, want {want}"
+            time.sleep(0.5)
+
+    def metric(self, node, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Samples of one Prometheus metric exported by `node`: labels (sorted, without Ray's
+        own) -> value."""
+        text = requests.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10).text
+        samples = {}
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            pairs = tuple(sorted((k, v.strip('"')) for k, v in (p.split("=", 1) for p in labels.split(",") if p)
+                                 if k not in ("Component", "NodeAddress", "SessionName", "Version", "WorkerId", "JobId")))
+            samples[pairs] = samples.get(pairs, 0.0) + float(value)
+        return samples
+
+
+def config(port: int) -> dict:
+    """deployments/tiny_cluster.yaml with its HTTP port moved to `port`."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw = copy.deepcopy(raw)
+    raw["http_options"]["port"] = port
+    return raw
+
+
+def start(cache: Path, dit_nodes: int = 2, timeout_s: float = 240) -> MultiNodeApp:
+    """The cluster and the app on it, RUNNING. The caller calls `stop`."""
+    from ray.cluster_utils import Cluster
+
+    os.environ["BAGEL_RAY_CACHE"] = str(cache)  # the nodes' workers inherit it
+    dashboard_port = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": NODE_CPUS, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "object_store_memory": 100 << 20, "_system_config": SYSTEM_CONFIG})
+    serve_config = config(free_port())
+    app_cfg = serve_config["applications"][0]
+    app = MultiNodeApp(cluster, f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{serve_config['http_options']['port']}",
+                       app_cfg["name"], app_cfg["args"], None)
+    try:
+        app.add_node("thinker_node")
+        for _ in range(dit_nodes):
+            app.add_node("dit_node")
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while True:  # the dashboard's Serve module comes up a while after the head
+            try:
+                resp = requests.put(f"{app.dashboard}/api/serve/applications/", json=serve_config, headers=auth_headers(),
+                                    timeout=30)
+                if resp.ok:
+                    break
+                last = f"{resp.status_code}: {resp.text[:2000]}"
+            except requests.RequestException as exc:
+                last = repr(exc)
+            assert time.monotonic() < deadline, f"the dashboard never took the Serve config ({last})"
+            time.sleep(1)
+        while True:
+            status = app.details()["applications"].get(app.name, {}).get("status")
+            if status == "RUNNING":
+                return app
+            assert status not in ("DEPLOY_FAILED", "UNHEALTHY") and time.monotonic() < deadline, app.details()
+            time.sleep(1)
+    except BaseException:
+        stop(app)
+        raise
+
+
+def stop(app: MultiNodeApp) -> None:
+    app.cluster.shutdown()

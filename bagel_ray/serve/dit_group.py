@@ -43,17 +43,13 @@ from bagel_ray.engine.dit import DenoiseJob, DenoiseParams, DiT
 from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, ParallelDiT, ParallelJob
 from bagel_ray.model.loader import load_checkpoint
 from bagel_ray.serve.config import AppConfig, ParallelSettings
+from bagel_ray.serve.errors import GroupBroken
 
 log = logging.getLogger("bagel_ray.serve")
 
 # A worker rank only denoises, but it loads what rank 0 loads: `random-7b` draws its weights in
 # parameter order from one seed, so other parts would give it other weights.
 PING_TIMEOUT_S = 10.0
-
-
-class GroupBroken(RuntimeError):
-    """A rank of this replica's group died or stopped answering: the request fails, and so do
-    later ones until Serve has replaced the replica (its health check fails)."""
 
 
 def engine_config(settings: ParallelSettings, heads: int, kv_heads: int) -> ParallelConfig:

@@ -80,16 +80,25 @@ class DenoiseParams:
             raise ValueError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
 
 
-def guidance(params: DenoiseParams, t: torch.Tensor, same_as_gen: Callable[[str], bool]) -> tuple[float, float, list[str], list[str]]:
+def guidance(params: DenoiseParams, t: torch.Tensor, same_as_gen: Callable[[str], bool],
+             taylor: dict[str, TaylorState] | None = None) -> tuple[float, float, list[str], list[str]]:
     """The scales of a step at time `t`, gated by the CFG interval; the branches the
     combination needs; and those to run (a branch whose context equals gen's reuses the
-    conditional velocity). A function of the schedule alone, so every rank of a parallel
-    replica (`dit_parallel`) decides the same without talking."""
+    conditional velocity). With TaylorSeer (`taylor`, the job's per-branch states) such a
+    branch reuses it only while it has run at every step so far: then its cache equals the
+    conditional branch's. Otherwise (CFG starting after the first step) its count lags, and it
+    runs on its own cache as the official one does. A function of the schedule and the
+    branches' forward counts alone, so every rank of a parallel replica (`dit_parallel`)
+    decides the same without talking."""
     on = cfg_active(t, params.cfg_interval)
     s_t = params.cfg_text_scale if on else 1.0
     s_i = params.cfg_img_scale if on else 1.0
     wanted = ["cond"] + (["cfg_text"] if s_t > 1.0 else []) + (["cfg_img"] if s_t > 1.0 and s_i > 1.0 else [])
-    run = [b for b in wanted if b == "cond" or not same_as_gen(b)]
+
+    def reuses(b: str) -> bool:
+        return same_as_gen(b) and (taylor is None or taylor[b].step == taylor["cond"].step)
+
+    run = [b for b in wanted if b == "cond" or not reuses(b)]
     return s_t, s_i, wanted, run
 
 
@@ -268,16 +277,8 @@ class DiT:
 
     @staticmethod
     def _guidance(job: DenoiseJob) -> tuple[float, float, list[str], list[str]]:
-        """The gated scales of a job's current step, the branches its combination needs, and
-        those to run (a branch whose context equals gen's reuses the conditional velocity).
-        With TaylorSeer such a branch reuses it only while it has run at every step so far:
-        then its cache equals the conditional branch's. Otherwise (CFG starting after the
-        first step) its count lags, and it runs on its own cache as the official one does."""
-
-        def reuses(b: str) -> bool:
-            return job.contexts.same_as_gen(b) and (job.taylor is None or job.taylor[b].step == job.taylor["cond"].step)
-
-        return guidance(job.params, job.schedule.timesteps[job.index], reuses)
+        """`guidance` of a job's current step."""
+        return guidance(job.params, job.schedule.timesteps[job.index], job.contexts.same_as_gen, job.taylor)
 
     def _batched_velocities(self, jobs: list[DenoiseJob], runs: list[list[str]]) -> list[_Forwarded]:
         """Each job's velocities of the branches in its `runs` entry, with one forward per
@@ -300,8 +301,7 @@ class DiT:
                 out[k].velocities[b] = v[row]
                 taylor = jobs[k].taylor
                 if taylor is not None:
-                    spare = taylor[b].spare()
-                    out[k].outputs[b] = stream[row].clone() if spare is None else spare.copy_(stream[row])
+                    out[k].outputs[b] = taylor[b].keep(stream[row])
             for k in members:
                 out[k].shared = len(members)
         return out

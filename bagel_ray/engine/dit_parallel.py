@@ -46,6 +46,7 @@ from bagel_ray.engine.cfg import combine
 from bagel_ray.engine.dit import BRANCHES, DenoiseParams, DiT, StepRecord, guidance, host_to_device
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.schedule import euler_step, make_schedule
+from bagel_ray.engine.taylorseer import TaylorState
 from bagel_ray.model.kernels.rope import QKNormRope
 from bagel_ray.model.image_transforms import grid_position_ids
 from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV, sdpa
@@ -111,20 +112,26 @@ def head_slice(context: KVContext, index: int, parts: int) -> KVContext:
 class BranchPlan:
     """Which branches a request runs and on which cfg index each lives. `run`: the branches that
     run at some step of the schedule (`guidance`), in `BRANCHES` order; `same`: branches whose
-    context equals gen's (they reuse cond's velocity and never run)."""
+    context equals gen's (they reuse cond's velocity, and without TaylorSeer never run);
+    `taylorseer`: the request uses the step cache, so cond is never spread over all ranks."""
 
     run: tuple[str, ...]
     same: frozenset[str]
     cfg: int
+    taylorseer: bool = False
 
     @staticmethod
     def of(contexts: ImageContexts, params: DenoiseParams, cfg: int) -> "BranchPlan":
         schedule = make_schedule(params.num_inference_steps, params.timestep_shift)
-        ran: set[str] = set()
-        for t in schedule.timesteps:
-            ran.update(guidance(params, t, contexts.same_as_gen)[3])
         same = frozenset(b for b in BRANCHES[1:] if contexts.same_as_gen(b))
-        return BranchPlan(tuple(b for b in BRANCHES if b in ran), same, cfg)
+        taylor = {b: TaylorState() for b in BRANCHES} if params.taylorseer else None
+        ran: set[str] = set()
+        for t in schedule.timesteps:  # with TaylorSeer the forward counts decide reuse: count them
+            wanted, run = guidance(params, t, same.__contains__, taylor)[2:]
+            ran.update(run)
+            for b in wanted if taylor is not None else ():
+                taylor[b].advance()
+        return BranchPlan(tuple(b for b in BRANCHES if b in ran), same, cfg, params.taylorseer)
 
     def home(self, branch: str) -> int:
         return self.run.index(branch) % self.cfg
@@ -183,7 +190,9 @@ class UlyssesKV:
 @dataclass(eq=False, repr=False)
 class ParallelJob:
     """One request's state on one rank: the latents (the same on every rank) and the index of
-    the next step; `error` as in `DenoiseJob`."""
+    the next step; `error` as in `DenoiseJob`. With TaylorSeer, `taylor` holds a state per
+    branch on every rank: its forward count (the same on every rank, so all decide alike which
+    forwards are full) and, for the branches this rank computes, the factors of its rows."""
 
     plan: BranchPlan
     branches: dict[str, KVContext]  # this rank's branches only
@@ -202,6 +211,7 @@ class ParallelJob:
     stop_next: bool = False  # rank 0: tell the others to stop at the next gather
     helped: int = 0  # steps run with cond split over every rank
     ended: bool = False  # stopped early, on every rank alike
+    taylor: dict[str, TaylorState] | None = None  # per branch, with `params.taylorseer`
 
     @property
     def done(self) -> bool:
@@ -222,7 +232,16 @@ class ParallelDiT:
     of the other cfg indices would idle; with it, cond's rows are split over all ranks instead
     (Ulysses over the whole group), where the group's size divides the head counts (2 or 4
     ranks for BAGEL-7B; not 3 or 8). Each such rank then holds cond's context for its heads
-    only (a 1 / size share). Off, or where the heads do not divide, those ranks idle."""
+    only (a 1 / size share). Off, or where the heads do not divide, those ranks idle. Nor does
+    it help for a TaylorSeer request (`helps`): a branch's cache holds the last layer's output
+    of the rows its rank computes, so cond's rows stay on cond's ranks at every step; its
+    Taylor steps run no layer anyway, only its full ones (about one in three) would be split.
+
+    TaylorSeer: a branch's full forwards run as usual on its ranks, and each of them refreshes
+    the factors of its own rows from the last layer's output; on its Taylor forwards those
+    ranks predict their rows' velocity from the factors (`DiT.predicted_velocity`, row-wise),
+    and the gather is the same. Which forwards are full depends only on the branch's forward
+    count, which every rank keeps for every branch: the ranks agree without talking."""
 
     def __init__(self, dit: DiT, config: ParallelConfig, group: dist.ProcessGroup | None = None,
                  help_cond: bool = True) -> None:
@@ -244,6 +263,10 @@ class ParallelDiT:
 
     # -- contexts over the group -----------------------------------------------------------------
 
+    def helps(self, plan: BranchPlan) -> bool:
+        """Whether the ranks split cond's rows over all of them at cond-only steps of `plan`."""
+        return self.help_cond and not plan.taylorseer
+
     @staticmethod
     def context_layout(plan: BranchPlan, contexts: ImageContexts) -> dict[str, tuple[tuple[int, ...], int]]:
         """What a receiving rank must know before `receive_contexts`: each running branch's
@@ -257,7 +280,7 @@ class ParallelDiT:
         rank = self.rank if rank is None else rank
         c = self.config.coords(rank)[0]
         out = plan.share(contexts, c)
-        if self.help_cond and c > 0:
+        if self.helps(plan) and c > 0:
             out["cond"] = head_slice(contexts.gen, rank, self.config.size)
         return out
 
@@ -272,7 +295,7 @@ class ParallelDiT:
     def receive_contexts(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]]) -> dict[str, KVContext]:
         """A rank other than 0: its `share`, as rank 0's `send_contexts` sends it."""
         out = {}
-        wanted = set(plan.branches_of(self.c)) | ({"cond"} if self.help_cond and self.c > 0 else set())
+        wanted = set(plan.branches_of(self.c)) | ({"cond"} if self.helps(plan) and self.c > 0 else set())
         for b in (b for b in BRANCHES if b in wanted):
             shape, rope = layout[b]
             if b not in plan.branches_of(self.c):  # cond's heads of this rank only
@@ -304,9 +327,11 @@ class ParallelDiT:
 
     @torch.inference_mode()
     def _velocities(self, job: ParallelJob, contexts: list[KVContext], S: int, s: int,
-                    group: dist.ProcessGroup | None) -> torch.Tensor:
+                    group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
         """v of this rank's latent rows (share s of S, split over `group`) for each context:
-        [B, rows, 64]. With S > 1 the contexts hold only this rank's KV heads."""
+        [B, rows, 64], and those rows of the residual stream after the last layer (before the
+        final norm, what TaylorSeer keeps) [B, rows, D]. With S > 1 the contexts hold only this
+        rank's KV heads."""
         dit, model = self.dit, self.dit.model
         dev, B = model.device, len(contexts)
         h, w = job.grid
@@ -325,8 +350,10 @@ class ParallelDiT:
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
         attention = RaggedKV(past) if S == 1 else UlyssesKV(past, group, sizes)
-        hidden, _ = model.llm(rows, positions, self._expert_rows(B, n, start, end), attention, ForwardMode(gen=True))
-        return model.velocity(hidden[:, int(start) : n - int(end)])
+        hidden, _, stream = model.llm(rows, positions, self._expert_rows(B, n, start, end), attention,
+                                      ForwardMode(gen=True), with_stream=True)
+        latent = slice(int(start), n - int(end))
+        return model.velocity(hidden[:, latent]), stream[:, latent]
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -345,11 +372,13 @@ class ParallelDiT:
             raise ValueError(f"an image of {h * w} latent rows is too small for parallel.sequence={self.config.sequence}")
         if tuple(noise.shape) != (h * w, self.dit.cfg.patch_latent_dim):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(h * w, self.dit.cfg.patch_latent_dim)}")
+        if plan.taylorseer != params.taylorseer:
+            raise ValueError("the plan was made for other params (taylorseer differs)")
         schedule = make_schedule(params.num_inference_steps, params.timestep_shift)
         dev = self.dit.model.device
         mine = {b: branches[b] for b in plan.branches_of(self.c)}
         helper = None
-        if self.help_cond:
+        if self.helps(plan):
             if "cond" not in branches:
                 raise ValueError(f"rank {self.rank} helps the cond branch: it needs cond's context (or its heads of it)")
             helper = branches["cond"]
@@ -358,7 +387,8 @@ class ParallelDiT:
         return ParallelJob(plan, mine, helper, params, (h, w), schedule.timesteps, schedule.timesteps.to(dev),
                            schedule.dts.to(dev), grid_position_ids(h, w, self.dit.cfg.max_latent_size).to(dev),
                            noise.to(dev, torch.float32), on_step if self.rank == 0 else None,
-                           should_stop if self.rank == 0 else None)
+                           should_stop if self.rank == 0 else None,
+                           taylor={b: TaylorState() for b in BRANCHES} if params.taylorseer else None)
 
     def _pieces(self, job: ParallelJob, run: list[str], helping: bool) -> list[list[tuple[str, int, int]]]:
         """Per rank, the (branch, latent rows [lo, hi)) it computes at a step, in its order:
@@ -400,32 +430,50 @@ class ParallelDiT:
     def step(self, job: ParallelJob) -> None:
         """One step on this rank (a collective: every rank calls it for the same job)."""
         rank0_stop = self.rank == 0 and (job.stop_next or (job.should_stop is not None and job.should_stop()))
-        p = job.params
-        s_t, s_i, wanted, run = guidance(p, job.timesteps_host[job.index], lambda b: b in job.plan.same)
-        helping = self.help_cond and run == ["cond"]
+        p, taylor = job.params, job.taylor
+        s_t, s_i, wanted, run = guidance(p, job.timesteps_host[job.index], job.plan.same.__contains__, taylor)
+        forwards = [b for b in run if taylor is None or taylor[b].next_is_full]
+        helping = self.helps(job.plan) and run == ["cond"]
         pieces = self._pieces(job, run, helping)
+        outputs: dict[str, torch.Tensor] = {}  # the last layer's output of this rank's full TaylorSeer rows
         if helping:
-            v_mine = self._velocities(job, [job.helper], self.config.size, self.rank, self.group)
+            v_mine = self._velocities(job, [job.helper], self.config.size, self.rank, self.group)[0]
             job.helped += 1
         else:
             S = self.config.sequence
-            mine = [job.branches[b] for b, _, _ in pieces[self.rank]]
-            if S > 1:
-                mine = [head_slice(c, self.s, S) for c in mine]
-            v_mine = self._velocities(job, mine, S, self.s, self.seq_group) if mine else None
+            mine = [b for b, _, _ in pieces[self.rank]]
+            full = [b for b in mine if b in forwards]
+            v: dict[str, torch.Tensor] = {}
+            if full:  # the same on every rank of this sequence group: the counts agree
+                contexts = [job.branches[b] for b in full]
+                if S > 1:
+                    contexts = [head_slice(c, self.s, S) for c in contexts]
+                v_full, stream = self._velocities(job, contexts, S, self.s, self.seq_group)
+                for row, b in enumerate(full):
+                    v[b] = v_full[row]
+                    if taylor is not None:
+                        outputs[b] = taylor[b].keep(stream[row])
+            for b in mine:
+                if b not in v:  # a Taylor forward: this rank's rows from its factors
+                    v[b] = self.dit.predicted_velocity(taylor[b])
+            v_mine = torch.stack([v[b] for b in mine]) if mine else None
         gathered, stop = self._gather(pieces, v_mine, rank0_stop)
         if stop:
             job.ended = True
             if job.error is None:
                 job.error = Cancelled(f"denoising stopped before step {job.index + 1} of {job.total}: the request was cancelled")
             return
+        if taylor is not None:  # every rank counts every branch's forward; factors where it has rows
+            for b in wanted:
+                taylor[b].advance(outputs.get(b))
         v = self._assemble(pieces, gathered)
         for b in wanted:
             v.setdefault(b, v["cond"])
         guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, p.cfg_renorm_type, p.cfg_renorm_min)
         if job.on_step is not None and job.error is None:
             try:
-                job.on_step(StepRecord(job.index, job.total, float(job.timesteps_host[job.index]), job.x, v, guided))
+                job.on_step(StepRecord(job.index, job.total, float(job.timesteps_host[job.index]), job.x, v, guided,
+                                       forwards=tuple(forwards)))
             except Exception as exc:  # rank 0's callback: the others stop at the next gather
                 job.error, job.stop_next = exc, True
         job.x = euler_step(job.x, guided, job.dts[job.index])

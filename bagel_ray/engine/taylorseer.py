@@ -53,6 +53,13 @@ class TaylorState:
             return None
         return self.factors[MAX_ORDER]
 
+    def keep(self, output: torch.Tensor) -> torch.Tensor:
+        """Before a full forward's `advance`: the state's own copy of that forward's `output`
+        (which may be a buffer the next forward overwrites), in `spare()`'s storage when there
+        is one."""
+        spare = self.spare()
+        return output.clone() if spare is None else spare.copy_(output)
+
     def predict(self) -> torch.Tensor:
         """The Taylor forward's output: sum_i factors[i] * x**i / i!, x = forwards since the
         last full one, in the official order of operations (so bf16 rounds as it does there)."""

@@ -29,7 +29,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -41,19 +41,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseJob, DenoiseParams, DiT
 from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, ParallelDiT, ParallelJob
-from bagel_ray.model.loader import load_checkpoint
 from bagel_ray.serve.config import AppConfig, ParallelSettings
+from bagel_ray.serve.errors import GroupBroken
 
 log = logging.getLogger("bagel_ray.serve")
 
-# A worker rank only denoises, but it loads what rank 0 loads: `random-7b` draws its weights in
-# parameter order from one seed, so other parts would give it other weights.
 PING_TIMEOUT_S = 10.0
-
-
-class GroupBroken(RuntimeError):
-    """A rank of this replica's group died or stopped answering: the request fails, and so do
-    later ones until Serve has replaced the replica (its health check fails)."""
 
 
 def engine_config(settings: ParallelSettings, heads: int, kv_heads: int) -> ParallelConfig:
@@ -101,14 +94,10 @@ def _free_port() -> int:
 class RankWorker:
     """Rank r >= 1 of a parallel DiT replica, in bundle r of the replica's placement group."""
 
-    def __init__(self, app_config: dict, rank: int) -> None:
-        from bagel_ray.serve.stages import dit_parts, resolve_device
-
+    def __init__(self, load: Callable[[AppConfig], DiT], app_config: dict, rank: int) -> None:
         self.config = AppConfig.model_validate(app_config)
         self.rank = rank
-        device, dtype = resolve_device(self.config.dit)
-        ckpt = load_checkpoint(self.config.model, dit_parts(self.config), device, dtype)
-        self.dit = DiT(ckpt.model, ckpt.tokenizer, ckpt.vae, cuda_graphs=False)
+        self.dit = load(self.config)
         self.engine: ParallelDiT | None = None
 
     def ping(self) -> int:
@@ -140,7 +129,8 @@ class DiTGroup:
     """Rank 0's view of its group: the worker actors, the engine, and whether the group still
     works."""
 
-    def __init__(self, dit: DiT, app: AppConfig, raw_config: dict) -> None:
+    def __init__(self, dit: DiT, app: AppConfig, raw_config: dict, load: Callable[[AppConfig], DiT]) -> None:
+        """`load`: what a worker rank runs to load its `DiT` (the stage decides, as for rank 0)."""
         settings = app.dit.parallel
         llm = dit.cfg.llm
         self.config = engine_config(settings, llm.num_attention_heads, llm.num_key_value_heads)
@@ -160,7 +150,7 @@ class DiTGroup:
                 options["memory"] = bundle.pop("memory")
             strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
             self.workers.append(RankWorker.options(scheduling_strategy=strategy, resources=bundle, **options)
-                                .remote(raw_config, rank))
+                                .remote(load, raw_config, rank))
         t0 = time.perf_counter()
         ray.get([w.ping.remote() for w in self.workers], timeout=settings.start_timeout_s)  # loaded
         address = f"{ray.util.get_node_ip_address()}:{_free_port()}"

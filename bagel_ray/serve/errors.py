@@ -1,7 +1,7 @@
 """Every way a request can fail, and the one map from an error to its HTTP answer.
 
-The serving layer's own errors (`InputError`, `Overloaded`) are defined here; the engines'
-(`EngineOutOfMemory`, `PromptTooLong`, `Cancelled`) below Ray, in `engine/`, so that the
+The serving layer's own errors (`InputError`, `Overloaded`, `GroupBroken`) are defined here;
+the engines' (`EngineOutOfMemory`, `PromptTooLong`, `Cancelled`) below Ray, in `engine/`, so that the
 Ray-free workers can raise them. `failure` decides each error's status, message and headers,
 for the driver's answers and its stream error events alike; the README's "What the service
 promises" lists the result.
@@ -39,6 +39,13 @@ class InputError(ValueError):
 
 class Overloaded(Exception):
     """A stage already has its limit of requests from this ingress replica."""
+
+
+class GroupBroken(RuntimeError):
+    """A rank of a parallel DiT replica's group (`serve/dit_group.py`) died or stopped
+    answering: the request fails, and so do later ones on that replica until Serve has
+    replaced it (its health check fails). Retryable: a replacement or another replica serves
+    the same request."""
 
 
 def replica_died(exc: BaseException) -> bool:
@@ -98,6 +105,8 @@ def failure(exc: BaseException, timeout_s: float, retry_after_s: int, prompt_par
         if streaming:
             return 503, f"a replica died during the stream ({type(cause).__name__}); streams are not retried", None, retry
         return 503, f"a replica died during the request and again on its retry ({type(cause).__name__})", None, retry
+    if isinstance(cause, GroupBroken):
+        return 503, f"{cause}; retry later", None, retry
     if isinstance(cause, Cancelled):
         return 503, "the request was cancelled inside the service", None, retry
     log.error("request failed", exc_info=exc)

@@ -107,6 +107,15 @@ def dit_parts(app: AppConfig) -> frozenset[str]:
 
 
 
+def rank_dit(config: AppConfig) -> DiT:
+    """A worker rank's denoiser (`serve/dit_group.py`). It only denoises, but it loads what rank 0
+    loads: `random-7b` draws its weights in parameter order from one seed, so other parts would
+    give it other weights. Its layers run eagerly (no CUDA graphs on the parallel path yet)."""
+    device, dtype = resolve_device(config.dit)
+    ckpt = load_checkpoint(config.model, dit_parts(config), device, dtype)
+    return DiT(ckpt.model, ckpt.tokenizer, ckpt.vae, cuda_graphs=False)
+
+
 def thinker_engine(config: AppConfig) -> LocalPipeline:
     """The Thinker replica's engine: the understanding parts of the configured checkpoint."""
     device, dtype = resolve_device(config.thinker)
@@ -244,7 +253,7 @@ class DiTServer:
         if self.config.dit.parallel.size > 1:  # one request over several ranks: serve/dit_group.py
             from bagel_ray.serve.dit_group import DiTGroup, GroupBatch
 
-            self.group = DiTGroup(self.pipeline.dit, self.config, app_config)
+            self.group = DiTGroup(self.pipeline.dit, self.config, app_config, rank_dit)
             self.worker = DenoiseWorker(self.pipeline, self.lock, 1, lambda: GroupBatch(self.group))
         else:
             self.worker = DenoiseWorker(self.pipeline, self.lock, batch)

@@ -26,12 +26,20 @@ from bagel_ray.model.image_transforms import decoded_to_uint8
 from tests.engine.test_golden_pipeline import check, image_request
 from tests.golden import load_case_tensors
 
-# (world size, [(cfg, sequence, golden case), ...]): every degree and layout of the issue
+# (world size, [(cfg, sequence, golden case), ...]): every degree and layout of the issue, and
+# TaylorSeer over CFG parallel (text2img's cond-only steps too, one of them a full forward),
+# sequence parallel and both. The first run of a world is also delivered over the group, and so
+# is its last where that is a TaylorSeer one.
 RUNS = {
-    2: [(2, 1, "text2img"), (2, 1, "img2img"), (2, 1, "text2img_variant"), (1, 2, "text2img"), (1, 2, "img2img")],
+    2: [(2, 1, "text2img"), (2, 1, "img2img"), (2, 1, "text2img_variant"), (1, 2, "text2img"), (1, 2, "img2img"),
+        (1, 2, "img2img_taylorseer"), (2, 1, "text2img_taylorseer")],
     3: [(3, 1, "img2img"), (3, 1, "text2img_think")],
-    4: [(2, 2, "text2img"), (2, 2, "img2img")],
+    4: [(2, 2, "text2img"), (2, 2, "img2img"), (2, 2, "img2img_taylorseer")],
 }
+
+
+def delivered_runs(runs: list) -> list:
+    return [runs[0]] + ([runs[-1]] if runs[-1][2].endswith("_taylorseer") else [])
 
 
 def free_port() -> int:
@@ -70,37 +78,41 @@ def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, ou
         if rank == 0:
             ctx = prepared.contexts
             entry["decoded"] = pipeline.dit.decode_image(latents, ctx.height, ctx.width)[0]
-            entry["records"] = [(r.t, r.x, r.velocities, r.guided) for r in records]
+            entry["records"] = [(r.t, r.x, r.velocities, r.guided, r.forwards) for r in records]
         results[cfg, seq, name] = entry
-    # the first run again with the contexts on rank 0 only: the others get theirs over the group
+    # runs again with the contexts on rank 0 only: the others get theirs over the group
+    for key in delivered_runs(runs):
+        cfg, seq, name = key
+        case = manifest["cases"][name]
+        req = image_request(case, golden, load_case_tensors(golden, case))
+        engine = grids[cfg, seq]
+        sent = [None]
+        if rank == 0:
+            prepared = pipeline.prepare_image(req)
+            plan = BranchPlan.of(prepared.contexts, req.sampler(), cfg)
+            ctx = prepared.contexts
+            sent = [(plan, engine.context_layout(plan, ctx), ctx.height, ctx.width, prepared.noise)]
+        dist.broadcast_object_list(sent, src=0)
+        plan, layout, height, width, noise = sent[0]
+        if rank == 0:
+            engine.send_contexts(plan, prepared.contexts)
+            branches = plan.share(prepared.contexts, 0)
+        else:
+            branches = engine.receive_contexts(plan, layout)
+            helps = engine.helps(plan) and engine.c > 0  # then it also gets its KV heads of cond
+            assert set(branches) == set(plan.branches_of(engine.c)) | ({"cond"} if helps else set())
+            if helps:
+                assert branches["cond"].kv.shape[3] == pipeline.cfg.llm.num_key_value_heads // world
+        results["delivered", key] = engine.denoise(plan, branches, height, width, req.sampler(), noise)
+        # the same stepped by hand: how many steps ran cond over every rank (`help_cond`)
+        job = engine.job(plan, branches, height, width, req.sampler(), noise)
+        while not job.done:
+            engine.step(job)
+        assert torch.equal(job.x, results["delivered", key])
+        results["helped", key] = (job.helped, engine.can_help)
     cfg, seq, name = runs[0]
     case = manifest["cases"][name]
     req = image_request(case, golden, load_case_tensors(golden, case))
-    engine = grids[cfg, seq]
-    sent = [None]
-    if rank == 0:
-        prepared = pipeline.prepare_image(req)
-        plan = BranchPlan.of(prepared.contexts, req.sampler(), cfg)
-        ctx = prepared.contexts
-        sent = [(plan, engine.context_layout(plan, ctx), ctx.height, ctx.width, prepared.noise)]
-    dist.broadcast_object_list(sent, src=0)
-    plan, layout, height, width, noise = sent[0]
-    if rank == 0:
-        engine.send_contexts(plan, prepared.contexts)
-        branches = plan.share(prepared.contexts, 0)
-    else:
-        branches = engine.receive_contexts(plan, layout)
-        helps = engine.help_cond and engine.c > 0  # then it also gets its KV heads of cond
-        assert set(branches) == set(plan.branches_of(engine.c)) | ({"cond"} if helps else set())
-        if helps:
-            assert branches["cond"].kv.shape[3] == pipeline.cfg.llm.num_key_value_heads // world
-    results["delivered"] = engine.denoise(plan, branches, height, width, req.sampler(), noise)
-    # the same stepped by hand: how many steps ran cond over every rank (`help_cond`)
-    job = engine.job(plan, branches, height, width, req.sampler(), noise)
-    while not job.done:
-        engine.step(job)
-    assert torch.equal(job.x, results["delivered"])
-    results["helped"] = (job.helped, engine.can_help)
     # cancellation (rank 0's should_stop) and a failing callback on rank 0 end every rank alike
     prepared = pipeline.prepare_image(req)
     asked = []
@@ -160,9 +172,12 @@ def test_parallel_denoise_matches_one_process_and_golden(world, golden_dir, mani
         torch.testing.assert_close(latents, alone, atol=tol["atol"], rtol=tol["rtol"], msg=f"{cfg}x{seq} {name}")
         records = ranks[0][cfg, seq, name]["records"]
         assert len(records) == len(alone_records) == len(case["results"]["steps"])
-        for i, ((t, x, v, guided), mine, step) in enumerate(zip(records, alone_records, case["results"]["steps"])):
+        for i, ((t, x, v, guided, forwards), mine, step) in enumerate(zip(records, alone_records, case["results"]["steps"])):
             assert t == mine.t
             assert sorted(v) == sorted(mine.velocities) == sorted(step["branches"]), f"step {i} branches"
+            assert forwards == mine.forwards, f"step {i}: the same full forwards as in one process"
+        if name.endswith("_taylorseer"):  # the cache was used: fewer forwards than branch steps
+            assert sum(len(r[4]) for r in records) < sum(len(step["branches"]) for step in case["results"]["steps"])
         # golden parity through the parallel path
         check(case, "x_t", torch.stack([r[1] for r in records]), tensors)
         check(case, "v_cond", torch.stack([r[2]["cond"] for r in records]), tensors)
@@ -175,15 +190,18 @@ def test_parallel_denoise_matches_one_process_and_golden(world, golden_dir, mani
         alone_decoded = golden_pipeline.dit.decode_image(alone, ctx_h, ctx_w)[0]
         torch.testing.assert_close(decoded, alone_decoded, atol=tol["atol"], rtol=tol["rtol"])
     # contexts sent over the group from rank 0 are the ones each rank built itself
-    first = runs[0]
-    for r in range(world):
-        assert torch.equal(ranks[r]["delivered"], ranks[r][first]["latents"]), r
-    # cond-only steps (outside cfg_interval) ran on every rank where the heads divide by the
-    # ranks (2 here: the tiny model's 4 / 2 heads), and on cond's ranks alone otherwise
-    cond_only = sum(step["branches"] == ["cond"] for step in manifest["cases"][first[2]]["results"]["steps"])
-    helped, can_help = ranks[0]["helped"]
-    assert can_help == (world == 2)
-    assert helped == (cond_only if can_help else 0) and (world != 2 or helped > 0)
+    for key in delivered_runs(runs):
+        for r in range(world):
+            assert torch.equal(ranks[r]["delivered", key], ranks[r][key]["latents"]), (key, r)
+        # cond-only steps (outside cfg_interval) ran on every rank where the heads divide by
+        # the ranks (2 here: the tiny model's 4 / 2 heads), and on cond's ranks alone otherwise
+        # and for a TaylorSeer request (its cache keeps cond's rows where they are)
+        cond_only = sum(step["branches"] == ["cond"] for step in manifest["cases"][key[2]]["results"]["steps"])
+        helped, can_help = ranks[0]["helped", key]
+        assert can_help == (world == 2)
+        taylor = key[2].endswith("_taylorseer")
+        assert helped == (cond_only if can_help and not taylor else 0)
+        assert world != 2 or taylor or helped > 0
     # rank 0's cancel stops every rank before the same step; its failing callback ends the
     # others one step later, and only rank 0 raises it
     cancelled = [r["outcomes"][0] for r in ranks]

@@ -1,13 +1,14 @@
 """A DiT replica spanning 2 placement-group bundles on CPUs (CFG parallel over gloo): it
-answers over HTTP with the one-process image, its config is checked before and at start,
-and when its worker-rank actor is killed the replica turns unhealthy, requests fail clearly
-(5xx, never a hang), and Serve replaces the whole group."""
+answers over HTTP with the one-process image (with TaylorSeer too), its config is checked
+before and at start, and when its worker-rank actor is killed the replica turns unhealthy,
+requests fail clearly (503 with Retry-After, never a hang), and Serve replaces the whole group."""
 
 from __future__ import annotations
 
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -39,12 +40,13 @@ def test_parallel_settings_are_validated_and_give_one_bundle_per_rank():
 
 def test_a_bad_sequence_degree_or_missing_bundles_fail_at_start_naming_the_key(ray_session, local):
     from bagel_ray.serve.dit_group import DiTGroup, engine_config
+    from bagel_ray.serve.stages import rank_dit
 
     with pytest.raises(ValueError, match=r"dit.parallel.sequence=4 must divide .*4 query heads, 2 key/value"):
         engine_config(AppConfig.model_validate({"dit": {"parallel": {"sequence": 4}}}).dit.parallel, 4, 2)
     app = AppConfig.model_validate({"dit": {"parallel": {"cfg": 2}}})
     with pytest.raises(ValueError, match=r"dit.parallel: cfg 2 x sequence 1 = 2 ranks, but .* 0 bundle"):
-        DiTGroup(local.dit, app, app.model_dump(mode="json"))  # here, outside any placement group
+        DiTGroup(local.dit, app, app.model_dump(mode="json"), rank_dit)  # here, outside any placement group
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +63,21 @@ def generate(app) -> requests.Response:
 
 
 def test_a_two_bundle_dit_replica_answers_over_http(parallel_app, local, picture):
-    """text2img (contexts from the Thinker, cond and cfg_text on one rank each) and img2img
-    (contexts built on the DiT's rank 0, three branches dealt over the two ranks)."""
+    """text2img (contexts from the Thinker, cond and cfg_text on one rank each), the same with
+    TaylorSeer (its forwards 5 and 6 predicted on each branch's rank), and img2img (contexts
+    built on the DiT's rank 0, three branches dealt over the two ranks)."""
     resp = generate(parallel_app)
     assert resp.status_code == 200, resp.text
     want = np.asarray(local.run(REQ).image).astype(int)
     got = png_pixels(resp.json()["data"][0]["b64_json"]).astype(int)
     assert np.abs(got - want).max() <= 1  # the golden uint8 tolerance (rows split differently: ~1e-6 apart)
+    resp = requests.post(parallel_app.url + "/v1/images/generations",
+                         json={**BODY, "num_inference_steps": 8, "taylorseer": True}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    cached = np.asarray(local.run(replace(REQ, num_inference_steps=8, taylorseer=True)).image).astype(int)
+    exact = np.asarray(local.run(replace(REQ, num_inference_steps=8)).image).astype(int)
+    assert np.abs(cached - exact).max() > 1  # so the cache's use shows in the image
+    assert np.abs(png_pixels(resp.json()["data"][0]["b64_json"]).astype(int) - cached).max() <= 1
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     resp = post(parallel_app, "/v1/images/edits", files={"image": ("in.png", buf.getvalue(), "image/png")},
@@ -105,8 +115,8 @@ def test_a_cancelled_request_stops_every_rank_and_the_group_goes_on(parallel_app
 
 def test_the_replica_survives_the_kill_of_its_worker_rank(parallel_app, local):
     """The worker rank is killed while a long request runs on the group: that request ends
-    with a clear 5xx soon after (or had finished), the next ones fail the same way until Serve
-    has replaced the replica, then they get the one-process image again."""
+    with a 503 and Retry-After soon after (or had finished), the next ones fail the same way
+    until Serve has replaced the replica, then they get the one-process image again."""
     import ray
     from ray import serve
 
@@ -120,7 +130,8 @@ def test_the_replica_survives_the_kill_of_its_worker_rank(parallel_app, local):
         t0 = time.monotonic()
         in_flight = long.result()
     assert time.monotonic() - t0 < 60, "the request in flight hung"
-    assert in_flight.status_code == 200 or (in_flight.status_code >= 500 and "error" in in_flight.json()), in_flight.text
+    assert in_flight.status_code == 200 or (in_flight.status_code == 503 and "Retry-After" in in_flight.headers
+                                            and "error" in in_flight.json()), in_flight.text
     deadline = time.monotonic() + 180
     answers = []
     while True:
@@ -130,7 +141,7 @@ def test_the_replica_survives_the_kill_of_its_worker_rank(parallel_app, local):
         answers.append(resp.status_code)
         if resp.status_code == 200:
             break
-        assert resp.status_code >= 500 and "error" in resp.json(), resp.text  # a clear error, not a hang
+        assert resp.status_code == 503 and "Retry-After" in resp.headers and "error" in resp.json(), resp.text  # retryable, not a hang
         assert time.monotonic() < deadline, f"not replaced: {answers}"
         time.sleep(1)
     after = replica_actor_names(parallel_app.name, "DiT")

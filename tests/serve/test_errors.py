@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
-from bagel_ray.serve.errors import Overloaded, failure, replica_died
+from bagel_ray.serve.errors import GroupBroken, Overloaded, failure, replica_died
 from bagel_ray.serve.schemas import ChatCompletionRequest, InputError
 from bagel_ray.engine.errors import EngineOutOfMemory
 from bagel_ray.serve.workers import out_of_memory
@@ -43,6 +43,8 @@ def bad_body() -> ValidationError:
     (from_replica(out_of_memory("render", torch.cuda.OutOfMemoryError("CUDA out of memory"))), 507, None, None),
     (ActorDiedError(), 503, None, "7"),
     (upstream_died(), 503, None, "7"),
+    (from_replica(GroupBroken("the DiT replica's process group is broken: a worker rank is gone")), 503, None, "7"),
+    (GroupBroken("the DiT replica's process group is broken"), 503, None, "7"),
     (from_replica(ValueError("a bug")), 500, None, None),
 ])
 def test_failure_statuses(exc, status, param, retry_after):

@@ -16,7 +16,9 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "bagel_ray"
-HELPERS = {"bagel_ray.atomic", "bagel_ray.png"}  # leaf helpers any floor may use
+# Leaf modules any floor may use: helpers (atomic writes, PNG encoding) and the two torch-free
+# tables every floor reads (docs/ARCHITECTURE.md: where to change a knob / a modality).
+HELPERS = {"bagel_ray.atomic", "bagel_ray.png", "bagel_ray.knobs", "bagel_ray.routes"}
 # A floor and the floors it may import (besides itself and the helpers).
 FLOORS = {
     "bagel_ray.model": set(),
@@ -145,6 +147,11 @@ def test_each_floor_imports_only_the_floors_below(floor):
     wrong = {(m, t) for m, targets in graph().items() if floor_of(m) == floor for t in targets
              if t not in HELPERS and floor_of(t) not in allowed}
     assert not wrong
+
+
+def test_the_leaf_modules_import_nothing_of_the_package():
+    """What every floor may import must itself import no floor, or the floors' rules leak."""
+    assert {m: set(graph()[m]) for m in HELPERS if graph()[m]} == {}
 
 
 @pytest.mark.parametrize("floor", ["bagel_ray.model", "bagel_ray.engine"])

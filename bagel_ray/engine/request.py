@@ -48,12 +48,20 @@ class GenerationRequest:
     temperature: float = BY_NAME["temperature"].default
     top_p: float = BY_NAME["top_p"].default
     init_noise: torch.Tensor | None = field(default=None, repr=False)
+    # What comes before `image` and `prompt` in the model's interleaved input, in order: text
+    # segments and images, as the official `interleave_inference` takes a list of inputs
+    # (a chat's system message and earlier turns; the other images of a turn).
+    context: tuple[str | Image.Image, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         path = route(self.modality)
-        if path.image_in and self.image is None:
+        object.__setattr__(self, "context", tuple(self.context))
+        if not all(isinstance(item, (str, Image.Image)) for item in self.context):
+            raise ValueError("context items must be texts or images")
+        has_image = bool(self.images)
+        if path.image_in and not has_image:
             raise ValueError(f"{self.modality} needs an input image")
-        if not path.image_in and self.image is not None:
+        if not path.image_in and has_image:
             raise ValueError(f"{self.modality} takes no input image")
         for knob in KNOBS:
             value = getattr(self, knob.name)
@@ -63,6 +71,15 @@ class GenerationRequest:
             raise ValueError(f"{self.modality} generates at the input image's size; height and width cannot be set")
         self.sampler()  # the sampler's own checks of image modalities
         self.decode_params()
+
+    @property
+    def inputs(self) -> tuple[str | Image.Image, ...]:
+        """Everything before the prompt, in order: the context, then the image."""
+        return self.context if self.image is None else (*self.context, self.image)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [item for item in self.inputs if isinstance(item, Image.Image)]
 
     @property
     def outputs_image(self) -> bool:
@@ -96,4 +113,5 @@ class GenerationResult:
     image: Image.Image | None = field(default=None, repr=False)
     latent_tokens: torch.Tensor | None = field(default=None, repr=False)
     finish_reason: str | None = None  # text: "stop" (predicted <|im_end|>) or "length"
+    prompt_tokens: int | None = None  # rows of the context decoded or denoised from (image rows included)
     timings: dict[str, float] = field(default_factory=dict)

@@ -387,13 +387,17 @@ class Driver:
         return await self._guard(request, "/v1/chat/completions", ChatCompletionRequest, self._chat, "messages")
 
     async def _chat(self, body: ChatCompletionRequest):
-        prompt, image_url = body.prompt_and_image()
-        await self.bound_prompt(prompt, "messages")
-        image = None
-        if image_url:
-            image = await asyncio.to_thread(decode_data_url, image_url, "messages", self.config.max_image_bytes,
-                                            self.config.max_image_pixels)
-        modality = modality_for(image_in=image is not None, image_out=body.modalities == ["image"])
+        items, image_url, prompt = body.interleaved()
+        await self.bound_prompt("\n".join([prompt, *(v for kind, v in items if kind == "text")]), "messages")
+
+        def decode(url: str) -> Any:
+            return decode_data_url(url, "messages", self.config.max_image_bytes, self.config.max_image_pixels)
+
+        urls = [v for kind, v in items if kind == "image"] + ([image_url] if image_url else [])
+        decoded = iter(await asyncio.to_thread(lambda: [decode(u) for u in urls]))
+        context = tuple(next(decoded) if kind == "image" else v for kind, v in items)
+        image = next(decoded) if image_url else None
+        modality = modality_for(image_in=bool(urls), image_out=body.modalities == ["image"])
         path = route(modality)
         if not path.image_out and body.size is not None:
             raise InputError("size applies to image output only", "size", 422)
@@ -402,27 +406,37 @@ class Driver:
         height, width = await self._size(body.size)
         if path.image_out and not path.size_from_input and height is None:
             height = width = await self._default_size()
-        req = body.request(modality, prompt, image, self._seed(body), height, width)
+        req = body.request(modality, prompt, image, self._seed(body), height, width, context)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             # The first item is awaited before answering, so that a request refused at once
             # (capacity, a dead stage) still gets its status code instead of a 200 stream.
-            items = self._stream(req)
+            items_out = self._stream(req)
             try:
-                first = await anext(items)
+                first = await anext(items_out)
             except BaseException:
-                await items.aclose()
+                await items_out.aclose()
                 raise
-            return StreamingResponse(self._chat_stream(req, rid, created, first, items), media_type="text/event-stream")
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._chat_stream(req, rid, created, first, items_out, usage),
+                                     media_type="text/event-stream")
         result = await self._generate(req)
         content = await asyncio.to_thread(self._content, result)  # a PNG to encode: off the event loop
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": result.finish_reason or "stop"}],
-            "usage": {"completion_tokens": len(result.token_ids or [])},
+            "usage": self._usage(result),
             "seed": req.seed,
         }
+
+    @staticmethod
+    def _usage(result: GenerationResult) -> dict:
+        """OpenAI's usage: prompt tokens are the rows of the context decoded (or denoised) from,
+        image blocks included; completion tokens the text decoded (think text for images)."""
+        completion = len(result.token_ids or result.think_token_ids or [])
+        prompt = result.prompt_tokens or 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _content(self, result: GenerationResult) -> str | list[dict]:
         if result.image is None:
@@ -432,7 +446,7 @@ class Driver:
         return parts
 
     async def _chat_stream(self, req: GenerationRequest, rid: str, created: int, first: Any,
-                           rest: AsyncIterator[str | dict | GenerationResult]) -> AsyncIterator[str]:
+                           rest: AsyncIterator[str | dict | GenerationResult], include_usage: bool) -> AsyncIterator[str]:
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
@@ -453,6 +467,9 @@ class Driver:
                 else:
                     final = {} if item.image is None else {"content": await asyncio.to_thread(self._content, item)}
                     yield chunk(final, item.finish_reason or "stop", seed=req.seed)
+                    if include_usage:  # OpenAI's last chunk: no choices, the usage
+                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                   "model": self.config.model_name, "choices": [], "usage": self._usage(item)})
         except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__
             code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "messages",

@@ -15,7 +15,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 from pydantic import Strict as Exact
 
 from bagel_ray.engine.request import GenerationRequest
@@ -24,6 +24,7 @@ from bagel_ray.png import encode_png
 from bagel_ray.serve.errors import InputError
 
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_INPUT_IMAGES = 4  # images in one chat request (vllm-omni's bound): each is a ViT block (and a VAE one for edits)
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(?P<data>.*)$", re.DOTALL)
@@ -75,16 +76,36 @@ HTTP_KNOBS = {k.name: k for k in KNOBS if k.http}
 _KnobFields = create_model("_KnobFields", __base__=Strict, **{name: knob_field(k) for name, k in HTTP_KNOBS.items()})
 
 
+HTTP_ALIASES = {alias: k.name for k in HTTP_KNOBS.values() for alias in k.http_aliases}
+
+
 class BagelKnobs(_KnobFields):
     """Every BAGEL knob (`bagel_ray.knobs.KNOBS`) as a typed top-level field. None = the
     official default for the request's modality (for `seed`: a random one)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _http_aliases(cls, data: Any) -> Any:
+        """OpenAI's other names of a knob (`max_completion_tokens` for `max_tokens`)."""
+        if not isinstance(data, dict) or not HTTP_ALIASES.keys() & data.keys():
+            return data
+        data = dict(data)
+        for alias, name in HTTP_ALIASES.items():
+            if alias in data:
+                if name in data:
+                    raise ValueError(f"{alias} and {name} are the same knob; give one")
+                data[name] = data.pop(alias)
+        return data
+
     def request(self, modality: str, prompt: str, image: Image.Image | None, seed: int,
-                height: int | None = None, width: int | None = None) -> GenerationRequest:
+                height: int | None = None, width: int | None = None,
+                context: tuple[str | Image.Image, ...] = ()) -> GenerationRequest:
         given = {name: getattr(self, name) for name in HTTP_KNOBS if name != "seed"}
+        if given["do_sample"] is None and given["temperature"] is not None:
+            given["do_sample"] = True  # an OpenAI client's temperature means sampling
         try:
             return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
-                                     **{k: v for k, v in given.items() if v is not None})
+                                     context=context, **{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise InputError(str(exc), status=422) from exc
 
@@ -105,8 +126,20 @@ class ImagePart(Strict):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[TextPart | ImagePart]
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart | ImagePart] | None = None
+    name: str | None = None
+
+    def parts(self) -> tuple[list[str], str]:
+        """(its image URLs, its text parts joined by newlines)."""
+        if self.content is None or isinstance(self.content, str):
+            return [], self.content or ""
+        texts = [p.text for p in self.content if isinstance(p, TextPart)]
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)], "\n".join(texts)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
 
 
 class ChatCompletionRequest(BagelKnobs):
@@ -115,21 +148,33 @@ class ChatCompletionRequest(BagelKnobs):
     modalities: list[Literal["text", "image"]] = Field(default_factory=lambda: ["text"], min_length=1, max_length=1)
     size: str | None = Field(None, description="WxH of a generated image; default 1024x1024 (the model's largest)")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
 
-    def prompt_and_image(self) -> tuple[str, str | None]:
-        """BAGEL has no chat template: one user message, its text parts and at most one image."""
-        if len(self.messages) != 1 or self.messages[0].role != "user":
-            raise InputError("exactly one message with role 'user' is supported (BAGEL uses no chat template)", "messages")
-        content = self.messages[0].content
-        if isinstance(content, str):
-            return content, None
-        texts = [p.text for p in content if isinstance(p, TextPart)]
-        images = [p.image_url.url for p in content if isinstance(p, ImagePart)]
-        if len(images) > 1:
-            raise InputError("at most one image per request", "messages")
-        return "\n".join(texts), images[0] if images else None
+    def interleaved(self) -> tuple[list[tuple[str, str]], str | None, str]:
+        """The messages as BAGEL's interleaved input (it has no chat template, so no role tags):
+        each message in order gives its images (ViT blocks, and VAE blocks for image output),
+        then its text parts joined by newlines as one `<|im_start|>text<|im_end|>` segment,
+        as `interleave_inference` takes a list of inputs. The last message, the user's, ends
+        the list: its text is the prompt and its last image the request's image. Returns
+        (context as ("text" | "image", text or URL) items, the image URL, the prompt)."""
+        *earlier, last = self.messages
+        if last.role != "user":
+            raise InputError(f"the last message must be the user's (got role {last.role!r})", "messages")
+        context: list[tuple[str, str]] = []
+        for message in earlier:
+            urls, text = message.parts()
+            if urls and message.role != "user":
+                raise InputError(f"only user messages may hold images (a {message.role} message has one)", "messages")
+            context += [("image", url) for url in urls]
+            if text:
+                context.append(("text", text))
+        urls, prompt = last.parts()
+        context += [("image", url) for url in urls[:-1]]
+        if sum(kind == "image" for kind, _ in context) + bool(urls) > MAX_INPUT_IMAGES:
+            raise InputError(f"at most {MAX_INPUT_IMAGES} images per request", "messages")
+        return context, (urls[-1] if urls else None), prompt
 
 
 class ImagesRequest(BagelKnobs):

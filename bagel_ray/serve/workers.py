@@ -140,6 +140,7 @@ class TextJob:
     prompt: list[int] | None = None  # its prompt's tokens, made (and checked) off the engine lock
     started: float = field(default_factory=time.perf_counter)
     prefilled_s: float = 0.0
+    prompt_tokens: int | None = None  # its context's length, once prefilled
 
     def deliver(self, outcome: GenerationResult | BaseException) -> None:
         """Hand the outcome to the waiting caller (from the decode thread)."""
@@ -226,6 +227,7 @@ class DecodeWorker(InboxWorker):
                 failed = None
                 for job, ctx in zip(live, contexts):
                     job.prefilled_s = started
+                    job.prompt_tokens = ctx.length
                     if self.decoder.fits(ctx, job.req.max_tokens):
                         self.decoder.admit(job, ctx, job.req.max_tokens)
                     else:
@@ -250,7 +252,7 @@ class DecodeWorker(InboxWorker):
         req = job.req
         job.deliver(GenerationResult(
             req.modality, req.prompt, req.seed, text=clean_generated_text(tok.decode([tok.bos_id] + seq.token_ids)),
-            token_ids=seq.token_ids, finish_reason="stop" if seq.stopped_on_eos else "length",
+            token_ids=seq.token_ids, finish_reason="stop" if seq.stopped_on_eos else "length", prompt_tokens=job.prompt_tokens,
             timings={"queue_and_prefill_s": job.prefilled_s - job.started, "decode_s": now - job.prefilled_s,
                      "tokens": float(len(seq.token_ids))},
         ))

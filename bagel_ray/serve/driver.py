@@ -46,6 +46,8 @@ from bagel_ray.serve.schemas import (
     ErrorResponse,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImagesRequest,
+    MAX_INPUT_IMAGES,
     decode_data_url,
     decode_image,
     parse_size,
@@ -491,22 +493,24 @@ class Driver:
             height = width = await self._default_size()
         seed = self._seed(body)
         reqs = [body.request("text2img", body.prompt, None, s, height, width) for s in body.seeds(seed)]
-        return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
+        return await self._image_list(body, await all_or_nothing(self._generate(r) for r in reqs))
 
-    async def _image_list(self, results: list[GenerationResult]) -> dict:
-        """The response body. The PNGs are encoded in a worker thread (tens of ms each), off the
-        event loop that every other request to this replica waits on."""
-        return await asyncio.to_thread(self._image_list_now, results)
+    async def _image_list(self, body: ImagesRequest, results: list[GenerationResult]) -> dict:
+        """The response body. The images are encoded in a worker thread (tens of ms each), off
+        the event loop that every other request to this replica waits on."""
+        return await asyncio.to_thread(self._image_list_now, body, results)
 
     @staticmethod
-    def _image_list_now(results: list[GenerationResult]) -> dict:
+    def _image_list_now(body: ImagesRequest, results: list[GenerationResult]) -> dict:
         data = []
         for r in results:
-            item = {"b64_json": png_base64(r.image), "seed": r.seed}
+            item = {"b64_json": body.encode(r.image), "seed": r.seed}
             if r.think_text is not None:
                 item["revised_prompt"] = r.think_text
             data.append(item)
-        return {"created": int(time.time()), "data": data}
+        first = results[0].image
+        return {"created": int(time.time()), "data": data, "output_format": body.output_format,
+                "size": f"{first.width}x{first.height}", "quality": body.quality or "auto", "background": "opaque"}
 
     @api.post("/v1/images/edits", openapi_extra=_body(_EDIT_FORM, "multipart/form-data"), responses=_ERRORS)
     async def image_edits(self, request: Request):
@@ -517,12 +521,17 @@ class Driver:
             form = await request.form()
         except Exception as exc:  # malformed multipart
             raise InputError(f"expected a multipart/form-data body: {exc}") from None
-        uploads = form.getlist("image")
-        if len(uploads) != 1 or isinstance(uploads[0], str):
-            raise InputError("exactly one image file is required", "image")
+        if "mask" in form:
+            raise InputError("mask is not supported: BAGEL has no inpainting, it edits the whole image from the "
+                             "prompt (say in the prompt what to change where)", "mask")
+        uploads = form.getlist("image") + form.getlist("image[]")  # the SDK sends a list as image[]
+        if not uploads or any(isinstance(u, str) for u in uploads):
+            raise InputError("an image file is required", "image")
+        if len(uploads) > MAX_INPUT_IMAGES:
+            raise InputError(f"at most {MAX_INPUT_IMAGES} images per request", "image")
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
-            if key == "image":
+            if key in ("image", "image[]"):
                 continue
             if not isinstance(value, str):
                 raise InputError(f"{key} must be a form field, not a file", key, 422)
@@ -531,8 +540,9 @@ class Driver:
         if body.model not in (None, self.config.model_name):
             raise InputError(f"model {body.model!r} is not served here", "model", 404)
         await self.bound_prompt(body.prompt, "prompt")
-        data = await uploads[0].read()
-        image = await asyncio.to_thread(decode_image, data, "image", self.config.max_image_bytes, self.config.max_image_pixels)
+        datas = [await upload.read() for upload in uploads]
+        *context, image = await asyncio.to_thread(
+            lambda: [decode_image(d, "image", self.config.max_image_bytes, self.config.max_image_pixels) for d in datas])
         seed = self._seed(body)
-        reqs = [body.request("img2img", body.prompt, image, s) for s in body.seeds(seed)]
-        return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
+        reqs = [body.request("img2img", body.prompt, image, s, context=tuple(context)) for s in body.seeds(seed)]
+        return await self._image_list(body, await all_or_nothing(self._generate(r) for r in reqs))

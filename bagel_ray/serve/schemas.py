@@ -177,14 +177,81 @@ class ChatCompletionRequest(BagelKnobs):
         return context, (urls[-1] if urls else None), prompt
 
 
+# OpenAI's `quality` as denoising steps: auto/high/hd/standard are the official 50; medium and
+# low trade detail for time (the step count sets the DiT's cost: 30 steps ~60 %, 20 ~40 %).
+QUALITY_STEPS = {"auto": None, "standard": None, "hd": None, "high": None, "medium": 30, "low": 20}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
 class ImagesRequest(BagelKnobs):
     """What the two image endpoints share: `n` images, made with seeds seed, seed+1, ..."""
 
     prompt: Text = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, strict=True, ge=1, le=8, description="images generated with seeds seed, seed+1, ..., seed+n-1")
-    response_format: Literal["b64_json"] = "b64_json"
+    quality: Literal[tuple(QUALITY_STEPS)] | None = Field(  # type: ignore[valid-type]
+        None, description="denoising steps: low 20, medium 30, high/hd/standard/auto the official 50; "
+                          "num_inference_steps sets them exactly")
+    output_format: Literal[tuple(OUTPUT_FORMATS)] = "png"  # type: ignore[valid-type]
+    output_compression: int | None = Field(None, strict=True, ge=0, le=100,
+                                           description="jpeg/webp quality in percent (default 100)")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="BAGEL's images are opaque: auto and opaque are accepted, transparent is refused")
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description="this server runs no moderation model: low is accepted, auto is refused")
+    response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = None
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_or_steps(cls, quality: str | None, info: ValidationInfo) -> str | None:
+        if quality is not None and QUALITY_STEPS[quality] is not None and info.data.get("num_inference_steps") is not None:
+            raise ValueError("give quality or num_inference_steps, not both (quality sets the steps)")
+        return quality
+
+    @field_validator("output_compression")
+    @classmethod
+    def _compression_is_lossy(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("output_format", "png") == "png":
+            raise ValueError("output_compression applies to jpeg and webp; png is lossless")
+        return value
+
+    @field_validator("background")
+    @classmethod
+    def _opaque(cls, value: str | None) -> str | None:
+        if value == "transparent":
+            raise ValueError("BAGEL generates opaque RGB images (no alpha channel): use auto or opaque")
+        return value
+
+    @field_validator("moderation")
+    @classmethod
+    def _no_moderation(cls, value: str | None) -> str | None:
+        if value == "auto":
+            raise ValueError("this server runs no moderation model, so it cannot moderate: send low or leave it out")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _inline(cls, value: str) -> str:
+        if value == "url":
+            raise ValueError("url is not served: this server keeps no images after answering, so they come back "
+                             "inline as b64_json")
+        return value
+
+    @model_validator(mode="after")
+    def _steps_of_quality(self) -> "ImagesRequest":
+        if self.quality is not None and QUALITY_STEPS[self.quality] is not None:
+            self.num_inference_steps = QUALITY_STEPS[self.quality]
+        return self
+
+    def encode(self, image: Image.Image) -> str:
+        """An output image as base64 in the requested format."""
+        if self.output_format == "png":
+            return png_base64(image)
+        buf = io.BytesIO()
+        quality = 100 if self.output_compression is None else self.output_compression
+        image.convert("RGB").save(buf, format=OUTPUT_FORMATS[self.output_format], quality=quality)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
 
     @field_validator("n")
     @classmethod
@@ -201,12 +268,14 @@ class ImagesRequest(BagelKnobs):
 
 
 class ImageGenerationRequest(ImagesRequest):
-    size: str | None = None
+    size: str | None = Field(None, description="WxH, or auto: the official default (1024x1024, or the model's largest)")
 
 
 class ImageEditRequest(ImagesRequest):
-    """Form fields of /v1/images/edits besides the image file. The output has the input's
-    (VAE-resized) size, so there is no size field."""
+    """Form fields of /v1/images/edits besides the image files. The output has the last input
+    image's (VAE-resized) size, so `size` can only be auto."""
+
+    size: Literal["auto"] | None = Field(None, description="auto only: an edit comes out at its input's VAE-resized size")
 
     @classmethod
     def from_form(cls, fields: dict[str, str]) -> "ImageEditRequest":
@@ -217,7 +286,7 @@ class ImageEditRequest(ImagesRequest):
             try:
                 if key in HTTP_KNOBS:
                     typed[key] = HTTP_KNOBS[key].parse(text)
-                elif key == "n":
+                elif key in ("n", "output_compression"):
                     typed[key] = int(text) if text.strip().lstrip("+-").isdigit() else text
                 else:
                     typed[key] = text
@@ -240,12 +309,12 @@ class ErrorResponse(BaseModel):
 
 
 def parse_size(size: str | None, max_side: int, stride: int) -> tuple[int | None, int | None]:
-    """'WxH' -> (height, width), checked against the model."""
-    if size is None:
+    """'WxH' -> (height, width), checked against the model; None or 'auto': (None, None)."""
+    if size is None or size == "auto":
         return None, None
     m = _SIZE.fullmatch(size)
     if not m:
-        raise InputError(f"size must look like '1024x768' (width x height), got {size!r}", "size", 422)
+        raise InputError(f"size must be 'auto' or look like '1024x768' (width x height), got {size!r}", "size", 422)
     width, height = int(m.group(1)), int(m.group(2))
     for side in (width, height):
         if side < stride or side % stride or side > max_side:

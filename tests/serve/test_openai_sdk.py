@@ -138,3 +138,68 @@ def test_more_than_four_images_is_refused(client, picture):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="bagel", messages=[{"role": "user", "content": parts}], max_tokens=2)
     assert "at most 4 images" in err.value.body["message"]
+
+
+def b64_image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_generate_auto_size_quality_and_formats(client, local):
+    # README: images
+    png = client.images.generate(model="bagel", prompt="a lighthouse", size="auto", quality="low",
+                                 extra_body={"seed": 11})
+    jpeg = client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", quality="low",
+                                  output_format="jpeg", output_compression=50, extra_body={"seed": 11})
+    webp = client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", quality="low",
+                                  output_format="webp", background="opaque", moderation="low", extra_body={"seed": 11})
+    default = min(1024, local.cfg.max_image_side)  # auto: the official default size
+    want = local.run(GenerationRequest("text2img", "a lighthouse", seed=11, num_inference_steps=20,
+                                       height=default, width=default))
+    got = b64_image(png.data[0].b64_json)
+    assert got.format == "PNG" and png.output_format == "png" and png.size == f"{default}x{default}"
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want.image))  # quality low = 20 steps
+    assert b64_image(jpeg.data[0].b64_json).format == "JPEG" and jpeg.output_format == "jpeg"
+    lossless = client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", quality="low",
+                                      output_format="jpeg", output_compression=100, extra_body={"seed": 11})
+    assert len(base64.b64decode(jpeg.data[0].b64_json)) < len(base64.b64decode(lossless.data[0].b64_json))
+    assert b64_image(webp.data[0].b64_json).format == "WEBP"
+
+
+@pytest.mark.parametrize("kwargs,param,words", [
+    ({"background": "transparent"}, "background", "opaque"),
+    ({"moderation": "auto"}, "moderation", "no moderation"),
+    ({"response_format": "url"}, "response_format", "b64_json"),
+    ({"output_compression": 50}, "output_compression", "png is lossless"),
+    ({"quality": "low", "extra_body": {"num_inference_steps": 3}}, "quality", "not both"),
+    ({"size": "8192x8192"}, "size", "between"),
+])
+def test_image_options_refused_with_the_reason(client, kwargs, param, words):
+    with pytest.raises(openai.APIStatusError) as err:
+        client.images.generate(model="bagel", prompt="x", **kwargs)
+    assert err.value.status_code == 422
+    assert err.value.body["param"] == param and words in err.value.body["message"]
+
+
+def test_edit_with_two_images_and_auto_size(client, local, pictures):
+    first, second = pictures
+    # README: edits with several images
+    edited = client.images.edit(model="bagel", image=[("a.png", png_bytes(first)), ("b.png", png_bytes(second))],
+                                prompt="combine them", size="auto", extra_body={"seed": 2, "num_inference_steps": 3})
+    want = local.run(GenerationRequest("img2img", "combine them", image=second, context=(first,), seed=2,
+                                       num_inference_steps=3))
+    got = b64_image(edited.data[0].b64_json).convert("RGB")
+    assert got.size == want.image.size  # the last input's VAE-resized size
+    assert np.array_equal(np.asarray(got), np.asarray(want.image))
+
+
+def test_edit_mask_is_refused_with_the_reason(client, picture):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(model="bagel", image=("a.png", png_bytes(picture)), mask=("m.png", png_bytes(picture)),
+                           prompt="x")
+    assert err.value.body["param"] == "mask" and "no inpainting" in err.value.body["message"]

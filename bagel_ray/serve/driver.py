@@ -94,7 +94,23 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     """Unknown routes (404) and wrong methods (405) in the API's error shape, not FastAPI's
     `{"detail": ...}`."""
     message = f"{request.method} {request.url.path}: {exc.detail}"
+    count_rejected(exc.status_code)
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
+def count_rejected(status: int, exc: BaseException | None = None) -> None:
+    """A request answered with an error before or without a stage's count of it
+    (`Driver._generate` counts those that reach the stages): modality "none", status the HTTP
+    status."""
+    if exc is None or not getattr(exc, "_bagel_counted", False):
+        metrics.count_request("none", str(status), 0.0)
+
+
+def _mark_counted(exc: BaseException) -> None:
+    try:
+        exc._bagel_counted = True  # noqa: SLF001  (read by count_rejected)
+    except AttributeError:  # an exception type without a __dict__: counted twice at worst
+        pass
 
 
 def sse(data: Any) -> str:
@@ -266,6 +282,7 @@ class Driver:
                 return await self._attempts(req, loop, deadline)
         except BaseException as exc:
             status = type(exc).__name__
+            _mark_counted(exc)
             raise
         finally:
             metrics.count_request(req.modality, status, time.perf_counter() - t0)
@@ -336,11 +353,13 @@ class Driver:
     def _failure_response(self, exc: BaseException, prompt_param: str = "prompt") -> JSONResponse:
         status, message, param, headers = failure(exc, self.config.request_timeout_s, self.config.retry_after_s,
                                                   prompt_param)
+        count_rejected(status, exc)
         return error_response(status, message, param, headers)
 
     def _denied(self, request: Request, route: str) -> JSONResponse | None:
         if self.access.allows(route, request.headers.get("authorization")):
             return None
+        count_rejected(401)
         return error_response(401, "a valid API key is required (Authorization: Bearer KEY)",
                               headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
@@ -381,8 +400,22 @@ class Driver:
     async def models(self, request: Request):
         return self._denied(request, "/v1/models") or {
             "object": "list",
-            "data": [{"id": self.config.model_name, "object": "model", "owned_by": "bagel-ray", "created": 0}],
+            "data": [self._model_card()],
         }
+
+    @api.get("/v1/models/{model_id}", responses={401: _ERRORS[401], 404: _ERRORS[404]})
+    async def model(self, request: Request, model_id: str):
+        denied = self._denied(request, "/v1/models")
+        if denied is not None:
+            return denied
+        if model_id != self.config.model_name:
+            count_rejected(404)
+            return error_response(404, f"model {model_id!r} is not served here (this is {self.config.model_name!r})",
+                                  "model", code="model_not_found")
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.config.model_name, "object": "model", "owned_by": "bagel-ray", "created": 0}
 
     @api.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"), responses=_ERRORS)
     async def chat_completions(self, request: Request):

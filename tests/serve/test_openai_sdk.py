@@ -203,3 +203,33 @@ def test_edit_mask_is_refused_with_the_reason(client, picture):
         client.images.edit(model="bagel", image=("a.png", png_bytes(picture)), mask=("m.png", png_bytes(picture)),
                            prompt="x")
     assert err.value.body["param"] == "mask" and "no inpainting" in err.value.body["message"]
+
+
+def test_models_retrieve(client):
+    # README: models
+    assert client.models.retrieve("bagel").id == "bagel"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.body["param"] == "model"
+
+
+def test_rejected_requests_are_counted_by_status(client, serve_app, ray_session):
+    import time
+
+    import requests
+
+    from tests.serve.test_metrics import scrape
+
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="bagel", messages=[{"role": "user", "content": "hi"}], max_tokens=0)
+    assert requests.get(serve_app.url + "/v1/nowhere", timeout=30).status_code == 404
+    wanted = ('status="422"', 'status="404"')
+    deadline = time.monotonic() + 60
+    while True:
+        lines = [l for l in scrape(ray_session).splitlines()
+                 if l.startswith("ray_bagel_requests_total") and 'modality="none"' in l]
+        missing = [w for w in wanted if not any(w in l for l in lines)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, lines

@@ -281,6 +281,14 @@ class LocalPipeline:
                                 think_token_ids=prepared.think_token_ids, image=image, latent_tokens=tokens, timings=timings,
                                 prompt_tokens=ctx.gen.length)
 
+    def preview(self, prepared: PreparedImage, record: StepRecord) -> Image.Image:
+        """The image the current x0 estimate decodes to: with x_t = (1-t)·x0 + t·eps and the
+        model's v = eps - x0, x0 = x_t - t·v (spec 6.3), from the step's guided velocity."""
+        if self.dit is None:
+            raise RuntimeError("this pipeline has no DiT engine")
+        x0 = record.x.float() - record.t * record.guided.float()
+        return self.dit.decode_image(x0, prepared.contexts.height, prepared.contexts.width)[1]
+
     # -- both ---------------------------------------------------------------------------
 
     def run(self, req: GenerationRequest, on_step: Callable[[StepRecord], None] | None = None) -> GenerationResult:

@@ -22,6 +22,13 @@ from bagel_ray.routes import IMAGE_OUTPUT, route
 # Official notebook settings (spec 6.5): the text2img and edit columns, by knob name.
 SAMPLER_DEFAULTS: dict[str, DenoiseParams] = {m: DenoiseParams(**sampler_defaults(m)) for m in IMAGE_OUTPUT}
 SAMPLER_KNOBS = tuple(k.name for k in KNOBS if k.sampler)
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+
+
+def preview_steps(total: int, count: int) -> frozenset[int]:
+    """The step indices (0-based, of `total` model evaluations) after which `count` previews are
+    made, evenly spaced and never the last (the final image follows it)."""
+    return frozenset(max(0, round(total * (i + 1) / (count + 1)) - 1) for i in range(count))
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class GenerationRequest:
     # segments and images, as the official `interleave_inference` takes a list of inputs
     # (a chat's system message and earlier turns; the other images of a turn).
     context: tuple[str | Image.Image, ...] = field(default=(), repr=False)
+    # Not a knob (it changes nothing in the result): previews of the x0 estimate that a streamed
+    # image request's progress events carry, at evenly spaced steps (`preview_steps`).
+    partial_images: int = 0
 
     def __post_init__(self) -> None:
         path = route(self.modality)
@@ -67,6 +77,8 @@ class GenerationRequest:
             value = getattr(self, knob.name)
             if value is not None:
                 object.__setattr__(self, knob.name, knob.check(value))  # an interval given as a list becomes a tuple
+        if not 0 <= self.partial_images <= MAX_PARTIAL_IMAGES or (self.partial_images and not path.image_out):
+            raise ValueError(f"partial_images is 0-{MAX_PARTIAL_IMAGES}, for image output")
         if path.size_from_input and (self.height is not None or self.width is not None):
             raise ValueError(f"{self.modality} generates at the input image's size; height and width cannot be set")
         self.sampler()  # the sampler's own checks of image modalities

@@ -525,8 +525,57 @@ class Driver:
         if height is None:
             height = width = await self._default_size()
         seed = self._seed(body)
-        reqs = [body.request("text2img", body.prompt, None, s, height, width) for s in body.seeds(seed)]
-        return await self._image_list(body, await all_or_nothing(self._generate(r) for r in reqs))
+        reqs = [body.request("text2img", body.prompt, None, s, height, width, partial_images=body.partial_images or 0)
+                for s in body.seeds(seed)]
+        return await self._image_answer(body, reqs, "image_generation")
+
+    async def _image_answer(self, body: ImagesRequest, reqs: list[GenerationRequest], kind: str):
+        """The images, or with `stream` OpenAI's image events: `{kind}.partial_image` for each
+        preview, then `{kind}.completed`."""
+        if not body.stream:
+            return await self._image_list(body, await all_or_nothing(self._generate(r) for r in reqs))
+        if len(reqs) != 1:
+            raise InputError("a streamed request makes one image: n must be 1", "n", 422)
+        items = self._stream(reqs[0])
+        try:  # as for chat: a request refused at once gets its status, not a 200 stream
+            first = await anext(items)
+        except BaseException:
+            await items.aclose()
+            raise
+        return StreamingResponse(self._image_events(body, reqs[0], kind, first, items), media_type="text/event-stream")
+
+    async def _image_events(self, body: ImagesRequest, req: GenerationRequest, kind: str, first: Any,
+                            rest: AsyncIterator[dict | GenerationResult]) -> AsyncIterator[str]:
+        def event(name: str, image_b64: str, **fields) -> str:
+            data = {"type": f"{kind}.{name}", "b64_json": image_b64, "created_at": int(time.time()),
+                    "output_format": body.output_format, "quality": body.quality or "auto", "background": "opaque",
+                    **fields}
+            return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+
+        t0, status, index = time.perf_counter(), "ok", 0
+        try:
+            item = first
+            while True:
+                if isinstance(item, GenerationResult):
+                    size = f"{item.image.width}x{item.image.height}"
+                    prompt, out = item.prompt_tokens or 0, len(item.latent_tokens) if item.latent_tokens is not None else 0
+                    yield event("completed", await asyncio.to_thread(body.encode, item.image), size=size, seed=req.seed,
+                                usage={"input_tokens": prompt, "output_tokens": out, "total_tokens": prompt + out})
+                    break
+                preview = item.get("partial_image") if isinstance(item, dict) else None
+                if preview is not None:
+                    yield event("partial_image", await asyncio.to_thread(body.encode, preview), partial_image_index=index,
+                                size=f"{preview.width}x{preview.height}")
+                    index += 1
+                item = await anext(rest)
+        except Exception as exc:  # the stream has started: report in-band, with the status it would have had
+            status = type(exc).__name__
+            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "prompt",
+                                              streaming=True)
+            yield sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
+        finally:
+            await rest.aclose()  # on a disconnect too: cancels the replicas' work
+            metrics.count_request(req.modality, status, time.perf_counter() - t0)
 
     async def _image_list(self, body: ImagesRequest, results: list[GenerationResult]) -> dict:
         """The response body. The images are encoded in a worker thread (tens of ms each), off
@@ -577,5 +626,6 @@ class Driver:
         *context, image = await asyncio.to_thread(
             lambda: [decode_image(d, "image", self.config.max_image_bytes, self.config.max_image_pixels) for d in datas])
         seed = self._seed(body)
-        reqs = [body.request("img2img", body.prompt, image, s, context=tuple(context)) for s in body.seeds(seed)]
-        return await self._image_list(body, await all_or_nothing(self._generate(r) for r in reqs))
+        reqs = [body.request("img2img", body.prompt, image, s, context=tuple(context), partial_images=body.partial_images or 0)
+                for s in body.seeds(seed)]
+        return await self._image_answer(body, reqs, "image_edit")

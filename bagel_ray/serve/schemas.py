@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 from pydantic import Strict as Exact
 
-from bagel_ray.engine.request import GenerationRequest
+from bagel_ray.engine.request import MAX_PARTIAL_IMAGES, GenerationRequest
 from bagel_ray.knobs import BOOL, CHOICE, FLOAT, INT, INTERVAL, KNOBS, MAX_SEED, Knob
 from bagel_ray.png import encode_png
 from bagel_ray.serve.errors import InputError
@@ -99,13 +99,13 @@ class BagelKnobs(_KnobFields):
 
     def request(self, modality: str, prompt: str, image: Image.Image | None, seed: int,
                 height: int | None = None, width: int | None = None,
-                context: tuple[str | Image.Image, ...] = ()) -> GenerationRequest:
+                context: tuple[str | Image.Image, ...] = (), partial_images: int = 0) -> GenerationRequest:
         given = {name: getattr(self, name) for name in HTTP_KNOBS if name != "seed"}
         if given["do_sample"] is None and given["temperature"] is not None:
             given["do_sample"] = True  # an OpenAI client's temperature means sampling
         try:
             return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
-                                     context=context, **{k: v for k, v in given.items() if v is not None})
+                                     context=context, partial_images=partial_images, **{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise InputError(str(exc), status=422) from exc
 
@@ -200,7 +200,17 @@ class ImagesRequest(BagelKnobs):
     moderation: Literal["auto", "low"] | None = Field(
         None, description="this server runs no moderation model: low is accepted, auto is refused")
     response_format: Literal["b64_json", "url"] = "b64_json"
+    stream: bool = Field(False, strict=True, description="server-sent events: partial images, then the image")
+    partial_images: int | None = Field(None, strict=True, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="previews of the image being denoised (with stream), evenly spaced")
     user: str | None = None
+
+    @field_validator("partial_images")
+    @classmethod
+    def _streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("stream"):
+            raise ValueError("partial_images needs stream=true")
+        return value
 
     @field_validator("quality")
     @classmethod
@@ -286,8 +296,10 @@ class ImageEditRequest(ImagesRequest):
             try:
                 if key in HTTP_KNOBS:
                     typed[key] = HTTP_KNOBS[key].parse(text)
-                elif key in ("n", "output_compression"):
+                elif key in ("n", "output_compression", "partial_images"):
                     typed[key] = int(text) if text.strip().lstrip("+-").isdigit() else text
+                elif key == "stream":
+                    typed[key] = {"true": True, "false": False}.get(text.strip().lower(), text)
                 else:
                     typed[key] = text
             except ValueError as exc:

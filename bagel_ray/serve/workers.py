@@ -29,7 +29,7 @@ from bagel_ray.engine.dit import DenoiseJob, StepRecord
 from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.errors import EngineOutOfMemory, PromptTooLong
 from bagel_ray.engine.pipeline import LocalPipeline, PreparedImage
-from bagel_ray.engine.request import GenerationRequest, GenerationResult
+from bagel_ray.engine.request import GenerationRequest, GenerationResult, preview_steps
 from bagel_ray.model import attention
 from bagel_ray.model.tokenizer import clean_generated_text
 from bagel_ray.serve import metrics
@@ -362,14 +362,22 @@ class DenoiseWorker(InboxWorker):
                 job.begin()
                 job.prepared = self.pipeline.prepare_image(job.req, job.cancel.is_set, prompt)
 
+        prepared = job.prepared
+        previews: frozenset[int] | None = None
+
         def on_step(record: StepRecord) -> None:  # in the batch's step, for each of its jobs
+            nonlocal previews
             metrics.count_step()
             job.begin()
             job.batch = max(job.batch, record.batch)
             if job.progress:
-                job.send({"step": record.index + 1, "total": record.total, "t": record.t})
+                event: dict = {"step": record.index + 1, "total": record.total, "t": record.t}
+                if previews is None:
+                    previews = preview_steps(record.total, job.req.partial_images)
+                if record.index in previews:  # decoded here, under the lock the step holds
+                    event["partial_image"] = self.pipeline.preview(prepared, record)
+                job.send(event)
 
-        prepared = job.prepared
         job.queued = time.perf_counter()
         self.batch.submit(self.pipeline.dit.job(prepared.contexts, job.req.sampler(), prepared.noise, on_step,
                                                 job.cancel.is_set, key=job))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bagel_ray.engine.request import GenerationRequest
+from bagel_ray.engine.request import GenerationRequest, preview_steps
 
 openai = pytest.importorskip("openai")
 
@@ -233,3 +233,31 @@ def test_rejected_requests_are_counted_by_status(client, serve_app, ray_session)
             break
         time.sleep(2)
     assert not missing, lines
+
+
+def test_streamed_partial_images(client, local, pictures):
+    # README: streamed partial images
+    stream = client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", stream=True, partial_images=3,
+                                    extra_body={"seed": 5, "num_inference_steps": 9})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:3]] == [0, 1, 2]
+
+    records = []
+    want = local.run(GenerationRequest("text2img", "a lighthouse", height=32, width=32, seed=5, num_inference_steps=9),
+                     on_step=records.append)
+    prepared = local.prepare_image(GenerationRequest("text2img", "a lighthouse", height=32, width=32, seed=5))
+    steps = sorted(preview_steps(len(records), 3))
+    assert len(steps) == 3 and steps[-1] < len(records) - 1
+    for event, step in zip(events, steps):  # each: the decoded x0 estimate after its step
+        expected = np.asarray(local.preview(prepared, records[step]))
+        assert np.array_equal(np.asarray(b64_image(event.b64_json).convert("RGB")), expected), step
+    final = np.asarray(b64_image(events[-1].b64_json).convert("RGB"))
+    assert np.array_equal(final, np.asarray(want.image))
+    assert not np.array_equal(np.asarray(b64_image(events[0].b64_json).convert("RGB")), final)
+
+    first, _ = pictures
+    edit_events = list(client.images.edit(model="bagel", image=("a.png", png_bytes(first)), prompt="night", stream=True,
+                                          partial_images=1, extra_body={"num_inference_steps": 4}))
+    assert [e.type for e in edit_events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert b64_image(edit_events[-1].b64_json).size == b64_image(edit_events[0].b64_json).size

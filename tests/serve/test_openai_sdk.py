@@ -261,3 +261,28 @@ def test_streamed_partial_images(client, local, pictures):
                                           partial_images=1, extra_body={"num_inference_steps": 4}))
     assert [e.type for e in edit_events] == ["image_edit.partial_image", "image_edit.completed"]
     assert b64_image(edit_events[-1].b64_json).size == b64_image(edit_events[0].b64_json).size
+
+
+def dit_log_count(app_name: str, text: str) -> int:
+    from pathlib import Path
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return sum(f.read_text(errors="replace").count(text) for f in logs.glob(f"replica_{app_name}_DiT_*.log"))
+
+
+def test_a_client_leaving_a_partial_image_stream_stops_the_work(serve_app, picture):
+    import time
+
+    import requests
+
+    before = dit_log_count(serve_app.name, "render: cancelled")
+    form = {"prompt": "slowly", "stream": "true", "partial_images": "3", "num_inference_steps": "500", "seed": "1"}
+    with requests.post(serve_app.url + "/v1/images/edits", files={"image": ("a.png", png_bytes(picture), "image/png")},
+                       data=form, stream=True, timeout=120) as resp:
+        assert resp.status_code == 200  # the first step ran; now hang up long before step 500
+    deadline = time.monotonic() + 30
+    while dit_log_count(serve_app.name, "render: cancelled") == before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert dit_log_count(serve_app.name, "render: cancelled") > before, "the DiT went on denoising for a gone client"

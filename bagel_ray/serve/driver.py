@@ -438,10 +438,12 @@ class Driver:
             raise InputError("size applies to image output only", "size", 422)
         if path.size_from_input and body.size is not None:
             raise InputError(f"{modality} generates at the input image's size; size cannot be set", "size", 422)
+        if body.partial_images and not (path.image_out and body.stream):
+            raise InputError("partial_images needs image output and stream=true", "partial_images", 422)
         height, width = await self._size(body.size)
         if path.image_out and not path.size_from_input and height is None:
             height = width = await self._default_size()
-        req = body.request(modality, prompt, image, self._seed(body), height, width, context)
+        req = body.request(modality, prompt, image, self._seed(body), height, width, context, body.partial_images or 0)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             # The first item is awaited before answering, so that a request refused at once
@@ -491,13 +493,17 @@ class Driver:
             async for item in rest:
                 yield item
 
-        t0, status = time.perf_counter(), "ok"
+        t0, status, previews = time.perf_counter(), "ok", 0
         yield chunk({"role": "assistant"})
         try:
             async for item in items():
                 if isinstance(item, str):
                     yield chunk({"content": item})
                 elif isinstance(item, dict):
+                    if "partial_image" in item:  # a preview: as a data URL, numbered as OpenAI's partial images
+                        url = f"data:image/png;base64,{await asyncio.to_thread(png_base64, item['partial_image'])}"
+                        item = {**item, "partial_image": url, "partial_image_index": previews}
+                        previews += 1
                     yield chunk({}, progress=item)
                 else:
                     final = {} if item.image is None else {"content": await asyncio.to_thread(self._content, item)}

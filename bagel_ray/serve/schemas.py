@@ -149,6 +149,8 @@ class ChatCompletionRequest(BagelKnobs):
     size: str | None = Field(None, description="WxH of a generated image; default 1024x1024 (the model's largest)")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    partial_images: int | None = Field(None, strict=True, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="image output with stream: previews in the progress events")
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
 

@@ -286,3 +286,21 @@ def test_a_client_leaving_a_partial_image_stream_stops_the_work(serve_app, pictu
     while dit_log_count(serve_app.name, "render: cancelled") == before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert dit_log_count(serve_app.name, "render: cancelled") > before, "the DiT went on denoising for a gone client"
+
+
+def test_chat_image_stream_carries_the_previews(client, local):
+    stream = client.chat.completions.create(
+        model="bagel", messages=[{"role": "user", "content": "a red fox"}], stream=True,
+        extra_body={"modalities": ["image"], "size": "32x32", "num_inference_steps": 5, "seed": 8, "partial_images": 2},
+    )
+    progress = [chunk.model_extra["progress"] for chunk in stream if (chunk.model_extra or {}).get("progress")]
+    previews = [p for p in progress if "partial_image" in p]
+    assert [p["partial_image_index"] for p in previews] == [0, 1]
+    records = []
+    local.run(GenerationRequest("text2img", "a red fox", height=32, width=32, seed=8, num_inference_steps=5),
+              on_step=records.append)
+    prepared = local.prepare_image(GenerationRequest("text2img", "a red fox", height=32, width=32, seed=8))
+    for preview, step in zip(previews, sorted(preview_steps(len(records), 2))):
+        assert preview["step"] == step + 1
+        got = b64_image(preview["partial_image"].split(",", 1)[1]).convert("RGB")
+        assert np.array_equal(np.asarray(got), np.asarray(local.preview(prepared, records[step])))

@@ -59,6 +59,17 @@ log = logging.getLogger("bagel_ray.serve")
 api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")
 
 
+def metrics_location() -> str:
+    """Where this node's Prometheus metrics are (Ray picks the port unless `ray start
+    --metrics-export-port` fixes it), said at start-up since nothing else says it."""
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n.get("NodeID") == node_id)
+        return f"metrics at http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    except Exception as exc:  # informative only: never stop the app for it
+        return f"metrics port unknown ({type(exc).__name__})"
+
+
 # -- admission ---------------------------------------------------------------------------
 
 
@@ -221,7 +232,8 @@ class Driver:
         self._model: asyncio.Future | None = None
         # Which cluster this app runs in: `serve run` without --address joins any cluster a
         # `ray start` left running on the machine, so the console says which one it joined.
-        log.info("Driver ready; %s; Ray cluster at %s", self.access, ray.get_runtime_context().gcs_address)
+        log.info("Driver ready; %s; Ray cluster at %s; %s", self.access, ray.get_runtime_context().gcs_address,
+                 metrics_location())
 
     async def model_info(self) -> ModelInfo:
         """What requests are validated against, fetched from the Thinker once (one call in

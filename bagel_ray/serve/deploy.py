@@ -164,7 +164,7 @@ class AppSession:
 
         status = serve.status().applications.get(spec.name)
         if status is None:
-            return cls(_deploy(spec), spec.name, spec.config, deployed=True, started_ray=started_ray)
+            return cls(_deploy(spec, handle_only=started_ray), spec.name, spec.config, deployed=True, started_ray=started_ray)
         if status.status != ApplicationStatus.RUNNING:
             raise DeployError(f"Serve app {spec.name!r} exists but is {status.status.value}, not RUNNING; "
                               f"wait for it, or remove it with `serve shutdown` / serve.delete({spec.name!r})")
@@ -199,12 +199,17 @@ class AppSession:
         return max(1, min(bounds, default=UNBOUNDED_IN_FLIGHT))
 
 
-def _deploy(spec: AppSpec) -> Any:
+def _deploy(spec: AppSpec, handle_only: bool = False) -> Any:
+    """`handle_only`: the app lives in a Ray this process started, for its own handle, so it
+    gets no HTTP proxy: the config's port (8000) may be a server of the user's, in another Ray."""
     from ray import serve
 
     from bagel_ray.serve.app import build_app
 
-    serve.start(proxy_location=spec.proxy_location, http_options=spec.http_options)  # no-op if Serve runs
+    if handle_only:
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(proxy_location=spec.proxy_location, http_options=spec.http_options)  # no-op if Serve runs
     log.info("deploying Serve app %r", spec.name)
     try:
         return serve.run(build_app(spec.config.model_dump(mode="json")), name=spec.name, route_prefix=spec.route_prefix)

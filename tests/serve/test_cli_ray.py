@@ -166,3 +166,25 @@ def test_as_a_process_joining_the_cluster(serve_app, ray_session, tmp_path):
     (record,) = read_results(tmp_path / "outputs")
     assert pixels(tmp_path / "outputs" / record["image"]).shape == (32, 48, 3)
     assert_app_untouched(serve_app)
+
+
+def test_its_own_ray_leaves_a_listening_port_alone(tmp_path):
+    """Without --ray-address the CLI starts a Ray of its own and deploys the app there for its
+    handle only: no HTTP proxy, so a server on the config's port (8000) is left alone."""
+    import socket
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            server.bind(("127.0.0.1", 8000))
+        except OSError:
+            pytest.skip("port 8000 is taken on this machine")  # someone's server: the point stands, untestable here
+        server.listen()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), RAY_ADDRESS="local")
+        proc = subprocess.run(
+            [sys.executable, "-m", "bagel_ray", "generate", "--worker-backend", "ray", "--model", "tiny", "--device", "cpu",
+             "--modality", "text2text", "--prompts", "hi", "--max-tokens", "3"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_results(tmp_path / "outputs")[0]["text"] is not None

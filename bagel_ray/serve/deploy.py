@@ -128,8 +128,19 @@ def connect(address: str | None) -> bool:
             log.info("Ray is already initialized in this process; using it, not %s", address)
         return False
     # Replica logs stay in the cluster's log folder instead of interleaving with progress bars.
-    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+        if address is None:
+            raise
+        raise ConnectionError(f"{exc}. {TOKEN_AUTH_HINT}") from exc
     return True
+
+
+# The one line a refused connection gets: Ray's own answer to a missing token is 25 s of
+# "Unauthenticated" retries, then "Failed to connect", naming neither variable.
+TOKEN_AUTH_HINT = ("If the cluster uses Ray's token auth, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its token "
+                   "(`ray get-auth-token` on the head node prints it)")
 
 
 @dataclass

@@ -286,20 +286,33 @@ def format_timings(index: int, timings: dict[str, float]) -> str:
     return f"[{index:05d}] {parts}"
 
 
+def on_terminal() -> bool:
+    """Whether stderr redraws bars: in a pipe or a log file tqdm's carriage returns pile up
+    into one unreadable line, so progress is written as lines there instead."""
+    return sys.stderr.isatty()
+
+
 class StepBar:
-    """The nested bar over denoising steps, fed by `on_step` and sized by the first record."""
+    """The nested bar over denoising steps, fed by `on_step` and sized by the first record;
+    off a terminal, one line per image when it ends."""
 
     def __enter__(self) -> "StepBar":
-        self.bar = tqdm(desc="denoise", unit="step", file=sys.stderr, leave=False)
+        self.bar = tqdm(desc="denoise", unit="step", file=sys.stderr, leave=False) if on_terminal() else None
+        self.steps, self.total = 0, None
         return self
 
     def __call__(self, rec: StepRecord) -> None:
-        if self.bar.total is None:
-            self.bar.total = rec.total
-        self.bar.update(1)
+        self.steps, self.total = self.steps + 1, rec.total
+        if self.bar is not None:
+            if self.bar.total is None:
+                self.bar.total = rec.total
+            self.bar.update(1)
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.steps:
+            print(f"denoise: {self.steps}/{self.total} steps", file=sys.stderr, flush=True)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -365,7 +378,11 @@ def write_results(args: argparse.Namespace, runner: Runner, requests: list[Gener
     done = 0
     try:
         with tmp.open("w", encoding="utf-8") as results, closing(runner.results(requests)) as produced:
-            for i, result in enumerate(tqdm(produced, total=len(requests), desc="prompts", unit="prompt", file=sys.stderr)):
+            bar = on_terminal()
+            shown = tqdm(produced, total=len(requests), desc="prompts", unit="prompt", file=sys.stderr) if bar else produced
+            for i, result in enumerate(shown):
+                if not bar:
+                    print(f"prompts: {i + 1}/{len(requests)}", file=sys.stderr, flush=True)
                 if args.enable_stats:
                     tqdm.write(format_timings(i, result.timings))
                 results.write(json.dumps(record(i, result, out, args.enable_stats), ensure_ascii=False) + "\n")
@@ -389,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (results completed so far were written)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

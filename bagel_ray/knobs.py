@@ -11,7 +11,7 @@ entry here plus the engine field that uses it (see docs/ARCHITECTURE.md).
 Names: OpenAI's where it has one (`max_tokens`, `temperature`, `top_p`, `seed`), else the
 official BAGEL code's, else diffusers' (`num_inference_steps`). `aliases` are other names the
 CLI and bulk items accept for a knob (`--steps`, from the upstream `end2end.py`); HTTP takes
-only the name. Types are strict everywhere: an integer knob takes no `true`, `"2"` or `2.0`; a
+the name and the knob's `http_aliases`, OpenAI's other names (`max_completion_tokens`). Types are strict everywhere: an integer knob takes no `true`, `"2"` or `2.0`; a
 number takes integers but no booleans, strings, NaN or infinities.
 
 This module imports nothing but the standard library (no torch): the CPU-only ingress reads it.
@@ -57,6 +57,7 @@ class Knob:
     sampler: bool = False
     http: bool = True
     http_default: Any = "same"  # the HTTP field's default when it differs ("same": `default`)
+    http_aliases: tuple[str, ...] = ()  # other names HTTP bodies take (OpenAI's), not CLI flags or bulk keys
 
     @property
     def flag(self) -> str:
@@ -202,9 +203,13 @@ KNOBS: tuple[Knob, ...] = (
     # <|im_start|>, so at most 999 tokens come out.
     Knob("max_think_tokens", INT, "most think tokens", default=999, ge=1, le=MAX_NEW_TOKENS),
     # -- text answers (and think text) ---------------------------------------------------
-    Knob("max_tokens", INT, "most new text tokens (the official app's understanding tab)", default=512, ge=1, le=MAX_NEW_TOKENS),
-    Knob("do_sample", BOOL, "sample text instead of greedy decoding", default=False),
-    Knob("temperature", FLOAT, "sampling temperature (with do_sample)", default=0.3, gt=0, le=5),
+    Knob("max_tokens", INT, "most new text tokens (the official app's understanding tab)", default=512, ge=1, le=MAX_NEW_TOKENS,
+         http_aliases=("max_completion_tokens",)),
+    # HTTP: do_sample left out samples when a temperature is given (an OpenAI client's
+    # `temperature` means sampling), and is greedy, the official default, when neither is.
+    Knob("do_sample", BOOL, "sample text instead of greedy decoding (HTTP: on when temperature is given, unless false)",
+         default=False, http_default=None),
+    Knob("temperature", FLOAT, "sampling temperature (with do_sample)", default=0.3, gt=0, le=5, http_default=None),
     Knob("top_p", FLOAT, "nucleus sampling mass (with do_sample)", default=1.0, gt=0, le=1),
 )
 

@@ -245,7 +245,9 @@ def test_python_m_bagel_ray(tmp_path):
                       "--height", "32", "--width", "64", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "wrote 1 results to outputs/results.jsonl"
-    assert "prompts" in proc.stderr and "denoise" in proc.stderr  # the two progress bars
+    # in a pipe, progress as readable lines (no carriage-return redraws)
+    assert "\r" not in proc.stderr
+    assert "prompts: 1/1" in proc.stderr.splitlines() and "denoise: 2/2 steps" in proc.stderr.splitlines()  # 3 steps: 2 evaluations
     (record,) = read_results(tmp_path / "outputs")
     with Image.open(tmp_path / "outputs" / record["image"]) as png:
         assert png.size == (64, 32)
@@ -255,6 +257,17 @@ def test_python_m_bagel_ray(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: cannot read image missing.png") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_ends_with_one_line(monkeypatch, capsys):
+    from bagel_ray import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "generate", interrupted)
+    assert cli.main(["generate", "--prompts", "x"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 # -- golden ---------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class LocalPipeline:
         limit = self.max_model_len
         if limit is None:
             return segment
-        used = len(segment)
+        used = len(segment) + sum(len(th.tokenizer.text_segment(item)) for item in req.context if isinstance(item, str))
         if req.think:
             system = GEN_THINK_SYSTEM_PROMPT if req.outputs_image else VLM_THINK_SYSTEM_PROMPT
             if system not in self._system_tokens:
@@ -123,8 +123,8 @@ class LocalPipeline:
         ctx = th.empty()
         if req.think:
             ctx = th.append_text(ctx, VLM_THINK_SYSTEM_PROMPT)
-        if req.image is not None:
-            ctx = th.append_vit(ctx, self.vae_resized(req.image))
+        for item in req.inputs:
+            ctx = th.append_text(ctx, item) if isinstance(item, str) else th.append_vit(ctx, self.vae_resized(item))
         return th.append_tokens(ctx, prompt)
 
     def understanding_contexts(self, reqs: list[GenerationRequest],
@@ -135,7 +135,7 @@ class LocalPipeline:
         any is prefilled (`prompts`: their `prompt_tokens`, when already made)."""
         th = self.thinker_engine
         prompts = [self.prompt_tokens(req) for req in reqs] if prompts is None else prompts
-        plain = [i for i, req in enumerate(reqs) if req.image is None and not req.think]
+        plain = [i for i, req in enumerate(reqs) if not req.inputs and not req.think]
         built = th.builder.append_tokens_batch([th.empty() for _ in plain], [prompts[i] for i in plain])
         contexts = dict(zip(plain, built))
         return [contexts[i] if i in contexts else self.understanding_context(req, prompts[i]) for i, req in enumerate(reqs)]
@@ -164,7 +164,7 @@ class LocalPipeline:
         if len(final) > len(sent) and final.startswith(sent):
             yield final[len(sent):]
         yield GenerationResult(req.modality, req.prompt, req.seed, text=final, token_ids=ids,
-                               finish_reason="stop" if stopped else "length",
+                               finish_reason="stop" if stopped else "length", prompt_tokens=ctx.length,
                                timings={"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": float(len(ids))})
 
     def understand_batch(self, reqs: list[GenerationRequest], should_stop: Callable[[int], bool] | None = None,
@@ -200,11 +200,11 @@ class LocalPipeline:
             except Cancelled:
                 continue
             t2 = time.perf_counter()
-            for i, out in zip(members, outs):
+            for i, ctx, out in zip(members, contexts, outs):
                 req = reqs[i]
                 results[i] = GenerationResult(
                     req.modality, req.prompt, req.seed, text=out.text, token_ids=out.token_ids,
-                    finish_reason="stop" if out.stopped_on_eos else "length",
+                    finish_reason="stop" if out.stopped_on_eos else "length", prompt_tokens=ctx.length,
                     timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": float(len(out.token_ids))},
                 )
         return results
@@ -220,18 +220,24 @@ class LocalPipeline:
         gen, cfg_img = th.empty(), th.empty()
         if req.think:
             gen = th.append_text(gen, GEN_THINK_SYSTEM_PROMPT)
-            cfg_img = gen
-        if req.modality == "img2img":
-            image = self.vae_resized(req.image)
-            height, width = image.height, image.width
+        default = min(DEFAULT_SIZE, self.cfg.max_image_side)
+        height, width = req.height or default, req.width or default
+        text_only = True  # cfg_img is gen's text, so a cut of gen until the first image
+        for item in req.inputs:
+            if isinstance(item, str):
+                gen = th.append_text(gen, item)
+                if not text_only:
+                    cfg_img = th.append_text(cfg_img, item)
+                continue
+            if text_only:
+                cfg_img, text_only = gen, False
+            image = self.vae_resized(item)
+            height, width = image.height, image.width  # the output takes the last input image's size
             gen = th.append_vae(gen, image, generator)
             gen = th.append_vit(gen, image)
-        else:
-            default = min(DEFAULT_SIZE, self.cfg.max_image_side)
-            height, width = req.height or default, req.width or default
         cfg_text = gen.cut
         gen = th.append_tokens(gen, prompt)
-        cfg_img = gen.cut if req.modality == "text2img" else th.append_tokens(cfg_img, prompt)
+        cfg_img = gen.cut if text_only else th.append_tokens(cfg_img, prompt)
         think_text = think_ids = None
         if req.think:
             out = th.decode([gen], req.decode_params(think=True), _seeded(req.seed), should_stop=should_stop)[0]
@@ -275,7 +281,16 @@ class LocalPipeline:
         _, image = self.dit.decode_image(tokens, ctx.height, ctx.width)
         timings = dict(prepared.timings, **timings, vae_decode_s=time.perf_counter() - t0)
         return GenerationResult(req.modality, req.prompt, req.seed, think_text=prepared.think_text,
-                                think_token_ids=prepared.think_token_ids, image=image, latent_tokens=tokens, timings=timings)
+                                think_token_ids=prepared.think_token_ids, image=image, latent_tokens=tokens, timings=timings,
+                                prompt_tokens=ctx.gen.length)
+
+    def preview(self, prepared: PreparedImage, record: StepRecord) -> Image.Image:
+        """The image the current x0 estimate decodes to: with x_t = (1-t)·x0 + t·eps and the
+        model's v = eps - x0, x0 = x_t - t·v (spec 6.3), from the step's guided velocity."""
+        if self.dit is None:
+            raise RuntimeError("this pipeline has no DiT engine")
+        x0 = record.x.float() - record.t * record.guided.float()
+        return self.dit.decode_image(x0, prepared.contexts.height, prepared.contexts.width)[1]
 
     # -- both ---------------------------------------------------------------------------
 

@@ -22,6 +22,13 @@ from bagel_ray.routes import IMAGE_OUTPUT, route
 # Official notebook settings (spec 6.5): the text2img and edit columns, by knob name.
 SAMPLER_DEFAULTS: dict[str, DenoiseParams] = {m: DenoiseParams(**sampler_defaults(m)) for m in IMAGE_OUTPUT}
 SAMPLER_KNOBS = tuple(k.name for k in KNOBS if k.sampler)
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+
+
+def preview_steps(total: int, count: int) -> frozenset[int]:
+    """The step indices (0-based, of `total` model evaluations) after which `count` previews are
+    made, evenly spaced and never the last (the final image follows it)."""
+    return frozenset(max(0, round(total * (i + 1) / (count + 1)) - 1) for i in range(count))
 
 
 @dataclass(frozen=True)
@@ -48,21 +55,43 @@ class GenerationRequest:
     temperature: float = BY_NAME["temperature"].default
     top_p: float = BY_NAME["top_p"].default
     init_noise: torch.Tensor | None = field(default=None, repr=False)
+    # What comes before `image` and `prompt` in the model's interleaved input, in order: text
+    # segments and images, as the official `interleave_inference` takes a list of inputs
+    # (a chat's system message and earlier turns; the other images of a turn).
+    context: tuple[str | Image.Image, ...] = field(default=(), repr=False)
+    # Not a knob (it changes nothing in the result): previews of the x0 estimate that a streamed
+    # image request's progress events carry, at evenly spaced steps (`preview_steps`).
+    partial_images: int = 0
 
     def __post_init__(self) -> None:
         path = route(self.modality)
-        if path.image_in and self.image is None:
+        object.__setattr__(self, "context", tuple(self.context))
+        if not all(isinstance(item, (str, Image.Image)) for item in self.context):
+            raise ValueError("context items must be texts or images")
+        has_image = bool(self.images)
+        if path.image_in and not has_image:
             raise ValueError(f"{self.modality} needs an input image")
-        if not path.image_in and self.image is not None:
+        if not path.image_in and has_image:
             raise ValueError(f"{self.modality} takes no input image")
         for knob in KNOBS:
             value = getattr(self, knob.name)
             if value is not None:
                 object.__setattr__(self, knob.name, knob.check(value))  # an interval given as a list becomes a tuple
+        if not 0 <= self.partial_images <= MAX_PARTIAL_IMAGES or (self.partial_images and not path.image_out):
+            raise ValueError(f"partial_images is 0-{MAX_PARTIAL_IMAGES}, for image output")
         if path.size_from_input and (self.height is not None or self.width is not None):
             raise ValueError(f"{self.modality} generates at the input image's size; height and width cannot be set")
         self.sampler()  # the sampler's own checks of image modalities
         self.decode_params()
+
+    @property
+    def inputs(self) -> tuple[str | Image.Image, ...]:
+        """Everything before the prompt, in order: the context, then the image."""
+        return self.context if self.image is None else (*self.context, self.image)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [item for item in self.inputs if isinstance(item, Image.Image)]
 
     @property
     def outputs_image(self) -> bool:
@@ -96,4 +125,5 @@ class GenerationResult:
     image: Image.Image | None = field(default=None, repr=False)
     latent_tokens: torch.Tensor | None = field(default=None, repr=False)
     finish_reason: str | None = None  # text: "stop" (predicted <|im_end|>) or "length"
+    prompt_tokens: int | None = None  # rows of the context decoded or denoised from (image rows included)
     timings: dict[str, float] = field(default_factory=dict)

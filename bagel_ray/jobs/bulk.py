@@ -45,6 +45,8 @@ from bagel_ray.jobs.store import RESULTS_FILE, ResultStore
 from bagel_ray.model.loader import DEFAULT_MODEL
 from bagel_ray.routes import IMAGE_INPUT, MODALITIES
 
+JOBS_EXTRA = ("ray", "pyarrow", "pandas")  # what `pip install 'bagel-ray[jobs]'` (ray[data]) brings
+
 # Standalone-only flags (dest -> flag) and their defaults (DataOptions' fields of the same names).
 DATA_FLAGS = {
     "device": "--device", "dtype": "--dtype", "thinker_replicas": "--thinker-replicas", "dit_replicas": "--dit-replicas",
@@ -217,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bulk: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in JOBS_EXTRA:
+            # the [jobs] extra is missing: one line, since rerunning would not help
+            print(f"bulk: {exc.name} is not installed: pip install 'bagel-ray[jobs]'", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"bulk: stopped: {type(exc).__name__}: {exc}; rerun the same command to resume", file=sys.stderr)
         return 1

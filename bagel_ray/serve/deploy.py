@@ -128,8 +128,19 @@ def connect(address: str | None) -> bool:
             log.info("Ray is already initialized in this process; using it, not %s", address)
         return False
     # Replica logs stay in the cluster's log folder instead of interleaving with progress bars.
-    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+        if address is None:
+            raise
+        raise ConnectionError(f"{exc}. {TOKEN_AUTH_HINT}") from exc
     return True
+
+
+# The one line a refused connection gets: Ray's own answer to a missing token is 25 s of
+# "Unauthenticated" retries, then "Failed to connect", naming neither variable.
+TOKEN_AUTH_HINT = ("If the cluster uses Ray's token auth, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its token "
+                   "(`ray get-auth-token` on the head node prints it)")
 
 
 @dataclass
@@ -164,7 +175,7 @@ class AppSession:
 
         status = serve.status().applications.get(spec.name)
         if status is None:
-            return cls(_deploy(spec), spec.name, spec.config, deployed=True, started_ray=started_ray)
+            return cls(_deploy(spec, handle_only=started_ray), spec.name, spec.config, deployed=True, started_ray=started_ray)
         if status.status != ApplicationStatus.RUNNING:
             raise DeployError(f"Serve app {spec.name!r} exists but is {status.status.value}, not RUNNING; "
                               f"wait for it, or remove it with `serve shutdown` / serve.delete({spec.name!r})")
@@ -199,12 +210,17 @@ class AppSession:
         return max(1, min(bounds, default=UNBOUNDED_IN_FLIGHT))
 
 
-def _deploy(spec: AppSpec) -> Any:
+def _deploy(spec: AppSpec, handle_only: bool = False) -> Any:
+    """`handle_only`: the app lives in a Ray this process started, for its own handle, so it
+    gets no HTTP proxy: the config's port (8000) may be a server of the user's, in another Ray."""
     from ray import serve
 
     from bagel_ray.serve.app import build_app
 
-    serve.start(proxy_location=spec.proxy_location, http_options=spec.http_options)  # no-op if Serve runs
+    if handle_only:
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(proxy_location=spec.proxy_location, http_options=spec.http_options)  # no-op if Serve runs
     log.info("deploying Serve app %r", spec.name)
     try:
         return serve.run(build_app(spec.config.model_dump(mode="json")), name=spec.name, route_prefix=spec.route_prefix)

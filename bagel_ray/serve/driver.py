@@ -46,6 +46,8 @@ from bagel_ray.serve.schemas import (
     ErrorResponse,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImagesRequest,
+    MAX_INPUT_IMAGES,
     decode_data_url,
     decode_image,
     parse_size,
@@ -55,6 +57,17 @@ from bagel_ray.serve.stages import ModelInfo, logs_into_serve
 
 log = logging.getLogger("bagel_ray.serve")
 api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")
+
+
+def metrics_location() -> str:
+    """Where this node's Prometheus metrics are (Ray picks the port unless `ray start
+    --metrics-export-port` fixes it), said at start-up since nothing else says it."""
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n.get("NodeID") == node_id)
+        return f"metrics at http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    except Exception as exc:  # informative only: never stop the app for it
+        return f"metrics port unknown ({type(exc).__name__})"
 
 
 # -- admission ---------------------------------------------------------------------------
@@ -92,7 +105,23 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     """Unknown routes (404) and wrong methods (405) in the API's error shape, not FastAPI's
     `{"detail": ...}`."""
     message = f"{request.method} {request.url.path}: {exc.detail}"
+    count_rejected(exc.status_code)
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
+def count_rejected(status: int, exc: BaseException | None = None) -> None:
+    """A request answered with an error before or without a stage's count of it
+    (`Driver._generate` counts those that reach the stages): modality "none", status the HTTP
+    status."""
+    if exc is None or not getattr(exc, "_bagel_counted", False):
+        metrics.count_request("none", str(status), 0.0)
+
+
+def _mark_counted(exc: BaseException) -> None:
+    try:
+        exc._bagel_counted = True  # noqa: SLF001  (read by count_rejected)
+    except AttributeError:  # an exception type without a __dict__: counted twice at worst
+        pass
 
 
 def sse(data: Any) -> str:
@@ -203,7 +232,8 @@ class Driver:
         self._model: asyncio.Future | None = None
         # Which cluster this app runs in: `serve run` without --address joins any cluster a
         # `ray start` left running on the machine, so the console says which one it joined.
-        log.info("Driver ready; %s; Ray cluster at %s", self.access, ray.get_runtime_context().gcs_address)
+        log.info("Driver ready; %s; Ray cluster at %s; %s", self.access, ray.get_runtime_context().gcs_address,
+                 metrics_location())
 
     async def model_info(self) -> ModelInfo:
         """What requests are validated against, fetched from the Thinker once (one call in
@@ -264,6 +294,7 @@ class Driver:
                 return await self._attempts(req, loop, deadline)
         except BaseException as exc:
             status = type(exc).__name__
+            _mark_counted(exc)
             raise
         finally:
             metrics.count_request(req.modality, status, time.perf_counter() - t0)
@@ -334,11 +365,13 @@ class Driver:
     def _failure_response(self, exc: BaseException, prompt_param: str = "prompt") -> JSONResponse:
         status, message, param, headers = failure(exc, self.config.request_timeout_s, self.config.retry_after_s,
                                                   prompt_param)
+        count_rejected(status, exc)
         return error_response(status, message, param, headers)
 
     def _denied(self, request: Request, route: str) -> JSONResponse | None:
         if self.access.allows(route, request.headers.get("authorization")):
             return None
+        count_rejected(401)
         return error_response(401, "a valid API key is required (Authorization: Bearer KEY)",
                               headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
 
@@ -379,50 +412,80 @@ class Driver:
     async def models(self, request: Request):
         return self._denied(request, "/v1/models") or {
             "object": "list",
-            "data": [{"id": self.config.model_name, "object": "model", "owned_by": "bagel-ray", "created": 0}],
+            "data": [self._model_card()],
         }
+
+    @api.get("/v1/models/{model_id}", responses={401: _ERRORS[401], 404: _ERRORS[404]})
+    async def model(self, request: Request, model_id: str):
+        denied = self._denied(request, "/v1/models")
+        if denied is not None:
+            return denied
+        if model_id != self.config.model_name:
+            count_rejected(404)
+            return error_response(404, f"model {model_id!r} is not served here (this is {self.config.model_name!r})",
+                                  "model", code="model_not_found")
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.config.model_name, "object": "model", "owned_by": "bagel-ray", "created": 0}
 
     @api.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"), responses=_ERRORS)
     async def chat_completions(self, request: Request):
         return await self._guard(request, "/v1/chat/completions", ChatCompletionRequest, self._chat, "messages")
 
     async def _chat(self, body: ChatCompletionRequest):
-        prompt, image_url = body.prompt_and_image()
-        await self.bound_prompt(prompt, "messages")
-        image = None
-        if image_url:
-            image = await asyncio.to_thread(decode_data_url, image_url, "messages", self.config.max_image_bytes,
-                                            self.config.max_image_pixels)
-        modality = modality_for(image_in=image is not None, image_out=body.modalities == ["image"])
+        items, image_url, prompt = body.interleaved()
+        await self.bound_prompt("\n".join([prompt, *(v for kind, v in items if kind == "text")]), "messages")
+
+        def decode(url: str) -> Any:
+            return decode_data_url(url, "messages", self.config.max_image_bytes, self.config.max_image_pixels)
+
+        urls = [v for kind, v in items if kind == "image"] + ([image_url] if image_url else [])
+        decoded = iter(await asyncio.to_thread(lambda: [decode(u) for u in urls]))
+        context = tuple(next(decoded) if kind == "image" else v for kind, v in items)
+        image = next(decoded) if image_url else None
+        modality = modality_for(image_in=bool(urls), image_out=body.modalities == ["image"])
         path = route(modality)
         if not path.image_out and body.size is not None:
             raise InputError("size applies to image output only", "size", 422)
         if path.size_from_input and body.size is not None:
             raise InputError(f"{modality} generates at the input image's size; size cannot be set", "size", 422)
+        if body.partial_images and not (path.image_out and body.stream):
+            raise InputError("partial_images needs image output and stream=true", "partial_images", 422)
         height, width = await self._size(body.size)
         if path.image_out and not path.size_from_input and height is None:
             height = width = await self._default_size()
-        req = body.request(modality, prompt, image, self._seed(body), height, width)
+        req = body.request(modality, prompt, image, self._seed(body), height, width, context, body.partial_images or 0)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             # The first item is awaited before answering, so that a request refused at once
             # (capacity, a dead stage) still gets its status code instead of a 200 stream.
-            items = self._stream(req)
+            items_out = self._stream(req)
             try:
-                first = await anext(items)
+                first = await anext(items_out)
             except BaseException:
-                await items.aclose()
+                await items_out.aclose()
                 raise
-            return StreamingResponse(self._chat_stream(req, rid, created, first, items), media_type="text/event-stream")
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._chat_stream(req, rid, created, first, items_out, usage),
+                                     media_type="text/event-stream")
         result = await self._generate(req)
         content = await asyncio.to_thread(self._content, result)  # a PNG to encode: off the event loop
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": self.config.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": result.finish_reason or "stop"}],
-            "usage": {"completion_tokens": len(result.token_ids or [])},
+            "usage": self._usage(result),
             "seed": req.seed,
         }
+
+    @staticmethod
+    def _usage(result: GenerationResult) -> dict:
+        """OpenAI's usage: prompt tokens are the rows of the context decoded (or denoised) from,
+        image blocks included; completion tokens the text decoded (think text for images)."""
+        completion = len(result.token_ids or result.think_token_ids or [])
+        prompt = result.prompt_tokens or 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _content(self, result: GenerationResult) -> str | list[dict]:
         if result.image is None:
@@ -432,7 +495,7 @@ class Driver:
         return parts
 
     async def _chat_stream(self, req: GenerationRequest, rid: str, created: int, first: Any,
-                           rest: AsyncIterator[str | dict | GenerationResult]) -> AsyncIterator[str]:
+                           rest: AsyncIterator[str | dict | GenerationResult], include_usage: bool) -> AsyncIterator[str]:
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
@@ -442,17 +505,24 @@ class Driver:
             async for item in rest:
                 yield item
 
-        t0, status = time.perf_counter(), "ok"
+        t0, status, previews = time.perf_counter(), "ok", 0
         yield chunk({"role": "assistant"})
         try:
             async for item in items():
                 if isinstance(item, str):
                     yield chunk({"content": item})
                 elif isinstance(item, dict):
+                    if "partial_image" in item:  # a preview: as a data URL, numbered as OpenAI's partial images
+                        url = f"data:image/png;base64,{await asyncio.to_thread(png_base64, item['partial_image'])}"
+                        item = {**item, "partial_image": url, "partial_image_index": previews}
+                        previews += 1
                     yield chunk({}, progress=item)
                 else:
                     final = {} if item.image is None else {"content": await asyncio.to_thread(self._content, item)}
                     yield chunk(final, item.finish_reason or "stop", seed=req.seed)
+                    if include_usage:  # OpenAI's last chunk: no choices, the usage
+                        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                   "model": self.config.model_name, "choices": [], "usage": self._usage(item)})
         except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__
             code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "messages",
@@ -473,23 +543,74 @@ class Driver:
         if height is None:
             height = width = await self._default_size()
         seed = self._seed(body)
-        reqs = [body.request("text2img", body.prompt, None, s, height, width) for s in body.seeds(seed)]
-        return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
+        reqs = [body.request("text2img", body.prompt, None, s, height, width, partial_images=body.partial_images or 0)
+                for s in body.seeds(seed)]
+        return await self._image_answer(body, reqs, "image_generation")
 
-    async def _image_list(self, results: list[GenerationResult]) -> dict:
-        """The response body. The PNGs are encoded in a worker thread (tens of ms each), off the
-        event loop that every other request to this replica waits on."""
-        return await asyncio.to_thread(self._image_list_now, results)
+    async def _image_answer(self, body: ImagesRequest, reqs: list[GenerationRequest], kind: str):
+        """The images, or with `stream` OpenAI's image events: `{kind}.partial_image` for each
+        preview, then `{kind}.completed`."""
+        if not body.stream:
+            return await self._image_list(body, await all_or_nothing(self._generate(r) for r in reqs))
+        if len(reqs) != 1:
+            raise InputError("a streamed request makes one image: n must be 1", "n", 422)
+        items = self._stream(reqs[0])
+        try:  # as for chat: a request refused at once gets its status, not a 200 stream
+            first = await anext(items)
+        except BaseException:
+            await items.aclose()
+            raise
+        return StreamingResponse(self._image_events(body, reqs[0], kind, first, items), media_type="text/event-stream")
+
+    async def _image_events(self, body: ImagesRequest, req: GenerationRequest, kind: str, first: Any,
+                            rest: AsyncIterator[dict | GenerationResult]) -> AsyncIterator[str]:
+        def event(name: str, image_b64: str, **fields) -> str:
+            data = {"type": f"{kind}.{name}", "b64_json": image_b64, "created_at": int(time.time()),
+                    "output_format": body.output_format, "quality": body.quality or "auto", "background": "opaque",
+                    **fields}
+            return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n"
+
+        t0, status, index = time.perf_counter(), "ok", 0
+        try:
+            item = first
+            while True:
+                if isinstance(item, GenerationResult):
+                    size = f"{item.image.width}x{item.image.height}"
+                    prompt, out = item.prompt_tokens or 0, len(item.latent_tokens) if item.latent_tokens is not None else 0
+                    yield event("completed", await asyncio.to_thread(body.encode, item.image), size=size, seed=req.seed,
+                                usage={"input_tokens": prompt, "output_tokens": out, "total_tokens": prompt + out})
+                    break
+                preview = item.get("partial_image") if isinstance(item, dict) else None
+                if preview is not None:
+                    yield event("partial_image", await asyncio.to_thread(body.encode, preview), partial_image_index=index,
+                                size=f"{preview.width}x{preview.height}")
+                    index += 1
+                item = await anext(rest)
+        except Exception as exc:  # the stream has started: report in-band, with the status it would have had
+            status = type(exc).__name__
+            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "prompt",
+                                              streaming=True)
+            yield sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
+        finally:
+            await rest.aclose()  # on a disconnect too: cancels the replicas' work
+            metrics.count_request(req.modality, status, time.perf_counter() - t0)
+
+    async def _image_list(self, body: ImagesRequest, results: list[GenerationResult]) -> dict:
+        """The response body. The images are encoded in a worker thread (tens of ms each), off
+        the event loop that every other request to this replica waits on."""
+        return await asyncio.to_thread(self._image_list_now, body, results)
 
     @staticmethod
-    def _image_list_now(results: list[GenerationResult]) -> dict:
+    def _image_list_now(body: ImagesRequest, results: list[GenerationResult]) -> dict:
         data = []
         for r in results:
-            item = {"b64_json": png_base64(r.image), "seed": r.seed}
+            item = {"b64_json": body.encode(r.image), "seed": r.seed}
             if r.think_text is not None:
                 item["revised_prompt"] = r.think_text
             data.append(item)
-        return {"created": int(time.time()), "data": data}
+        first = results[0].image
+        return {"created": int(time.time()), "data": data, "output_format": body.output_format,
+                "size": f"{first.width}x{first.height}", "quality": body.quality or "auto", "background": "opaque"}
 
     @api.post("/v1/images/edits", openapi_extra=_body(_EDIT_FORM, "multipart/form-data"), responses=_ERRORS)
     async def image_edits(self, request: Request):
@@ -500,12 +621,17 @@ class Driver:
             form = await request.form()
         except Exception as exc:  # malformed multipart
             raise InputError(f"expected a multipart/form-data body: {exc}") from None
-        uploads = form.getlist("image")
-        if len(uploads) != 1 or isinstance(uploads[0], str):
-            raise InputError("exactly one image file is required", "image")
+        if "mask" in form:
+            raise InputError("mask is not supported: BAGEL has no inpainting, it edits the whole image from the "
+                             "prompt (say in the prompt what to change where)", "mask")
+        uploads = form.getlist("image") + form.getlist("image[]")  # the SDK sends a list as image[]
+        if not uploads or any(isinstance(u, str) for u in uploads):
+            raise InputError("an image file is required", "image")
+        if len(uploads) > MAX_INPUT_IMAGES:
+            raise InputError(f"at most {MAX_INPUT_IMAGES} images per request", "image")
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
-            if key == "image":
+            if key in ("image", "image[]"):
                 continue
             if not isinstance(value, str):
                 raise InputError(f"{key} must be a form field, not a file", key, 422)
@@ -514,8 +640,10 @@ class Driver:
         if body.model not in (None, self.config.model_name):
             raise InputError(f"model {body.model!r} is not served here", "model", 404)
         await self.bound_prompt(body.prompt, "prompt")
-        data = await uploads[0].read()
-        image = await asyncio.to_thread(decode_image, data, "image", self.config.max_image_bytes, self.config.max_image_pixels)
+        datas = [await upload.read() for upload in uploads]
+        *context, image = await asyncio.to_thread(
+            lambda: [decode_image(d, "image", self.config.max_image_bytes, self.config.max_image_pixels) for d in datas])
         seed = self._seed(body)
-        reqs = [body.request("img2img", body.prompt, image, s) for s in body.seeds(seed)]
-        return await self._image_list(await all_or_nothing(self._generate(r) for r in reqs))
+        reqs = [body.request("img2img", body.prompt, image, s, context=tuple(context), partial_images=body.partial_images or 0)
+                for s in body.seeds(seed)]
+        return await self._image_answer(body, reqs, "image_edit")

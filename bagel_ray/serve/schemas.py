@@ -15,15 +15,16 @@ import re
 from typing import Annotated, Any, Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 from pydantic import Strict as Exact
 
-from bagel_ray.engine.request import GenerationRequest
+from bagel_ray.engine.request import MAX_PARTIAL_IMAGES, GenerationRequest
 from bagel_ray.knobs import BOOL, CHOICE, FLOAT, INT, INTERVAL, KNOBS, MAX_SEED, Knob
 from bagel_ray.png import encode_png
 from bagel_ray.serve.errors import InputError
 
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_INPUT_IMAGES = 4  # images in one chat request (vllm-omni's bound): each is a ViT block (and a VAE one for edits)
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(?P<data>.*)$", re.DOTALL)
@@ -75,16 +76,36 @@ HTTP_KNOBS = {k.name: k for k in KNOBS if k.http}
 _KnobFields = create_model("_KnobFields", __base__=Strict, **{name: knob_field(k) for name, k in HTTP_KNOBS.items()})
 
 
+HTTP_ALIASES = {alias: k.name for k in HTTP_KNOBS.values() for alias in k.http_aliases}
+
+
 class BagelKnobs(_KnobFields):
     """Every BAGEL knob (`bagel_ray.knobs.KNOBS`) as a typed top-level field. None = the
     official default for the request's modality (for `seed`: a random one)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _http_aliases(cls, data: Any) -> Any:
+        """OpenAI's other names of a knob (`max_completion_tokens` for `max_tokens`)."""
+        if not isinstance(data, dict) or not HTTP_ALIASES.keys() & data.keys():
+            return data
+        data = dict(data)
+        for alias, name in HTTP_ALIASES.items():
+            if alias in data:
+                if name in data:
+                    raise ValueError(f"{alias} and {name} are the same knob; give one")
+                data[name] = data.pop(alias)
+        return data
+
     def request(self, modality: str, prompt: str, image: Image.Image | None, seed: int,
-                height: int | None = None, width: int | None = None) -> GenerationRequest:
+                height: int | None = None, width: int | None = None,
+                context: tuple[str | Image.Image, ...] = (), partial_images: int = 0) -> GenerationRequest:
         given = {name: getattr(self, name) for name in HTTP_KNOBS if name != "seed"}
+        if given["do_sample"] is None and given["temperature"] is not None:
+            given["do_sample"] = True  # an OpenAI client's temperature means sampling
         try:
             return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
-                                     **{k: v for k, v in given.items() if v is not None})
+                                     context=context, partial_images=partial_images, **{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise InputError(str(exc), status=422) from exc
 
@@ -105,8 +126,20 @@ class ImagePart(Strict):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[TextPart | ImagePart]
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart | ImagePart] | None = None
+    name: str | None = None
+
+    def parts(self) -> tuple[list[str], str]:
+        """(its image URLs, its text parts joined by newlines)."""
+        if self.content is None or isinstance(self.content, str):
+            return [], self.content or ""
+        texts = [p.text for p in self.content if isinstance(p, TextPart)]
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)], "\n".join(texts)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
 
 
 class ChatCompletionRequest(BagelKnobs):
@@ -115,21 +148,41 @@ class ChatCompletionRequest(BagelKnobs):
     modalities: list[Literal["text", "image"]] = Field(default_factory=lambda: ["text"], min_length=1, max_length=1)
     size: str | None = Field(None, description="WxH of a generated image; default 1024x1024 (the model's largest)")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    partial_images: int | None = Field(None, strict=True, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="image output with stream: previews in the progress events")
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
 
-    def prompt_and_image(self) -> tuple[str, str | None]:
-        """BAGEL has no chat template: one user message, its text parts and at most one image."""
-        if len(self.messages) != 1 or self.messages[0].role != "user":
-            raise InputError("exactly one message with role 'user' is supported (BAGEL uses no chat template)", "messages")
-        content = self.messages[0].content
-        if isinstance(content, str):
-            return content, None
-        texts = [p.text for p in content if isinstance(p, TextPart)]
-        images = [p.image_url.url for p in content if isinstance(p, ImagePart)]
-        if len(images) > 1:
-            raise InputError("at most one image per request", "messages")
-        return "\n".join(texts), images[0] if images else None
+    def interleaved(self) -> tuple[list[tuple[str, str]], str | None, str]:
+        """The messages as BAGEL's interleaved input (it has no chat template, so no role tags):
+        each message in order gives its images (ViT blocks, and VAE blocks for image output),
+        then its text parts joined by newlines as one `<|im_start|>text<|im_end|>` segment,
+        as `interleave_inference` takes a list of inputs. The last message, the user's, ends
+        the list: its text is the prompt and its last image the request's image. Returns
+        (context as ("text" | "image", text or URL) items, the image URL, the prompt)."""
+        *earlier, last = self.messages
+        if last.role != "user":
+            raise InputError(f"the last message must be the user's (got role {last.role!r})", "messages")
+        context: list[tuple[str, str]] = []
+        for message in earlier:
+            urls, text = message.parts()
+            if urls and message.role != "user":
+                raise InputError(f"only user messages may hold images (a {message.role} message has one)", "messages")
+            context += [("image", url) for url in urls]
+            if text:
+                context.append(("text", text))
+        urls, prompt = last.parts()
+        context += [("image", url) for url in urls[:-1]]
+        if sum(kind == "image" for kind, _ in context) + bool(urls) > MAX_INPUT_IMAGES:
+            raise InputError(f"at most {MAX_INPUT_IMAGES} images per request", "messages")
+        return context, (urls[-1] if urls else None), prompt
+
+
+# OpenAI's `quality` as denoising steps: auto/high/hd/standard are the official 50; medium and
+# low trade detail for time (the step count sets the DiT's cost: 30 steps ~60 %, 20 ~40 %).
+QUALITY_STEPS = {"auto": None, "standard": None, "hd": None, "high": None, "medium": 30, "low": 20}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 class ImagesRequest(BagelKnobs):
@@ -138,8 +191,79 @@ class ImagesRequest(BagelKnobs):
     prompt: Text = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, strict=True, ge=1, le=8, description="images generated with seeds seed, seed+1, ..., seed+n-1")
-    response_format: Literal["b64_json"] = "b64_json"
+    quality: Literal[tuple(QUALITY_STEPS)] | None = Field(  # type: ignore[valid-type]
+        None, description="denoising steps: low 20, medium 30, high/hd/standard/auto the official 50; "
+                          "num_inference_steps sets them exactly")
+    output_format: Literal[tuple(OUTPUT_FORMATS)] = "png"  # type: ignore[valid-type]
+    output_compression: int | None = Field(None, strict=True, ge=0, le=100,
+                                           description="jpeg/webp quality in percent (default 100)")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="BAGEL's images are opaque: auto and opaque are accepted, transparent is refused")
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description="this server runs no moderation model: low is accepted, auto is refused")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    stream: bool = Field(False, strict=True, description="server-sent events: partial images, then the image")
+    partial_images: int | None = Field(None, strict=True, ge=0, le=MAX_PARTIAL_IMAGES,
+                                       description="previews of the image being denoised (with stream), evenly spaced")
     user: str | None = None
+
+    @field_validator("partial_images")
+    @classmethod
+    def _streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("stream"):
+            raise ValueError("partial_images needs stream=true")
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_or_steps(cls, quality: str | None, info: ValidationInfo) -> str | None:
+        if quality is not None and QUALITY_STEPS[quality] is not None and info.data.get("num_inference_steps") is not None:
+            raise ValueError("give quality or num_inference_steps, not both (quality sets the steps)")
+        return quality
+
+    @field_validator("output_compression")
+    @classmethod
+    def _compression_is_lossy(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("output_format", "png") == "png":
+            raise ValueError("output_compression applies to jpeg and webp; png is lossless")
+        return value
+
+    @field_validator("background")
+    @classmethod
+    def _opaque(cls, value: str | None) -> str | None:
+        if value == "transparent":
+            raise ValueError("BAGEL generates opaque RGB images (no alpha channel): use auto or opaque")
+        return value
+
+    @field_validator("moderation")
+    @classmethod
+    def _no_moderation(cls, value: str | None) -> str | None:
+        if value == "auto":
+            raise ValueError("this server runs no moderation model, so it cannot moderate: send low or leave it out")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _inline(cls, value: str) -> str:
+        if value == "url":
+            raise ValueError("url is not served: this server keeps no images after answering, so they come back "
+                             "inline as b64_json")
+        return value
+
+    @model_validator(mode="after")
+    def _steps_of_quality(self) -> "ImagesRequest":
+        if self.quality is not None and QUALITY_STEPS[self.quality] is not None:
+            self.num_inference_steps = QUALITY_STEPS[self.quality]
+        return self
+
+    def encode(self, image: Image.Image) -> str:
+        """An output image as base64 in the requested format."""
+        if self.output_format == "png":
+            return png_base64(image)
+        buf = io.BytesIO()
+        quality = 100 if self.output_compression is None else self.output_compression
+        image.convert("RGB").save(buf, format=OUTPUT_FORMATS[self.output_format], quality=quality)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
 
     @field_validator("n")
     @classmethod
@@ -156,12 +280,14 @@ class ImagesRequest(BagelKnobs):
 
 
 class ImageGenerationRequest(ImagesRequest):
-    size: str | None = None
+    size: str | None = Field(None, description="WxH, or auto: the official default (1024x1024, or the model's largest)")
 
 
 class ImageEditRequest(ImagesRequest):
-    """Form fields of /v1/images/edits besides the image file. The output has the input's
-    (VAE-resized) size, so there is no size field."""
+    """Form fields of /v1/images/edits besides the image files. The output has the last input
+    image's (VAE-resized) size, so `size` can only be auto."""
+
+    size: Literal["auto"] | None = Field(None, description="auto only: an edit comes out at its input's VAE-resized size")
 
     @classmethod
     def from_form(cls, fields: dict[str, str]) -> "ImageEditRequest":
@@ -172,8 +298,10 @@ class ImageEditRequest(ImagesRequest):
             try:
                 if key in HTTP_KNOBS:
                     typed[key] = HTTP_KNOBS[key].parse(text)
-                elif key == "n":
+                elif key in ("n", "output_compression", "partial_images"):
                     typed[key] = int(text) if text.strip().lstrip("+-").isdigit() else text
+                elif key == "stream":
+                    typed[key] = {"true": True, "false": False}.get(text.strip().lower(), text)
                 else:
                     typed[key] = text
             except ValueError as exc:
@@ -195,12 +323,12 @@ class ErrorResponse(BaseModel):
 
 
 def parse_size(size: str | None, max_side: int, stride: int) -> tuple[int | None, int | None]:
-    """'WxH' -> (height, width), checked against the model."""
-    if size is None:
+    """'WxH' -> (height, width), checked against the model; None or 'auto': (None, None)."""
+    if size is None or size == "auto":
         return None, None
     m = _SIZE.fullmatch(size)
     if not m:
-        raise InputError(f"size must look like '1024x768' (width x height), got {size!r}", "size", 422)
+        raise InputError(f"size must be 'auto' or look like '1024x768' (width x height), got {size!r}", "size", 422)
     width, height = int(m.group(1)), int(m.group(2))
     for side in (width, height):
         if side < stride or side % stride or side > max_side:

@@ -29,7 +29,7 @@ from bagel_ray.engine.dit import DenoiseJob, StepRecord
 from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.errors import EngineOutOfMemory, PromptTooLong
 from bagel_ray.engine.pipeline import LocalPipeline, PreparedImage
-from bagel_ray.engine.request import GenerationRequest, GenerationResult
+from bagel_ray.engine.request import GenerationRequest, GenerationResult, preview_steps
 from bagel_ray.model import attention
 from bagel_ray.model.tokenizer import clean_generated_text
 from bagel_ray.serve import metrics
@@ -140,6 +140,7 @@ class TextJob:
     prompt: list[int] | None = None  # its prompt's tokens, made (and checked) off the engine lock
     started: float = field(default_factory=time.perf_counter)
     prefilled_s: float = 0.0
+    prompt_tokens: int | None = None  # its context's length, once prefilled
 
     def deliver(self, outcome: GenerationResult | BaseException) -> None:
         """Hand the outcome to the waiting caller (from the decode thread)."""
@@ -226,6 +227,7 @@ class DecodeWorker(InboxWorker):
                 failed = None
                 for job, ctx in zip(live, contexts):
                     job.prefilled_s = started
+                    job.prompt_tokens = ctx.length
                     if self.decoder.fits(ctx, job.req.max_tokens):
                         self.decoder.admit(job, ctx, job.req.max_tokens)
                     else:
@@ -250,7 +252,7 @@ class DecodeWorker(InboxWorker):
         req = job.req
         job.deliver(GenerationResult(
             req.modality, req.prompt, req.seed, text=clean_generated_text(tok.decode([tok.bos_id] + seq.token_ids)),
-            token_ids=seq.token_ids, finish_reason="stop" if seq.stopped_on_eos else "length",
+            token_ids=seq.token_ids, finish_reason="stop" if seq.stopped_on_eos else "length", prompt_tokens=job.prompt_tokens,
             timings={"queue_and_prefill_s": job.prefilled_s - job.started, "decode_s": now - job.prefilled_s,
                      "tokens": float(len(seq.token_ids))},
         ))
@@ -363,14 +365,22 @@ class DenoiseWorker(InboxWorker):
                 job.begin()
                 job.prepared = self.pipeline.prepare_image(job.req, job.cancel.is_set, prompt)
 
+        prepared = job.prepared
+        previews: frozenset[int] | None = None
+
         def on_step(record: StepRecord) -> None:  # in the batch's step, for each of its jobs
+            nonlocal previews
             metrics.count_step()
             job.begin()
             job.batch = max(job.batch, record.batch)
             if job.progress:
-                job.send({"step": record.index + 1, "total": record.total, "t": record.t})
+                event: dict = {"step": record.index + 1, "total": record.total, "t": record.t}
+                if previews is None:
+                    previews = preview_steps(record.total, job.req.partial_images)
+                if record.index in previews:  # decoded here, under the lock the step holds
+                    event["partial_image"] = self.pipeline.preview(prepared, record)
+                job.send(event)
 
-        prepared = job.prepared
         job.queued = time.perf_counter()
         self.batch.submit(self.pipeline.dit.job(prepared.contexts, job.req.sampler(), prepared.noise, on_step,
                                                 job.cancel.is_set, key=job))

@@ -100,3 +100,16 @@ def test_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "bagel_ray.jobs.bulk", "--help"], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--thinker-replicas" in done.stdout and "--app NAME" in done.stdout
+
+
+def test_a_missing_optional_dependency_is_one_line(prompts, tmp_path, capsys, monkeypatch):
+    """Without the [jobs] extra the job says what to install, not "rerun to resume"."""
+    from bagel_ray.jobs import bulk
+
+    def no_ray_data(args):
+        raise ModuleNotFoundError("No module named 'pyarrow'", name="pyarrow")
+
+    monkeypatch.setattr(bulk, "make_runner", no_ray_data)
+    assert main(["--input", str(prompts), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err == "bulk: pyarrow is not installed: pip install 'bagel-ray[jobs]'\n", err

@@ -187,7 +187,7 @@ def test_client_over_handle_and_http(serve_app, local, picture):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 422, "bogus"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422, "max_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "cfg_interval": [0.9, 0.1]}, 422, "cfg_interval"),
-        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.invalid/a.png"}}]}]}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "other"}, 404, "model"),

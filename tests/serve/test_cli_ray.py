@@ -166,3 +166,56 @@ def test_as_a_process_joining_the_cluster(serve_app, ray_session, tmp_path):
     (record,) = read_results(tmp_path / "outputs")
     assert pixels(tmp_path / "outputs" / record["image"]).shape == (32, 48, 3)
     assert_app_untouched(serve_app)
+
+
+def test_its_own_ray_leaves_a_listening_port_alone(tmp_path):
+    """Without --ray-address the CLI starts a Ray of its own and deploys the app there for its
+    handle only: no HTTP proxy, so a server on the config's port (8000) is left alone."""
+    import socket
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            server.bind(("127.0.0.1", 8000))
+        except OSError:
+            pytest.skip("port 8000 is taken on this machine")  # someone's server: the point stands, untestable here
+        server.listen()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), RAY_ADDRESS="local")
+        proc = subprocess.run(
+            [sys.executable, "-m", "bagel_ray", "generate", "--worker-backend", "ray", "--model", "tiny", "--device", "cpu",
+             "--modality", "text2text", "--prompts", "hi", "--max-tokens", "3"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_results(tmp_path / "outputs")[0]["text"] is not None
+
+
+HEAD_WITH_TOKEN = """
+import sys, ray
+ray.init(num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_a_cluster_with_token_auth_gets_a_one_line_hint(tmp_path):
+    """A cluster under Ray's token auth refuses a CLI without the token: one error line that
+    says what to set, not a traceback."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), RAY_ADDRESS="local", RAY_AUTH_MODE="token", HOME=str(tmp_path))
+    head = subprocess.Popen([sys.executable, "-c", HEAD_WITH_TOKEN], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the token-auth head did not start"
+        client_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), RAY_AUTH_MODE="disabled")
+        client_env.pop("RAY_AUTH_TOKEN", None)
+        proc = subprocess.run([sys.executable, "-m", "bagel_ray", "generate", "--worker-backend", "ray", "--ray-address",
+                               address, "--model", "tiny", "--prompts", "x"],
+                              cwd=tmp_path, env=client_env, capture_output=True, text=True, timeout=180)
+    finally:
+        head.stdin.close()
+        head.wait(timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "RAY_AUTH_MODE=token" in ours[0] and "RAY_AUTH_TOKEN" in ours[0]

@@ -210,5 +210,6 @@ def test_get_routes(serve_app, spec):
     gets = [path for path, ops in spec["paths"].items() if "get" in ops]
     assert {"/health", "/v1/models"} <= set(gets)
     for path in gets:
+        path = path.replace("{model_id}", serve_app.args["model_name"])  # the one path parameter: the served model
         resp = requests.get(serve_app.url + path, timeout=30)
         assert resp.status_code == 200, (path, resp.text)

@@ -4,20 +4,23 @@ Fields left as None take the default of the request's modality: the notebook's t
 settings (cfg_img 1.0, interval [0.4, 1], global renorm) or its edit settings (cfg_img 2.0,
 interval [0, 1], text_channel renorm). The knob fields, their ranges and defaults are those of
 `bagel_ray.knobs`, and a request checks each of them there, so a request made by the CLI, a
-bulk item, a Serve handle or the HTTP API is held to the same rules.
+bulk item, a Serve handle or the HTTP API is held to the same rules. Nothing here imports
+torch: the ingress, which has none, builds these requests and reads their results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
-from bagel_ray.engine.dit import DenoiseParams
-from bagel_ray.engine.decoder import DecodeParams
+from bagel_ray.engine.params import DecodeParams, DenoiseParams
 from bagel_ray.knobs import BY_NAME, DEFAULT_SEED, KNOBS, sampler_defaults
 from bagel_ray.routes import IMAGE_OUTPUT, route
+
+if TYPE_CHECKING:  # torch-free at run time: the CPU-only ingress builds requests and reads results
+    import torch
 
 # Official notebook settings (spec 6.5): the text2img and edit columns, by knob name.
 SAMPLER_DEFAULTS: dict[str, DenoiseParams] = {m: DenoiseParams(**sampler_defaults(m)) for m in IMAGE_OUTPUT}

@@ -51,7 +51,7 @@ from bagel_ray.serve.schemas import (
     parse_size,
     png_base64,
 )
-from bagel_ray.serve.stages import ModelInfo, logs_into_serve
+from bagel_ray.serve.replica import ModelInfo, logs_into_serve
 
 log = logging.getLogger("bagel_ray.serve")
 api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")

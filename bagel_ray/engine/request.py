@@ -51,10 +51,12 @@ class GenerationRequest:
     temperature: float = BY_NAME["temperature"].default
     top_p: float = BY_NAME["top_p"].default
     init_noise: torch.Tensor | None = field(default=None, repr=False)
+    # Its input image was made into contexts on another stage and left behind (`for_render`).
+    image_in_contexts: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         path = route(self.modality)
-        if path.image_in and self.image is None:
+        if path.image_in and self.image is None and not self.image_in_contexts:
             raise ValueError(f"{self.modality} needs an input image")
         if not path.image_in and self.image is not None:
             raise ValueError(f"{self.modality} takes no input image")
@@ -66,6 +68,14 @@ class GenerationRequest:
             raise ValueError(f"{self.modality} generates at the input image's size; height and width cannot be set")
         self.sampler()  # the sampler's own checks of image modalities
         self.decode_params()
+
+    def for_render(self) -> GenerationRequest:
+        """The request as the DiT needs it to render over contexts another stage built: the
+        input image (an edit's largest part, megabytes of pixels) is left out, since those
+        contexts hold all the DiT uses of it."""
+        if self.image is None:
+            return self
+        return replace(self, image=None, image_in_contexts=True)
 
     @property
     def outputs_image(self) -> bool:

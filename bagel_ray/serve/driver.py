@@ -290,7 +290,7 @@ class Driver:
                 calls.append(self.dit.generate.remote(req))
             else:  # (THINKER, DIT): the context's KV handed over
                 calls.append(self.thinker.prepare_image.remote(req))
-                calls.append(self.dit.render.remote(req, calls[0]))
+                calls.append(self.dit.render.remote(req.for_render(), calls[0]))
             return await calls[-1]
         except BaseException:
             for call in calls:
@@ -311,7 +311,7 @@ class Driver:
             gen = self.dit.options(stream=True).render_stream.remote(req, None)
         else:
             upstream.append(self.thinker.prepare_image.remote(req))
-            gen = self.dit.options(stream=True).render_stream.remote(req, upstream[0])
+            gen = self.dit.options(stream=True).render_stream.remote(req.for_render(), upstream[0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout_s
         finished = False

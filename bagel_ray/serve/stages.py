@@ -44,10 +44,10 @@ EngineFactory = Callable[[AppConfig], LocalPipeline]
 @dataclass
 class Handoff:
     """What the Thinker returns for an image request: the packed contexts (a transport
-    payload) plus the initial noise and the think text."""
+    payload) and the think text. The initial noise is not in it: the DiT makes it from the
+    request's seed (`LocalPipeline.initial_noise`)."""
 
     payload: Any
-    noise: torch.Tensor
     think_text: str | None
     think_token_ids: list[int] | None
     timings: dict[str, float] = field(default_factory=dict)
@@ -174,12 +174,12 @@ class ThinkerServer:
         def prepare(stop: Callable[[], bool]) -> tuple[PreparedImage, Any]:
             # Sent under the engine lock, in its thread: packing never blocks the event loop,
             # and no other request's CUDA-graph capture runs in this process meanwhile.
-            prepared = self.pipeline.prepare_image(req, stop, prompt)
+            prepared = self.pipeline.prepare_image(req, stop, prompt, noise=False)
             return prepared, self.transport.send(prepared.contexts)
 
         prepared, payload = await self.lock.run("prepare_image", prepare)
         metrics.observe_stage("thinker", time.perf_counter() - t0)
-        return Handoff(payload, prepared.noise, prepared.think_text, prepared.think_token_ids, prepared.timings)
+        return Handoff(payload, prepared.think_text, prepared.think_token_ids, prepared.timings)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose continuous-decoding thread has died: its greedy text
@@ -219,19 +219,21 @@ class DiTServer:
         log.info("DiT ready in %.1fs on %s (%s), up to %d requests a batch", time.perf_counter() - t0, model.device,
                  model.dtype, batch)
 
-    def _received(self, handoff: Handoff) -> PreparedImage:
+    def _received(self, req: GenerationRequest, handoff: Handoff) -> PreparedImage:
         contexts, stats = self.transport.receive(handoff.payload, self.device)
         metrics.observe_handoff(stats)
         timings = dict(handoff.timings, handoff_bytes=float(stats.nbytes), handoff_send_s=stats.send_s,
                        handoff_receive_s=stats.receive_s, **{f"handoff_via_{stats.route}": 1.0})
-        return PreparedImage(contexts, handoff.noise, handoff.think_text, handoff.think_token_ids, timings)
+        noise = self.pipeline.initial_noise(req, contexts)
+        return PreparedImage(contexts, noise, handoff.think_text, handoff.think_token_ids, timings)
 
-    async def _receive(self, handoff: Handoff | None) -> PreparedImage | None:
-        """The handoff's contexts, received in a worker thread outside the engine lock."""
+    async def _receive(self, req: GenerationRequest, handoff: Handoff | None) -> PreparedImage | None:
+        """The handoff's contexts, received in a worker thread outside the engine lock, and
+        the request's initial noise, made here from its seed."""
         if handoff is None:
             return None
         try:
-            return await asyncio.to_thread(self._received, handoff)
+            return await asyncio.to_thread(self._received, req, handoff)
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory("receive", exc) from None
 
@@ -263,7 +265,7 @@ class DiTServer:
         """Denoise and decode over contexts the Thinker prepared."""
         t0 = time.perf_counter()
         async with self.handoff_slots:
-            result = await self._image(req, await self._receive(handoff))
+            result = await self._image(req, await self._receive(req, handoff))
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
@@ -278,7 +280,7 @@ class DiTServer:
         """Progress events `{"step", "total", "t"}` while denoising, then the result.
         With no handoff the request runs whole on this replica."""
         async with self.handoff_slots if handoff is not None else contextlib.nullcontext():
-            prepared = await self._receive(handoff)
+            prepared = await self._receive(req, handoff)
             async with contextlib.aclosing(self._images(req, prepared, progress=True)) as items:
                 async for item in items:
                     yield item

@@ -51,6 +51,8 @@ class GenerationRequest:
     temperature: float = BY_NAME["temperature"].default
     top_p: float = BY_NAME["top_p"].default
     init_noise: torch.Tensor | None = field(default=None, repr=False)
+    # The result's `latent_tokens` leave a DiT replica only when asked: an HTTP answer is a PNG.
+    return_latents: bool = field(default=True, repr=False)
     # Its input image was made into contexts on another stage and left behind (`for_render`).
     image_in_contexts: bool = field(default=False, repr=False)
 

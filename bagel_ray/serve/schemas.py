@@ -84,7 +84,7 @@ class BagelKnobs(_KnobFields):
         given = {name: getattr(self, name) for name in HTTP_KNOBS if name != "seed"}
         try:
             return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
-                                     **{k: v for k, v in given.items() if v is not None})
+                                     return_latents=False, **{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise InputError(str(exc), status=422) from exc
 

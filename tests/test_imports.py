@@ -162,8 +162,6 @@ def test_model_and_engine_never_import_ray(floor):
     assert not importing
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19 item 4: the ingress still reaches torch through the engine modules it imports "
-                   "(request, pipeline); the change for item 4 removes that")
 def test_the_ingress_never_imports_torch():
     assert INGRESS in modules()
     reaching = sorted(m for m in closure(INGRESS)

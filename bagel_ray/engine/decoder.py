@@ -42,32 +42,13 @@ import torch
 
 from bagel_ray.engine.cuda_graph import capture
 from bagel_ray.engine.kv_context import KVContext
+from bagel_ray.engine.params import DecodeParams
 from bagel_ray.engine.sampling import greedy, sample
 from bagel_ray.model.bagel import BagelModel
 from bagel_ray.model.llm import CachedKV, ForwardMode
 from bagel_ray.model.tokenizer import BagelTokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DecodeParams:
-    """`max_new_tokens` counts generated tokens (the official `max_length` minus the leading
-    `<|im_start|>`). do_sample=False is greedy, the official default; top_p=1.0 is the
-    official (unfiltered) sampling."""
-
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    temperature: float = 0.3
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(frozen=True)

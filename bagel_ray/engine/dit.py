@@ -20,7 +20,6 @@ prediction. Jobs with and without it, on full or predicted forwards, share one s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -28,10 +27,11 @@ import torch
 from PIL import Image
 
 from bagel_ray.engine.cancel import Cancelled
-from bagel_ray.engine.cfg import RENORM_TYPES, combine
+from bagel_ray.engine.cfg import combine
 from bagel_ray.engine.context import ContextBuilder
 from bagel_ray.engine.dit_graphs import DitGraphs
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
+from bagel_ray.engine.params import DenoiseParams
 from bagel_ray.engine.schedule import Schedule, cfg_active, euler_step, make_schedule
 from bagel_ray.engine.taylorseer import TaylorState
 from bagel_ray.model.bagel import BagelModel
@@ -49,35 +49,6 @@ def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
     step until the previous one finished; a copy from pinned memory does not."""
     t = torch.tensor(values)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-@dataclass(frozen=True)
-class DenoiseParams:
-    """Sampler knobs with the official notebook text2img defaults (names, ranges and the
-    per-modality defaults: `bagel_ray.knobs`). `taylorseer` turns on the official TaylorSeer
-    step cache (`enable_taylorseer`), which approximates the exact path with fewer forwards."""
-
-    num_inference_steps: int = 50
-    timestep_shift: float = 3.0
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: str = "global"
-    cfg_renorm_min: float = 0.0
-    taylorseer: bool = False  # the official `enable_taylorseer`: approximate most forwards (spec pitfall 20)
-
-    def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if not math.isfinite(self.timestep_shift) or self.timestep_shift <= 0:
-            raise ValueError(f"timestep_shift must be a finite number > 0, got {self.timestep_shift}")
-        if self.cfg_renorm_type not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
-        lo, hi = self.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
-        if not 0.0 <= self.cfg_renorm_min <= 1.0:
-            raise ValueError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
 
 
 def guidance(params: DenoiseParams, t: torch.Tensor, same_as_gen: Callable[[str], bool],

@@ -34,10 +34,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class PreparedImage:
-    """What the Thinker side hands to the DiT side for one image request."""
+    """What the Thinker side hands to the DiT side for one image request. `noise` is made on
+    the side that denoises (`initial_noise`): a Thinker replica leaves it None."""
 
     contexts: ImageContexts
-    noise: torch.Tensor
+    noise: torch.Tensor | None
     think_text: str | None
     think_token_ids: list[int] | None
     timings: dict[str, float]
@@ -215,6 +216,8 @@ class LocalPipeline:
         """The three CFG contexts of text2img / img2img (spec 6.1 table), think text included
         (its decoding raises `Cancelled` when `should_stop` says yes). `prompt`: the request's
         `prompt_tokens`, when already made."""
+        if req.image_in_contexts:
+            raise ValueError("this edit request's image went into contexts built elsewhere (for_render)")
         th = self.thinker_engine
         prompt = self.prompt_tokens(req) if prompt is None else prompt
         gen, cfg_img = th.empty(), th.empty()
@@ -246,19 +249,42 @@ class LocalPipeline:
         return ImageContexts(gen, cfg_text, cfg_img, height, width), think_text, think_ids
 
     def prepare_image(self, req: GenerationRequest, should_stop: Callable[[], bool] | None = None,
-                      prompt: list[int] | None = None) -> PreparedImage:
+                      prompt: list[int] | None = None, noise: bool = True) -> PreparedImage:
         """Contexts and initial noise. The seeded CPU generator gives the VAE posterior draw
-        first (edits), then the noise, as the official order (spec 11.8)."""
+        first (edits), then the noise, as the official order (spec 11.8). `noise=False`: the
+        contexts only, for a stage that hands them on (the DiT makes the noise itself)."""
         t0 = time.perf_counter()
         generator = _seeded(req.seed)
         contexts, think_text, think_ids = self.build_contexts(req, generator, should_stop, prompt)
+        made = self.initial_noise(req, contexts, generator) if noise else None
+        return PreparedImage(contexts, made, think_text, think_ids, {"prefill_s": time.perf_counter() - t0})
+
+    def initial_noise(self, req: GenerationRequest, contexts: ImageContexts,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The request's initial noise (`init_noise` when it brings its own), from its seed, on
+        the CPU. `generator`: the request's own, where its contexts were built in this process
+        (it has drawn the edit's VAE posterior sample); None: contexts built on another stage,
+        so a fresh generator draws the posterior sample's values first (discarded), and the
+        noise is the same as if made there."""
         if req.init_noise is not None:
-            noise = req.init_noise
-        else:
-            step = self.cfg.latent_downsample
-            noise = torch.randn((contexts.height // step) * (contexts.width // step), self.cfg.patch_latent_dim,
-                                generator=generator, dtype=torch.float32)
-        return PreparedImage(contexts, noise, think_text, think_ids, {"prefill_s": time.perf_counter() - t0})
+            return req.init_noise
+        if generator is None:
+            generator = _seeded(req.seed)
+            # build_contexts' VAE blocks drew a posterior sample per input image, in order: an
+            # edit's one image left behind by `for_render` (at the output's size), or the images
+            # the request still carries (a chat's earlier images with the edited one)
+            shapes = ([(contexts.height, contexts.width)] if req.image_in_contexts
+                      else [(im.height, im.width) for im in map(self.vae_resized, req.images)])
+            if shapes:
+                if self.dit is None:
+                    raise RuntimeError("this pipeline has no DiT engine (the noise of contexts made elsewhere is the DiT's)")
+                vae = self.dit.vae
+                dtype = next(vae.parameters()).dtype
+                for height, width in shapes:
+                    vae.posterior_draw(vae.posterior_shape(height, width), dtype, generator)
+        step = self.cfg.latent_downsample
+        return torch.randn((contexts.height // step) * (contexts.width // step), self.cfg.patch_latent_dim,
+                           generator=generator, dtype=torch.float32)
 
     # -- DiT side -----------------------------------------------------------------------
 

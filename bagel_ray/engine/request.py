@@ -4,20 +4,23 @@ Fields left as None take the default of the request's modality: the notebook's t
 settings (cfg_img 1.0, interval [0.4, 1], global renorm) or its edit settings (cfg_img 2.0,
 interval [0, 1], text_channel renorm). The knob fields, their ranges and defaults are those of
 `bagel_ray.knobs`, and a request checks each of them there, so a request made by the CLI, a
-bulk item, a Serve handle or the HTTP API is held to the same rules.
+bulk item, a Serve handle or the HTTP API is held to the same rules. Nothing here imports
+torch: the ingress, which has none, builds these requests and reads their results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
-from bagel_ray.engine.dit import DenoiseParams
-from bagel_ray.engine.decoder import DecodeParams
+from bagel_ray.engine.params import DecodeParams, DenoiseParams
 from bagel_ray.knobs import BY_NAME, DEFAULT_SEED, KNOBS, sampler_defaults
 from bagel_ray.routes import IMAGE_OUTPUT, route
+
+if TYPE_CHECKING:  # torch-free at run time: the CPU-only ingress builds requests and reads results
+    import torch
 
 # Official notebook settings (spec 6.5): the text2img and edit columns, by knob name.
 SAMPLER_DEFAULTS: dict[str, DenoiseParams] = {m: DenoiseParams(**sampler_defaults(m)) for m in IMAGE_OUTPUT}
@@ -62,6 +65,10 @@ class GenerationRequest:
     # Not a knob (it changes nothing in the result): previews of the x0 estimate that a streamed
     # image request's progress events carry, at evenly spaced steps (`preview_steps`).
     partial_images: int = 0
+    # The result's `latent_tokens` leave a DiT replica only when asked: an HTTP answer is a PNG.
+    return_latents: bool = field(default=True, repr=False)
+    # Its input images were made into contexts on another stage and left behind (`for_render`).
+    image_in_contexts: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         path = route(self.modality)
@@ -69,7 +76,7 @@ class GenerationRequest:
         if not all(isinstance(item, (str, Image.Image)) for item in self.context):
             raise ValueError("context items must be texts or images")
         has_image = bool(self.images)
-        if path.image_in and not has_image:
+        if path.image_in and not has_image and not self.image_in_contexts:
             raise ValueError(f"{self.modality} needs an input image")
         if not path.image_in and has_image:
             raise ValueError(f"{self.modality} takes no input image")
@@ -83,6 +90,16 @@ class GenerationRequest:
             raise ValueError(f"{self.modality} generates at the input image's size; height and width cannot be set")
         self.sampler()  # the sampler's own checks of image modalities
         self.decode_params()
+
+    def for_render(self) -> GenerationRequest:
+        """The request as the DiT needs it to render over contexts another stage built: the
+        input image (an edit's largest part, megabytes of pixels) is left out, since those
+        contexts hold all the DiT uses of it. A request with images in its context keeps them:
+        the DiT draws the initial noise after replaying every image's VAE posterior draw, as the
+        Thinker did, and needs their sizes."""
+        if self.image is None or any(isinstance(item, Image.Image) for item in self.context):
+            return self  # several images: the DiT replays each one's VAE draw to make the noise
+        return replace(self, image=None, image_in_contexts=True)
 
     @property
     def inputs(self) -> tuple[str | Image.Image, ...]:

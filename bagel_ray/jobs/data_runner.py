@@ -205,14 +205,13 @@ class ThinkerStage:
         req = pickle.loads(row.request)
         try:
             req = fit_size(req, self.pipeline.cfg.max_image_side)
-            prepared = self.pipeline.prepare_image(req)
+            prepared = self.pipeline.prepare_image(req, noise=False)  # the DiT stage makes the noise
             payload = self.transport.send(prepared.contexts)
         except Exception as exc:
             row.fail(exc, req)
             return
         row.request = pickle.dumps(req)
-        row.handoff = pickle.dumps(Handoff(payload, prepared.noise, prepared.think_text, prepared.think_token_ids,
-                                           prepared.timings))
+        row.handoff = pickle.dumps(Handoff(payload, prepared.think_text, prepared.think_token_ids, prepared.timings))
 
 
 class DiTStage:
@@ -261,7 +260,8 @@ class DiTStage:
         contexts, stats = self.transport.receive(sent.payload, self.device)
         timings = dict(sent.timings, handoff_bytes=float(stats.nbytes), handoff_send_s=stats.send_s,
                        handoff_receive_s=stats.receive_s)
-        return PreparedImage(contexts, sent.noise, sent.think_text, sent.think_token_ids, timings)
+        noise = self.pipeline.initial_noise(req, contexts)
+        return PreparedImage(contexts, noise, sent.think_text, sent.think_token_ids, timings)
 
     def _denoise(self, jobs: list[DenoiseJob]) -> None:
         """Step the jobs (keyed by their row, request and prepared image) until each has ended,

@@ -218,11 +218,24 @@ class AutoEncoder(nn.Module):
         """
         mean, logvar = torch.chunk(self.encode_moments(x), 2, dim=1)
         if eps is None:
-            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+            eps = self.posterior_draw(tuple(mean.shape), mean.dtype, generator).to(mean.device)
         elif eps.shape != mean.shape:
             raise ValueError(f"eps has shape {tuple(eps.shape)}, the posterior mean has {tuple(mean.shape)}")
         z = mean + torch.exp(0.5 * logvar) * eps
         return self.scale_factor * (z - self.shift_factor)
+
+    def posterior_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The posterior's shape [1, z, H/8, W/8] for one image of `height` x `width` pixels."""
+        down = self.config.downsample
+        return (1, self.config.z_channels, height // down, width // down)
+
+    @staticmethod
+    def posterior_draw(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+        """The posterior sample's standard-normal draw, on the CPU. One place for it: a stage
+        that did not encode the image draws it again to bring the request's generator to where
+        the initial noise is drawn (spec 11.8). It takes one 32-bit value of the generator per
+        element in float32, bfloat16 and float16 alike, so stages of other dtypes agree."""
+        return torch.randn(shape, generator=generator, dtype=dtype)
 
     def decode(self, z: Tensor) -> Tensor:
         """Raw image [B, 3, 8h, 8w] (roughly [-1, 1], unclamped) of a scaled latent [B, z, h, w]."""

@@ -53,7 +53,7 @@ from bagel_ray.serve.schemas import (
     parse_size,
     png_base64,
 )
-from bagel_ray.serve.stages import ModelInfo, logs_into_serve
+from bagel_ray.serve.replica import ModelInfo, logs_into_serve
 
 log = logging.getLogger("bagel_ray.serve")
 api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")
@@ -321,7 +321,7 @@ class Driver:
                 calls.append(self.dit.generate.remote(req))
             else:  # (THINKER, DIT): the context's KV handed over
                 calls.append(self.thinker.prepare_image.remote(req))
-                calls.append(self.dit.render.remote(req, calls[0]))
+                calls.append(self.dit.render.remote(req.for_render(), calls[0]))
             return await calls[-1]
         except BaseException:
             for call in calls:
@@ -342,7 +342,7 @@ class Driver:
             gen = self.dit.options(stream=True).render_stream.remote(req, None)
         else:
             upstream.append(self.thinker.prepare_image.remote(req))
-            gen = self.dit.options(stream=True).render_stream.remote(req, upstream[0])
+            gen = self.dit.options(stream=True).render_stream.remote(req.for_render(), upstream[0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout_s
         finished = False

@@ -6,8 +6,10 @@ a Ray worker (the helpers then do nothing)."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from bagel_ray.transport.base import TransferStats
+if TYPE_CHECKING:  # the ingress counts its requests here and imports no torch
+    from bagel_ray.transport.base import TransferStats
 
 _LATENCY_BOUNDS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120]
 

@@ -105,7 +105,7 @@ class BagelKnobs(_KnobFields):
             given["do_sample"] = True  # an OpenAI client's temperature means sampling
         try:
             return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
-                                     context=context, partial_images=partial_images, **{k: v for k, v in given.items() if v is not None})
+                                     context=context, partial_images=partial_images, return_latents=False, **{k: v for k, v in given.items() if v is not None})
         except ValueError as exc:
             raise InputError(str(exc), status=422) from exc
 

@@ -20,7 +20,6 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 from ray import serve
-from ray.serve.exceptions import RayServeException
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DiT
@@ -31,6 +30,7 @@ from bagel_ray.model.loader import load_checkpoint
 from bagel_ray.routes import DIT, THINKER, stage_parts
 from bagel_ray.serve import metrics
 from bagel_ray.serve.config import AppConfig, StageConfig
+from bagel_ray.serve.replica import ModelInfo, logs_into_serve
 from bagel_ray.serve.workers import DecodeWorker, DenoiseWorker, EngineLock, ImageJob, TextJob, out_of_memory, understand_jobs
 from bagel_ray.transport import ray_peer
 from bagel_ray.transport.base import make_transport
@@ -42,50 +42,17 @@ log = logging.getLogger("bagel_ray.serve")
 EngineFactory = Callable[[AppConfig], LocalPipeline]
 
 
-def logs_into_serve() -> None:
-    """In a Serve replica, this package's log records go where the replica's own do (its log
-    file and the console of `serve run`): Serve sets up only its `ray.serve` logger there, so
-    our INFO records (a stage ready, its load time, the transport it took) went nowhere.
-    Outside a replica (tests, the engines alone) logging is left as it is."""
-    try:
-        serve.get_replica_context()
-    except RayServeException:
-        return
-    serve_logger, ours = logging.getLogger("ray.serve"), logging.getLogger("bagel_ray")
-    ours.handlers = list(serve_logger.handlers)
-    ours.setLevel(serve_logger.level)
-    ours.propagate = False
-
-
 @dataclass
 class Handoff:
     """What the Thinker returns for an image request: the packed contexts (a transport
-    payload) plus the initial noise and the think text."""
+    payload) and the think text. The initial noise is not in it: the DiT makes it from the
+    request's seed (`LocalPipeline.initial_noise`)."""
 
     payload: Any
-    noise: torch.Tensor
     think_text: str | None
     think_token_ids: list[int] | None
     timings: dict[str, float] = field(default_factory=dict)
     node: str = ""  # the Ray node of the sender: the receiver records whether the handoff crossed nodes
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver needs to validate requests without loading the model or its tokenizer."""
-
-    max_image_side: int
-    latent_downsample: int
-    max_model_len: int
-    max_token_bytes: int  # the most UTF-8 bytes one token stands for
-
-    def max_prompt_chars(self, ascii_only: bool) -> int:
-        """The most characters a prompt that fits `max_model_len` can have: the cheap bound
-        checked at the ingress before anything tokenizes it (the exact count is the Thinker's).
-        A text of n bytes is at least n / max_token_bytes tokens; an ASCII text has one byte a
-        character, and NFC, applied before tokenizing, merges at most 4 characters into one
-        (U+1F86 is four code points decomposed), so other text may have 4x as many characters."""
-        return self.max_model_len * self.max_token_bytes * (1 if ascii_only else 4)
 
 
 def resolve_device(stage: StageConfig) -> tuple[str, torch.dtype]:
@@ -218,13 +185,12 @@ class ThinkerServer:
         def prepare(stop: Callable[[], bool]) -> tuple[PreparedImage, Any]:
             # Sent under the engine lock, in its thread: packing never blocks the event loop,
             # and no other request's CUDA-graph capture runs in this process meanwhile.
-            prepared = self.pipeline.prepare_image(req, stop, prompt)
+            prepared = self.pipeline.prepare_image(req, stop, prompt, noise=False)
             return prepared, self.transport.send(prepared.contexts)
 
         prepared, payload = await self.lock.run("prepare_image", prepare)
         metrics.observe_stage("thinker", time.perf_counter() - t0)
-        return Handoff(payload, prepared.noise, prepared.think_text, prepared.think_token_ids, prepared.timings,
-                       ray_peer.node_id())
+        return Handoff(payload, prepared.think_text, prepared.think_token_ids, prepared.timings, ray_peer.node_id())
 
     def check_health(self) -> None:
         """Serve restarts a replica whose continuous-decoding thread has died: its greedy text
@@ -264,21 +230,23 @@ class DiTServer:
         log.info("DiT ready in %.1fs on %s (%s), up to %d requests a batch", time.perf_counter() - t0, model.device,
                  model.dtype, batch)
 
-    def _received(self, handoff: Handoff) -> PreparedImage:
+    def _received(self, req: GenerationRequest, handoff: Handoff) -> PreparedImage:
         contexts, stats = self.transport.receive(handoff.payload, self.device)
         crossed = handoff.node != ray_peer.node_id()
         metrics.observe_handoff(stats, crossed)
         timings = dict(handoff.timings, handoff_bytes=float(stats.nbytes), handoff_send_s=stats.send_s,
                        handoff_receive_s=stats.receive_s, handoff_crossed_nodes=float(crossed),
                        **{f"handoff_via_{stats.route}": 1.0})
-        return PreparedImage(contexts, handoff.noise, handoff.think_text, handoff.think_token_ids, timings)
+        noise = self.pipeline.initial_noise(req, contexts)
+        return PreparedImage(contexts, noise, handoff.think_text, handoff.think_token_ids, timings)
 
-    async def _receive(self, handoff: Handoff | None) -> PreparedImage | None:
-        """The handoff's contexts, received in a worker thread outside the engine lock."""
+    async def _receive(self, req: GenerationRequest, handoff: Handoff | None) -> PreparedImage | None:
+        """The handoff's contexts, received in a worker thread outside the engine lock, and
+        the request's initial noise, made here from its seed."""
         if handoff is None:
             return None
         try:
-            return await asyncio.to_thread(self._received, handoff)
+            return await asyncio.to_thread(self._received, req, handoff)
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory("receive", exc) from None
 
@@ -310,7 +278,7 @@ class DiTServer:
         """Denoise and decode over contexts the Thinker prepared."""
         t0 = time.perf_counter()
         async with self.handoff_slots:
-            result = await self._image(req, await self._receive(handoff))
+            result = await self._image(req, await self._receive(req, handoff))
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
@@ -325,7 +293,7 @@ class DiTServer:
         """Progress events `{"step", "total", "t"}` while denoising, then the result.
         With no handoff the request runs whole on this replica."""
         async with self.handoff_slots if handoff is not None else contextlib.nullcontext():
-            prepared = await self._receive(handoff)
+            prepared = await self._receive(req, handoff)
             async with contextlib.aclosing(self._images(req, prepared, progress=True)) as items:
                 async for item in items:
                     yield item

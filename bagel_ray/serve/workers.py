@@ -395,9 +395,10 @@ class DenoiseWorker(InboxWorker):
             with self.lock.hold(observe=False):
                 result = self.pipeline.finish_image(job.req, job.prepared, done.x,
                                                     {"denoise_s": denoise_s, "denoise_batch": float(job.batch)})
-                # The result leaves this process: a CUDA tensor in it would make every caller
-                # (an ingress on a node without a GPU, say) start CUDA to unpickle it, or fail.
-                result.latent_tokens = result.latent_tokens.cpu()
+                # The result leaves this process: its latents only for a caller that asked
+                # (not the HTTP API), on the host (a CUDA tensor in it would make the caller
+                # start CUDA to unpickle it, or fail, on a node without a GPU).
+                result.latent_tokens = result.latent_tokens.cpu() if job.req.return_latents else None
         except Exception as exc:  # the decode of this request failed: it alone
             self._fail(job, exc)
             return

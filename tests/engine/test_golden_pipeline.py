@@ -140,6 +140,8 @@ def test_image_generation(pipeline, manifest, golden_dir, name, noise_from):
     req = image_request(case, golden_dir, tensors if noise_from == "injected" else None)
     prepared = pipeline.prepare_image(req)
     check(case, "init_noise", prepared.noise, tensors)
+    if noise_from == "seed":  # as the DiT makes it, from the seed, over contexts the Thinker built
+        check(case, "init_noise", pipeline.initial_noise(req, prepared.contexts), tensors)
     ctx = prepared.contexts
     for branch, key in (("cond", "gen"), ("cfg_text", "cfg_text"), ("cfg_img", "cfg_img")):
         kv = ctx.branch(branch)

@@ -3,11 +3,14 @@ a value that passed here and failed inside Serve left `serve run` retrying forev
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 from pydantic import ValidationError
 
 from bagel_ray.serve.app import build_app
-from bagel_ray.serve.config import AppConfig
+from bagel_ray.serve.config import AppConfig, DiTConfig
+from bagel_ray.transport.base import TRANSPORT_NAMES
 
 
 @pytest.mark.parametrize("key,value", [
@@ -45,3 +48,9 @@ def test_every_value_accepted_here_is_accepted_by_serve(args):
     """`build_app` hands every deployment's options to Serve's own validation (`.options`)."""
     AppConfig.model_validate(args)
     build_app(args)
+
+
+def test_the_config_offers_the_transports_there_are():
+    """The config spells the transport names out (it may not import torch, which the transport
+    registry does): they must stay those of the registry."""
+    assert get_args(DiTConfig.model_fields["transport"].annotation) == TRANSPORT_NAMES

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -96,6 +97,19 @@ def test_oom_in_image_stages_fails_the_request_and_the_replica_goes_on(thinker, 
     assert not dit.lock._lock.locked() and not thinker.lock._lock.locked()
     handoff = asyncio.run(thinker.prepare_image(req))
     assert asyncio.run(dit.render(req, handoff)).image.size == (32, 32)
+
+
+def test_the_dit_makes_the_noise_and_keeps_latents_nobody_asked_for(thinker, dit):
+    """The Thinker hands over contexts and think text, no noise: the DiT makes it from the seed,
+    and the result is the one-process one (edits through the handoff: test_two_stage). A
+    request that does not ask for latents (the HTTP API's) gets none back from the replica."""
+    req = GenerationRequest("text2img", "a fox at night", num_inference_steps=3, height=32, width=32, seed=12)
+    handoff = asyncio.run(thinker.prepare_image(req))
+    assert "noise" not in vars(handoff)
+    got = asyncio.run(dit.render(req, handoff))
+    torch.testing.assert_close(got.latent_tokens, dit.pipeline.run(req).latent_tokens, **TOL)
+    bare = asyncio.run(dit.render(replace(req, return_latents=False), asyncio.run(thinker.prepare_image(req))))
+    assert bare.latent_tokens is None and bare.image == got.image
 
 
 def test_cancelling_a_call_stops_denoising_at_the_next_step(dit, monkeypatch):

@@ -273,6 +273,9 @@ def test_losing_the_thinker_node(cluster_app, local):
         futures = [pool.submit(stream, 40 + c) for c in range(CLIENTS)]  # with STEPS steps: denoising for seconds
         progressed.wait()
         killed = app.kill(app.thinker)
+        # The replica's process outlives its raylet for a moment and may still answer: "until
+        # it returns" starts once Serve has seen the replica go.
+        app.wait_for("Thinker", [])
         t0 = time.monotonic()
         text = requests.post(app.url + "/v1/chat/completions", timeout=300,
                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})

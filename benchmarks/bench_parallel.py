@@ -38,7 +38,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ from bagel_ray.engine.dit_parallel import ParallelConfig, ParallelDiT
 from bagel_ray.engine.request import GenerationRequest
 from benchmarks.bench_pipeline import EDIT_PROMPT, PROMPT, image, random_pipeline
 from benchmarks.table import print_table
+from benchmarks.time_to_ready import free_port
 
 # row -> (modality, cfg ranks, sequence ranks, issue target in seconds or None, help_cond)
 ROWS = {
@@ -169,12 +169,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.destroy_process_group()
     if failed:
         sys.exit(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> str | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import requests
 import yaml
+
+from benchmarks.time_to_ready import free_port
 
 CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "tiny_cluster.yaml"
 # Node death is seen within ~3 s (GCS health checks every second, 3 misses); metrics are
@@ -37,12 +38,6 @@ def auth_headers() -> dict[str, str]:
     from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
 
     return get_auth_headers_if_auth_enabled({})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,21 +4,15 @@ serve tests of one session: starting Ray costs ~15 s on 2 cores."""
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from benchmarks.time_to_ready import free_port
 from tests.conftest import REPO_ROOT
 from tests.determinism import torch_threads, worker_thread_count
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

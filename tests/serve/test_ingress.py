@@ -5,6 +5,7 @@ worst request the body limit lets in is being refused; malformed input gets its 
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import threading
@@ -81,7 +82,14 @@ def test_the_largest_prompt_the_body_limit_allows_is_refused_at_once_and_health_
     assert took < 10, took
     print(f"MEASURED 31 MiB prompt: refused in {took:.2f} s; /health max {max(latencies) * 1e3:.0f} ms over "
           f"{len(latencies)} (baseline max {max(baseline) * 1e3:.0f} ms), load {os.getloadavg()[0]:.1f}")
-    assert len(latencies) >= 3 and max(latencies) < health_bound(baseline), (sorted(latencies)[-5:], health_bound(baseline))
+    # One C call cannot be split: json.loads of this body holds the GIL for its whole length (in
+    # a worker thread, so the loop answers again right after). On an idle core that is tens of
+    # ms; on the 2-core CI host it alone reached 140 ms once: the bound allows it, measured here.
+    t0 = time.perf_counter()
+    json.loads(body)
+    one_parse = time.perf_counter() - t0
+    bound = health_bound(baseline) + one_parse
+    assert len(latencies) >= 3 and max(latencies) < bound, (sorted(latencies)[-5:], bound)
     # the same through chat names `messages`
     resp = requests.post(serve_app.url + CHAT, json={"messages": [{"role": "user", "content": prompt[:200_000]}]}, timeout=120)
     assert resp.status_code == 422 and resp.json()["error"]["param"] == "messages", resp.text[:300]
@@ -154,7 +162,7 @@ def test_unknown_routes_and_wrong_methods_answer_the_json_error_shape(serve_app)
 
 # -- a narrow ingress: slow uploads, its own admission, /health kept out of it ----------------
 
-BODY_TIMEOUT_S = 3.0
+BODY_TIMEOUT_S = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +206,14 @@ def test_slow_uploads_time_out_and_never_shut_out_health(narrow):
         t = time.perf_counter()
         assert requests.get(narrow.url + "/health", timeout=10).status_code == 200
         assert time.perf_counter() - t < 2
-    full = requests.post(narrow.url + CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=60)
+    # Once both uploads have reached the ingress (how soon depends on the host's load), a chat
+    # finds no slot until they time out.
+    while True:
+        full = requests.post(narrow.url + CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                             timeout=60)
+        if full.status_code != 200 or time.monotonic() - t0 > BODY_TIMEOUT_S:
+            break
+        time.sleep(0.1)
     assert full.status_code == 503 and full.headers["Retry-After"] == "4", full.text
     assert full.json()["error"]["type"] == "server_error"  # the API's JSON, not Serve's plain text
     for conn in slow:

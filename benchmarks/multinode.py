@@ -13,8 +13,10 @@ metrics export port.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,17 @@ def auth_headers() -> dict[str, str]:
     return get_auth_headers_if_auth_enabled({})
 
 
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc; the workers a raylet started)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
 @dataclass
 class MultiNodeApp:
     cluster: Any  # ray.cluster_utils.Cluster
@@ -62,7 +75,15 @@ class MultiNodeApp:
         return node
 
     def kill(self, node) -> float:
-        """Kill the node's raylet and every worker on it at once (no graceful drain); returns when."""
+        """Kill the node's raylet and every worker on it at once (no graceful drain); returns when.
+        The workers are killed first, with SIGKILL: left to notice their raylet is gone, a
+        replica goes on serving for a second or more, and requests in flight finish there."""
+        from ray._private import ray_constants
+
+        for raylet in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []):
+            for pid in children(raylet.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.cluster.remove_node(node, allow_graceful=False)
         if node in self.dits:
             self.dits.remove(node)

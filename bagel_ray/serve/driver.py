@@ -525,13 +525,17 @@ class Driver:
                                    "model": self.config.model_name, "choices": [], "usage": self._usage(item)})
         except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__
-            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "messages",
-                                              streaming=True)
-            yield sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
+            yield self._stream_error(exc, "messages")
         finally:
             await rest.aclose()  # on a disconnect too: cancels the replicas' work
             metrics.count_request(req.modality, status, time.perf_counter() - t0)
         yield "data: [DONE]\n\n"
+
+    def _stream_error(self, exc: Exception, field: str) -> str:
+        """The SSE error event that ends a stream once it has started (its headers, 200, are
+        sent): the status and message the request would have had, in-band."""
+        code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, field, streaming=True)
+        return sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
 
     @api.post("/v1/images/generations", openapi_extra=_body("ImageGenerationRequest"), responses=_ERRORS)
     async def image_generations(self, request: Request):
@@ -588,9 +592,7 @@ class Driver:
                 item = await anext(rest)
         except Exception as exc:  # the stream has started: report in-band, with the status it would have had
             status = type(exc).__name__
-            code, message, param, _ = failure(exc, self.config.request_timeout_s, self.config.retry_after_s, "prompt",
-                                              streaming=True)
-            yield sse(error_body(message, "server_error" if code >= 500 else "invalid_request_error", param, code))
+            yield self._stream_error(exc, "prompt")
         finally:
             await rest.aclose()  # on a disconnect too: cancels the replicas' work
             metrics.count_request(req.modality, status, time.perf_counter() - t0)

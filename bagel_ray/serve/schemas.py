@@ -102,7 +102,7 @@ class BagelKnobs(_KnobFields):
                 context: tuple[str | Image.Image, ...] = (), partial_images: int = 0) -> GenerationRequest:
         given = {name: getattr(self, name) for name in HTTP_KNOBS if name != "seed"}
         if given["do_sample"] is None and given["temperature"] is not None:
-            given["do_sample"] = True  # an OpenAI client's temperature means sampling
+            given["do_sample"] = given["temperature"] > 0  # an OpenAI client's temperature samples; 0 is greedy
         try:
             return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
                                      context=context, partial_images=partial_images, return_latents=False, **{k: v for k, v in given.items() if v is not None})

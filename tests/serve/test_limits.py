@@ -72,7 +72,8 @@ BAD_JSON = [
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]}]}, 400, "messages"),
-    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}, 422, "temperature"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": -0.1}, 422, "temperature"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "do_sample": True}, 422, None),  # 0 is greedy
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 422, "top_p"),
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40000}, 422, "max_tokens"),
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4095}, 422, "max_tokens"),  # max_model_len 4096

@@ -79,6 +79,7 @@ def test_temperature_samples_and_its_absence_is_greedy(client, local):
     # README: sampling
     sampled = client.chat.completions.create(model="bagel", messages=messages, temperature=1.5, max_tokens=8, seed=7)
     greedy = client.chat.completions.create(model="bagel", messages=messages, max_tokens=8, seed=7)
+    zero = client.chat.completions.create(model="bagel", messages=messages, temperature=0, max_tokens=8, seed=7)
     forced = client.chat.completions.create(model="bagel", messages=messages, temperature=1.5, max_tokens=8, seed=7,
                                             extra_body={"do_sample": False})
     want_sampled = local.run(GenerationRequest("text2text", "Say something.", max_tokens=8, seed=7, do_sample=True,
@@ -87,7 +88,12 @@ def test_temperature_samples_and_its_absence_is_greedy(client, local):
     assert want_sampled.text != want_greedy.text  # else this test could not tell them apart
     assert sampled.choices[0].message.content == want_sampled.text
     assert greedy.choices[0].message.content == want_greedy.text
+    assert zero.choices[0].message.content == want_greedy.text
     assert forced.choices[0].message.content == want_greedy.text
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # sampling at temperature 0 contradicts itself
+        client.chat.completions.create(model="bagel", messages=messages, temperature=0, max_tokens=8,
+                                       extra_body={"do_sample": True})
+    assert "do_sample needs a temperature > 0" in err.value.body["message"]
 
 
 def test_several_images_in_one_turn(client, local, pictures):

@@ -183,13 +183,20 @@ def test_generate_auto_size_quality_and_formats(client, local):
     ({"response_format": "url"}, "response_format", "b64_json"),
     ({"output_compression": 50}, "output_compression", "png is lossless"),
     ({"quality": "low", "extra_body": {"num_inference_steps": 3}}, "quality", "not both"),
-    ({"size": "8192x8192"}, "size", "between"),
+    ({"size": "40x40"}, "size", "multiple of 16"),
 ])
 def test_image_options_refused_with_the_reason(client, kwargs, param, words):
     with pytest.raises(openai.APIStatusError) as err:
         client.images.generate(model="bagel", prompt="x", **kwargs)
     assert err.value.status_code == 422
     assert err.value.body["param"] == param and words in err.value.body["message"]
+
+
+@pytest.mark.parametrize("size", ["8192x8192", "144x32", "1536x1024"])
+def test_sizes_beyond_the_model_get_a_400_naming_the_limit(client, size):
+    with pytest.raises(openai.BadRequestError) as err:  # 400
+        client.images.generate(model="bagel", prompt="x", size=size)
+    assert err.value.body["param"] == "size" and "largest side is 128" in err.value.body["message"]  # the tiny model's
 
 
 def test_edit_with_two_images_and_auto_size(client, local, pictures):

@@ -177,6 +177,14 @@ def test_generate_auto_size_quality_and_formats(client, local):
     assert b64_image(webp.data[0].b64_json).format == "WEBP"
 
 
+@pytest.mark.parametrize("quality,steps", [("medium", 30), ("high", 50), ("auto", 50)])
+def test_quality_is_the_step_count_the_readme_states(client, local, quality, steps):
+    got = client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", quality=quality,
+                                 extra_body={"seed": 11})
+    want = local.run(GenerationRequest("text2img", "a lighthouse", seed=11, num_inference_steps=steps, height=32, width=32))
+    assert np.array_equal(np.asarray(b64_image(got.data[0].b64_json).convert("RGB")), np.asarray(want.image))
+
+
 @pytest.mark.parametrize("kwargs,param,words", [
     ({"background": "transparent"}, "background", "opaque"),
     ({"moderation": "auto"}, "moderation", "no moderation"),
@@ -276,6 +284,14 @@ def test_streamed_partial_images(client, local, pictures):
     assert b64_image(edit_events[-1].b64_json).size == b64_image(edit_events[0].b64_json).size
 
 
+def test_a_stream_with_no_partial_images_is_the_completed_event_alone(client, local):
+    events = list(client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", stream=True, partial_images=0,
+                                         extra_body={"seed": 5, "num_inference_steps": 3}))
+    assert [e.type for e in events] == ["image_generation.completed"]
+    want = local.run(GenerationRequest("text2img", "a lighthouse", height=32, width=32, seed=5, num_inference_steps=3))
+    assert np.array_equal(np.asarray(b64_image(events[0].b64_json).convert("RGB")), np.asarray(want.image))
+
+
 def dit_log_count(app_name: str, text: str) -> int:
     from pathlib import Path
 
@@ -317,3 +333,22 @@ def test_chat_image_stream_carries_the_previews(client, local):
         assert preview["step"] == step + 1
         got = b64_image(preview["partial_image"].split(",", 1)[1]).convert("RGB")
         assert np.array_equal(np.asarray(got), np.asarray(local.preview(prepared, records[step])))
+
+
+def test_the_readme_snippets_are_this_module_s_code():
+    """README's "Use it from the OpenAI SDK" says its snippets are these tests' code: each of its
+    statements (but the import and the client's construction, which the `client` fixture does
+    with retries off) is a statement or expression of this module, as Python parses both."""
+    import ast
+    from pathlib import Path
+
+    from tests.conftest import REPO_ROOT
+
+    section = (REPO_ROOT / "README.md").read_text().split("## Use it from the OpenAI SDK", 1)[1].split("\n## ", 1)[0]
+    snippets = ast.parse(section.split("```python\n", 1)[1].split("```", 1)[0]).body
+    ours = {ast.unparse(node) for node in ast.walk(ast.parse(Path(__file__).read_text()))
+            if isinstance(node, (ast.stmt, ast.expr))}
+    setup = [s for s in snippets if isinstance(s, ast.ImportFrom) or ast.unparse(s).startswith("client = OpenAI(")]
+    assert len(setup) == 2 and len(snippets) > 10, [ast.unparse(s) for s in setup]
+    missing = [ast.unparse(s) for s in snippets if s not in setup and ast.unparse(s) not in ours]
+    assert not missing, missing

@@ -271,6 +271,20 @@ def test_ctrl_c_ends_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.parametrize("text,words", [
+    (None, "cannot read Serve config"),
+    ("applications: [{name: bagel, import_path: bagel_ray.serve.app:build_app, args: {metrics_export_port: 0}}]",
+     "metrics_export_port"),
+])
+def test_serve_refuses_a_bad_config_in_one_line_before_starting_ray(tmp_path, capsys, text, words):
+    config = tmp_path / "app.yaml"
+    if text is not None:
+        config.write_text(text)
+    assert main(["serve", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
 # -- golden ---------------------------------------------------------------------------------------
 
 

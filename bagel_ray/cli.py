@@ -16,6 +16,7 @@ same results.jsonl and PNGs for the same flags.
     bagel-ray make-random-model DIR [--size 7b] [--seed N]
     bagel-ray generate --model tiny --modality text2img --prompts "a red fox" --steps 8
     bagel-ray generate --model tiny --worker-backend ray --prompts "a red fox" --steps 8
+    bagel-ray serve deployments/tiny.yaml   # the HTTP server, on a Ray of its own, metrics on a fixed port
 """
 
 from __future__ import annotations
@@ -181,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     rand.add_argument("dir", type=Path, metavar="DIR")
     rand.add_argument("--size", choices=RANDOM_SIZES, default="7b", help="default: 7b")
     rand.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
+
+    srv = sub.add_parser("serve", help="serve the app of a Serve config file over HTTP until Ctrl-C, on a Ray of its "
+                                       "own whose metrics export port is the config's metrics_export_port")
+    srv.add_argument("config", type=Path, metavar="FILE", help="a Serve config file (deployments/*.yaml)")
+    srv.add_argument("--address", metavar="ADDR",
+                     help="deploy into the Ray cluster at ADDR (its nodes keep their metrics ports) instead of "
+                          "starting a Ray of its own (the default, whatever RAY_ADDRESS says; it stops with the command)")
 
     gen = sub.add_parser("generate", help="generate images or text for prompts (like vllm-omni end2end.py)")
     gen.add_argument("--model",
@@ -396,7 +404,28 @@ def write_results(args: argparse.Namespace, runner: Runner, requests: list[Gener
     return done
 
 
-COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "make-random-model": cmd_make_random_model, "generate": cmd_generate}
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The quick start's server: `serve run --address local FILE` with the metrics port fixed."""
+    from bagel_ray.serve.deploy import AppSpec, DeployError, ServedApp
+
+    try:
+        spec = AppSpec.from_file(args.config)
+    except DeployError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        app = ServedApp.start(spec, args.address)
+    except ConnectionError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        print(f"bagel-ray: app {spec.name!r} serving at {app.url}; {app.metrics}; Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        app.stop()
+
+
+COMMANDS = {"make-tiny-model": cmd_make_tiny_model, "make-random-model": cmd_make_random_model, "generate": cmd_generate,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

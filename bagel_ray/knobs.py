@@ -205,11 +205,14 @@ KNOBS: tuple[Knob, ...] = (
     # -- text answers (and think text) ---------------------------------------------------
     Knob("max_tokens", INT, "most new text tokens (the official app's understanding tab)", default=512, ge=1, le=MAX_NEW_TOKENS,
          http_aliases=("max_completion_tokens",)),
-    # HTTP: do_sample left out samples when a temperature is given (an OpenAI client's
-    # `temperature` means sampling), and is greedy, the official default, when neither is.
-    Knob("do_sample", BOOL, "sample text instead of greedy decoding (HTTP: on when temperature is given, unless false)",
-         default=False, http_default=None),
-    Knob("temperature", FLOAT, "sampling temperature (with do_sample)", default=0.3, gt=0, le=5, http_default=None),
+    # HTTP: do_sample left out samples when a temperature above 0 is given (an OpenAI
+    # client's `temperature` means sampling), and is greedy, the official default, when none
+    # is. Temperature 0 is greedy decoding wherever it is given (OpenAI's range is 0-2 and 0
+    # its greedy end); do_sample on with temperature 0 contradicts itself and is refused.
+    Knob("do_sample", BOOL, "sample text instead of greedy decoding (HTTP: on when a temperature above 0 is given, "
+         "unless false)", default=False, http_default=None),
+    Knob("temperature", FLOAT, "sampling temperature (with do_sample); 0 is greedy decoding", default=0.3, ge=0, le=5,
+         http_default=None),
     Knob("top_p", FLOAT, "nucleus sampling mass (with do_sample)", default=1.0, gt=0, le=1),
 )
 

@@ -140,6 +140,7 @@ BAD_INPUTS = {
     "size for img2img": ["--modality", "img2img", "--prompts", "x", "--image-path", "{image}", "--height", "64"],
     "size too large": ["--prompts", "x", "--width", "256"],
     "cfg interval lo > hi": ["--prompts", "x", "--cfg-interval", "0.9", "0.1"],
+    "sampling at temperature 0 (greedy)": ["--modality", "text2text", "--prompts", "x", "--temperature", "0", "--do-sample"],
     "no prompts": [],
     "missing prompts file": ["--txt-prompts", "{tmp}/nope.txt"],
     "empty prompts file": ["--txt-prompts", "{tmp}/empty.txt"],
@@ -201,7 +202,7 @@ def test_bad_input(case, tmp_path, input_png, capsys):
     ["--prompts", "x", "--cfg-img-scale", "nan"],
     ["--prompts", "x", "--cfg-interval", "0", "1.5"],
     ["--prompts", "x", "--timestep-shift", "0"],
-    ["--modality", "text2text", "--prompts", "x", "--temperature", "0"],
+    ["--modality", "text2text", "--prompts", "x", "--temperature", "-0.1"],
     ["--modality", "text2text", "--prompts", "x", "--top-p", "1.5"],
     ["--prompts", "x", "--worker-backend", "thread"],
     ["--prompts", "x", "--txt-prompts", "p.txt"],
@@ -268,6 +269,20 @@ def test_ctrl_c_ends_with_one_line(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "generate", interrupted)
     assert cli.main(["generate", "--prompts", "x"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("text,words", [
+    (None, "cannot read Serve config"),
+    ("applications: [{name: bagel, import_path: bagel_ray.serve.app:build_app, args: {metrics_export_port: 0}}]",
+     "metrics_export_port"),
+])
+def test_serve_refuses_a_bad_config_in_one_line_before_starting_ray(tmp_path, capsys, text, words):
+    config = tmp_path / "app.yaml"
+    if text is not None:
+        config.write_text(text)
+    assert main(["serve", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
 
 
 # -- golden ---------------------------------------------------------------------------------------

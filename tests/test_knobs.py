@@ -138,6 +138,45 @@ def test_aliases_are_one_knob():
         BagelKnobs.model_validate({"steps": 3})
 
 
+def _sampling(make) -> bool | str:
+    """Whether the request `make` builds samples its text, or the refusal's message."""
+    try:
+        return make().decode_params().do_sample
+    except (ValueError, ItemError) as exc:
+        return str(exc)
+
+
+def test_temperature_zero_is_greedy_at_every_door(tmp_path):
+    """OpenAI's temperature runs 0-2 and 0 is its greedy end: every door takes 0 and decodes
+    greedily; a temperature above 0 samples over HTTP (an OpenAI client means it so) and with
+    do_sample elsewhere; do_sample with temperature 0 is a contradiction, refused everywhere."""
+    job = JobInput(str(tmp_path / "in.jsonl"), "text2text", {})
+    parser = argparse.ArgumentParser()
+    add_request_flags(parser, "knobs")
+
+    def doors(**given):
+        flag = {k: "--" + k.replace("_", "-") for k in given}  # a boolean flag is on or left out
+        flags = [a for k, v in given.items() if v is not False for a in ([flag[k]] if v is True else [flag[k], str(v)])]
+        return {
+            "http": _sampling(lambda: BagelKnobs.model_validate(given).request("text2text", "p", None, 1)),
+            "bulk": _sampling(lambda: build_request(Item("x", 1, {"id": "x", "prompt": "p", **given}), job)),
+            "request": _sampling(lambda: GenerationRequest("text2text", "p", **given)),
+            "cli": _sampling(lambda: GenerationRequest("text2text", "p",
+                                                       **request_fields(vars(parser.parse_args(flags))))),
+        }
+
+    assert knobs.BY_NAME["temperature"].check(0) == 0 and knobs.BY_NAME["temperature"].parse("0") == 0.0
+    assert doors(temperature=0) == dict.fromkeys(("http", "bulk", "request", "cli"), False)
+    assert doors(temperature=0.0, do_sample=False) == dict.fromkeys(("http", "bulk", "request", "cli"), False)
+    assert doors() == dict.fromkeys(("http", "bulk", "request", "cli"), False)  # the official greedy default
+    assert doors(temperature=0.7) == {"http": True, "bulk": False, "request": False, "cli": False}
+    assert doors(temperature=0.7, do_sample=True) == dict.fromkeys(("http", "bulk", "request", "cli"), True)
+    refused = doors(temperature=0, do_sample=True)
+    assert all("do_sample needs a temperature > 0" in str(v) for v in refused.values()), refused
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        knobs.BY_NAME["temperature"].check(-0.1)
+
+
 def test_seeds_of_n_images_stay_in_range():
     top = knobs.MAX_SEED
     assert list(ImageGenerationRequest(prompt="p", seed=top - 1, n=2).seeds(top - 1)) == [top - 1, top]

@@ -43,8 +43,8 @@ class DenoiseParams:
 @dataclass(frozen=True)
 class DecodeParams:
     """`max_new_tokens` counts generated tokens (the official `max_length` minus the leading
-    `<|im_start|>`). do_sample=False is greedy, the official default; top_p=1.0 is the
-    official (unfiltered) sampling."""
+    `<|im_start|>`). do_sample=False is greedy, the official default (the knobs' temperature 0
+    means it too); top_p=1.0 is the official (unfiltered) sampling."""
 
     max_new_tokens: int = 512
     do_sample: bool = False
@@ -55,6 +55,7 @@ class DecodeParams:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise ValueError(f"do_sample needs a temperature > 0, got {self.temperature} (temperature 0 is greedy "
+                             f"decoding: leave do_sample off)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

@@ -268,6 +268,11 @@ class AppConfig(StrictModel):
     max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1024, description="largest encoded input image (413 past it)")
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=256, description="most pixels of a decoded input image (413 past it)")
     retry_after_s: int = Field(5, ge=0, description="Retry-After of a 503 (at capacity, or a replica failed twice)")
+    metrics_export_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="port of each node's Prometheus metrics (Ray's --metrics-export-port, random unless a node is "
+        "started with it): `bagel-ray serve` starts its Ray with it, a cluster's nodes must be started with it; the "
+        "Driver's ready line says where the metrics are and warns when its node's port differs")
     access: AccessConfig = Field(default_factory=AccessConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     thinker: ThinkerConfig = Field(default_factory=ThinkerConfig)

@@ -1,5 +1,5 @@
 """Deploy-or-reuse of the bagel-ray Serve app for a job that sends its requests through a
-handle (`bagel-ray generate --worker-backend ray`).
+handle (`bagel-ray generate --worker-backend ray`), and the app `bagel-ray serve` runs.
 
 A job uses what is already there and tears down only what it started:
 
@@ -208,6 +208,57 @@ class AppSession:
         """Requests a job keeps in flight: as many as both stages queue without refusing any."""
         bounds = [s.max_queued_requests for s in (self.config.thinker, self.config.dit) if s.max_queued_requests >= 0]
         return max(1, min(bounds, default=UNBOUNDED_IN_FLIGHT))
+
+
+@dataclass
+class ServedApp:
+    """An app served from a Serve config file by `bagel-ray serve FILE`, as `serve run
+    --address local FILE` serves it, plus what `serve run` cannot do: the Ray it starts has its
+    metrics export port fixed to the config's `metrics_export_port` (a Serve config has no
+    field for it, and Ray picks one at random). Given an address it deploys into that cluster
+    instead, whose nodes keep the ports they were started with. `stop` undoes what `start` did:
+    a Ray it started stops, an app it deployed into a cluster is deleted."""
+
+    spec: AppSpec
+    started_ray: bool
+    metrics: str  # where the head's metrics are, as the Driver's ready line says it
+
+    @classmethod
+    def start(cls, spec: AppSpec, address: str | None) -> "ServedApp":
+        import ray
+
+        from bagel_ray.serve.metrics import metrics_location
+
+        if address is None:  # a Ray of its own, never one `ray start` left on the machine (RAY_ADDRESS included)
+            ray.init(address="local", namespace="serve", _metrics_export_port=spec.config.metrics_export_port)
+            started_ray = True
+        else:
+            try:
+                ray.init(address=address, namespace="serve")
+            except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+                raise ConnectionError(f"{exc}. {TOKEN_AUTH_HINT}") from exc
+            started_ray = False
+        try:
+            _deploy(spec)
+        except BaseException:
+            ray.shutdown()
+            raise
+        return cls(spec, started_ray, metrics_location(spec.config.metrics_export_port))
+
+    @property
+    def url(self) -> str:
+        options = self.spec.http_options or {}
+        return f"http://{options.get('host', '127.0.0.1')}:{options.get('port', 8000)}{self.spec.route_prefix or '/'}"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if not self.started_ray:
+                serve.delete(self.spec.name)
+        finally:
+            ray.shutdown()
 
 
 def _deploy(spec: AppSpec, handle_only: bool = False) -> Any:

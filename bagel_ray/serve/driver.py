@@ -59,17 +59,6 @@ log = logging.getLogger("bagel_ray.serve")
 api = FastAPI(title="bagel-ray", description="BAGEL-7B-MoT on Ray Serve (OpenAI-compatible)", version="0.1.0")
 
 
-def metrics_location() -> str:
-    """Where this node's Prometheus metrics are (Ray picks the port unless `ray start
-    --metrics-export-port` fixes it), said at start-up since nothing else says it."""
-    try:
-        node_id = ray.get_runtime_context().get_node_id()
-        node = next(n for n in ray.nodes() if n.get("NodeID") == node_id)
-        return f"metrics at http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    except Exception as exc:  # informative only: never stop the app for it
-        return f"metrics port unknown ({type(exc).__name__})"
-
-
 # -- admission ---------------------------------------------------------------------------
 
 
@@ -175,7 +164,7 @@ _EDIT_FORM = "ImageEditForm"
 _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
-        400: "Malformed body or image", 401: "Missing or invalid API key", 404: "Unknown model",
+        400: "Malformed body or image, or a size beyond the model's limit", 401: "Missing or invalid API key", 404: "Unknown model",
         408: "Body not all received within body_timeout_s", 413: "Body or image over the limits",
         422: "A field out of range or unknown, or a prompt too long",
         503: "At capacity or a replica failed (see Retry-After)", 504: "Deadline passed",
@@ -233,7 +222,7 @@ class Driver:
         # Which cluster this app runs in: `serve run` without --address joins any cluster a
         # `ray start` left running on the machine, so the console says which one it joined.
         log.info("Driver ready; %s; Ray cluster at %s; %s", self.access, ray.get_runtime_context().gcs_address,
-                 metrics_location())
+                 metrics.metrics_location(self.config.metrics_export_port))
 
     async def model_info(self) -> ModelInfo:
         """What requests are validated against, fetched from the Thinker once (one call in

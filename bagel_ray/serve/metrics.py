@@ -65,3 +65,23 @@ def observe_handoff(stats: TransferStats, crossed_nodes: bool) -> None:
         m["handoffs"].inc(tags={"route": stats.route, "crossed_nodes": str(crossed_nodes).lower()})
         m["handoff_bytes"].inc(stats.nbytes)
         m["handoff_seconds"].observe(stats.send_s + stats.receive_s)
+
+
+def metrics_location(configured: int | None = None) -> str:
+    """Where this node's Prometheus metrics are, said at start-up since nothing else says it.
+    Ray picks the port at random unless the node was started with one (`bagel-ray serve`
+    starts its Ray with the config's `metrics_export_port`; `ray start --metrics-export-port`
+    on a cluster), so a port other than the configured one is said too."""
+    import ray
+
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n.get("NodeID") == node_id)
+        port = node["MetricsExportPort"]
+        where = f"metrics at http://{node['NodeManagerAddress']}:{port}/metrics"
+    except Exception as exc:  # informative only: never stop the app for it
+        return f"metrics port unknown ({type(exc).__name__})"
+    if configured is not None and port != configured:
+        where += (f" (not the configured metrics_export_port {configured}: this node was started without "
+                  f"--metrics-export-port {configured})")
+    return where

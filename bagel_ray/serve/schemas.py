@@ -102,7 +102,7 @@ class BagelKnobs(_KnobFields):
                 context: tuple[str | Image.Image, ...] = (), partial_images: int = 0) -> GenerationRequest:
         given = {name: getattr(self, name) for name in HTTP_KNOBS if name != "seed"}
         if given["do_sample"] is None and given["temperature"] is not None:
-            given["do_sample"] = True  # an OpenAI client's temperature means sampling
+            given["do_sample"] = given["temperature"] > 0  # an OpenAI client's temperature samples; 0 is greedy
         try:
             return GenerationRequest(modality=modality, prompt=prompt, image=image, seed=seed, height=height, width=width,
                                      context=context, partial_images=partial_images, return_latents=False, **{k: v for k, v in given.items() if v is not None})
@@ -323,7 +323,10 @@ class ErrorResponse(BaseModel):
 
 
 def parse_size(size: str | None, max_side: int, stride: int) -> tuple[int | None, int | None]:
-    """'WxH' -> (height, width), checked against the model; None or 'auto': (None, None)."""
+    """'WxH' -> (height, width), checked against the model; None or 'auto': (None, None).
+    A malformed size, or a side that is no multiple of the stride, is a 422 like any bad
+    value; a size past what the model can make is a 400 naming its limit, as OpenAI answers
+    a size its model does not offer."""
     if size is None or size == "auto":
         return None, None
     m = _SIZE.fullmatch(size)
@@ -331,8 +334,11 @@ def parse_size(size: str | None, max_side: int, stride: int) -> tuple[int | None
         raise InputError(f"size must be 'auto' or look like '1024x768' (width x height), got {size!r}", "size", 422)
     width, height = int(m.group(1)), int(m.group(2))
     for side in (width, height):
-        if side < stride or side % stride or side > max_side:
+        if side < stride or side % stride:
             raise InputError(f"size {size}: each side must be a multiple of {stride} between {stride} and {max_side}", "size", 422)
+    if max(width, height) > max_side:
+        raise InputError(f"size {size} is beyond the model's limit: its largest side is {max_side} pixels, so each side "
+                         f"must be at most {max_side}", "size", 400)
     return height, width
 
 

@@ -192,7 +192,7 @@ def test_client_over_handle_and_http(serve_app, local, picture):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "other"}, 404, "model"),
         ("/v1/images/generations", {"prompt": "x", "size": "100x64"}, 422, "size"),
-        ("/v1/images/generations", {"prompt": "x", "size": "4096x4096"}, 422, "size"),
+        ("/v1/images/generations", {"prompt": "x", "size": "4096x4096"}, 400, "size"),  # past the model's largest side
         ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 0}, 422, "num_inference_steps"),
         ("/v1/images/generations", {"prompt": "x", "cfg_renorm_type": "local"}, 422, "cfg_renorm_type"),
         ("/v1/images/generations", {"prompt": ""}, 422, "prompt"),

@@ -59,3 +59,7 @@ def test_the_driver_says_where_its_metrics_are(serve_app, ray_session):
     port = ray_session._private.worker.global_worker.node.metrics_export_port
     text = "".join(f.read_text() for f in logs.glob(f"replica_{serve_app.name}_Driver_*.log"))
     assert re.search(rf"metrics at http://[\w.]+:{port}/metrics", text), text[-2000:]
+    # this session's Ray was started without the config's port: the line says so
+    configured = serve_app.args["metrics_export_port"]
+    note = f"not the configured metrics_export_port {configured}: this node was started without --metrics-export-port"
+    assert (note in text) == (port != configured), text[-2000:]

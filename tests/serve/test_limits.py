@@ -72,7 +72,8 @@ BAD_JSON = [
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}]}, 400, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]}]}, 400, "messages"),
-    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}, 422, "temperature"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": -0.1}, 422, "temperature"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "do_sample": True}, 422, None),  # 0 is greedy
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 422, "top_p"),
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40000}, 422, "max_tokens"),
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4095}, 422, "max_tokens"),  # max_model_len 4096
@@ -82,7 +83,9 @@ BAD_JSON = [
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "size": "32x32"}, 422, "size"),
     (CHAT, [1, 2], 422, None),
     (IMAGES, {"prompt": "x", "size": "48x40"}, 422, "size"),
-    (IMAGES, {"prompt": "x", "size": "144x144"}, 422, "size"),  # past the tiny model's largest side (128)
+    (IMAGES, {"prompt": "x", "size": "144x144"}, 400, "size"),  # past the tiny model's largest side (128)
+    (IMAGES, {"prompt": "x", "size": "32x4096"}, 400, "size"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "modalities": ["image"], "size": "256x256"}, 400, "size"),
     (IMAGES, {"prompt": "x", "size": "0x0"}, 422, "size"),
     (IMAGES, {"prompt": "x", "num_inference_steps": 501}, 422, "num_inference_steps"),
     (IMAGES, {"prompt": "x", "cfg_text_scale": -1}, 422, "cfg_text_scale"),

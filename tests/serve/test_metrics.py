@@ -19,15 +19,19 @@ def test_metrics_are_exported(serve_app, ray_session):
     assert chat.status_code == 200
     wanted = ("ray_bagel_requests_total", "ray_bagel_stage_latency_s", "ray_bagel_denoise_steps_total",
               "ray_bagel_queue_wait_s", "ray_bagel_request_latency_s")
+    # Wait for this test's own requests, not just the names (an earlier test's requests may have
+    # exported them already, while the chat's count is still on its way).
     deadline = time.monotonic() + 60
     while True:
         text = scrape(ray_session)
         missing = [name for name in wanted if name not in text]
-        if not missing or time.monotonic() > deadline:
+        requests_lines = [l for l in text.splitlines() if l.startswith("ray_bagel_requests_total")]
+        counted = (any('modality="text2img"' in l and 'status="ok"' in l for l in requests_lines)
+                   and any('modality="text2text"' in l for l in requests_lines))
+        if (not missing and counted) or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert not missing, f"not exported: {missing}"
-    requests_lines = [l for l in text.splitlines() if l.startswith("ray_bagel_requests_total")]
     assert any('modality="text2img"' in l and 'status="ok"' in l for l in requests_lines)
-    assert any('modality="text2text"' in l for l in requests_lines)
+    assert any('modality="text2text"' in l for l in requests_lines), requests_lines
     assert any(l.startswith("ray_bagel_stage_latency_s") and 'stage="dit"' in l for l in text.splitlines())

@@ -79,6 +79,7 @@ def test_temperature_samples_and_its_absence_is_greedy(client, local):
     # README: sampling
     sampled = client.chat.completions.create(model="bagel", messages=messages, temperature=1.5, max_tokens=8, seed=7)
     greedy = client.chat.completions.create(model="bagel", messages=messages, max_tokens=8, seed=7)
+    zero = client.chat.completions.create(model="bagel", messages=messages, temperature=0, max_tokens=8, seed=7)
     forced = client.chat.completions.create(model="bagel", messages=messages, temperature=1.5, max_tokens=8, seed=7,
                                             extra_body={"do_sample": False})
     want_sampled = local.run(GenerationRequest("text2text", "Say something.", max_tokens=8, seed=7, do_sample=True,
@@ -87,7 +88,12 @@ def test_temperature_samples_and_its_absence_is_greedy(client, local):
     assert want_sampled.text != want_greedy.text  # else this test could not tell them apart
     assert sampled.choices[0].message.content == want_sampled.text
     assert greedy.choices[0].message.content == want_greedy.text
+    assert zero.choices[0].message.content == want_greedy.text
     assert forced.choices[0].message.content == want_greedy.text
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # sampling at temperature 0 contradicts itself
+        client.chat.completions.create(model="bagel", messages=messages, temperature=0, max_tokens=8,
+                                       extra_body={"do_sample": True})
+    assert "do_sample needs a temperature > 0" in err.value.body["message"]
 
 
 def test_several_images_in_one_turn(client, local, pictures):
@@ -171,19 +177,34 @@ def test_generate_auto_size_quality_and_formats(client, local):
     assert b64_image(webp.data[0].b64_json).format == "WEBP"
 
 
+@pytest.mark.parametrize("quality,steps", [("medium", 30), ("high", 50), ("auto", 50)])
+def test_quality_is_the_step_count_the_readme_states(client, local, quality, steps):
+    got = client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", quality=quality,
+                                 extra_body={"seed": 11})
+    want = local.run(GenerationRequest("text2img", "a lighthouse", seed=11, num_inference_steps=steps, height=32, width=32))
+    assert np.array_equal(np.asarray(b64_image(got.data[0].b64_json).convert("RGB")), np.asarray(want.image))
+
+
 @pytest.mark.parametrize("kwargs,param,words", [
     ({"background": "transparent"}, "background", "opaque"),
     ({"moderation": "auto"}, "moderation", "no moderation"),
     ({"response_format": "url"}, "response_format", "b64_json"),
     ({"output_compression": 50}, "output_compression", "png is lossless"),
     ({"quality": "low", "extra_body": {"num_inference_steps": 3}}, "quality", "not both"),
-    ({"size": "8192x8192"}, "size", "between"),
+    ({"size": "40x40"}, "size", "multiple of 16"),
 ])
 def test_image_options_refused_with_the_reason(client, kwargs, param, words):
     with pytest.raises(openai.APIStatusError) as err:
         client.images.generate(model="bagel", prompt="x", **kwargs)
     assert err.value.status_code == 422
     assert err.value.body["param"] == param and words in err.value.body["message"]
+
+
+@pytest.mark.parametrize("size", ["8192x8192", "144x32", "1536x1024"])
+def test_sizes_beyond_the_model_get_a_400_naming_the_limit(client, size):
+    with pytest.raises(openai.BadRequestError) as err:  # 400
+        client.images.generate(model="bagel", prompt="x", size=size)
+    assert err.value.body["param"] == "size" and "largest side is 128" in err.value.body["message"]  # the tiny model's
 
 
 def test_edit_with_two_images_and_auto_size(client, local, pictures):
@@ -263,6 +284,14 @@ def test_streamed_partial_images(client, local, pictures):
     assert b64_image(edit_events[-1].b64_json).size == b64_image(edit_events[0].b64_json).size
 
 
+def test_a_stream_with_no_partial_images_is_the_completed_event_alone(client, local):
+    events = list(client.images.generate(model="bagel", prompt="a lighthouse", size="32x32", stream=True, partial_images=0,
+                                         extra_body={"seed": 5, "num_inference_steps": 3}))
+    assert [e.type for e in events] == ["image_generation.completed"]
+    want = local.run(GenerationRequest("text2img", "a lighthouse", height=32, width=32, seed=5, num_inference_steps=3))
+    assert np.array_equal(np.asarray(b64_image(events[0].b64_json).convert("RGB")), np.asarray(want.image))
+
+
 def dit_log_count(app_name: str, text: str) -> int:
     from pathlib import Path
 
@@ -304,3 +333,22 @@ def test_chat_image_stream_carries_the_previews(client, local):
         assert preview["step"] == step + 1
         got = b64_image(preview["partial_image"].split(",", 1)[1]).convert("RGB")
         assert np.array_equal(np.asarray(got), np.asarray(local.preview(prepared, records[step])))
+
+
+def test_the_readme_snippets_are_this_module_s_code():
+    """README's "Use it from the OpenAI SDK" says its snippets are these tests' code: each of its
+    statements (but the import and the client's construction, which the `client` fixture does
+    with retries off) is a statement or expression of this module, as Python parses both."""
+    import ast
+    from pathlib import Path
+
+    from tests.conftest import REPO_ROOT
+
+    section = (REPO_ROOT / "README.md").read_text().split("## Use it from the OpenAI SDK", 1)[1].split("\n## ", 1)[0]
+    snippets = ast.parse(section.split("```python\n", 1)[1].split("```", 1)[0]).body
+    ours = {ast.unparse(node) for node in ast.walk(ast.parse(Path(__file__).read_text()))
+            if isinstance(node, (ast.stmt, ast.expr))}
+    setup = [s for s in snippets if isinstance(s, ast.ImportFrom) or ast.unparse(s).startswith("client = OpenAI(")]
+    assert len(setup) == 2 and len(snippets) > 10, [ast.unparse(s) for s in setup]
+    missing = [ast.unparse(s) for s in snippets if s not in setup and ast.unparse(s) not in ours]
+    assert not missing, missing

@@ -1,5 +1,6 @@
-"""One request's denoising spread over the ranks of a `torch.distributed` process group:
-CFG parallel and (Ulysses) sequence parallel, alone or as a cfg x sequence grid.
+"""Denoising spread over the ranks of a `torch.distributed` process group: CFG parallel and
+(Ulysses) sequence parallel, alone or as a cfg x sequence grid, for one request or a batch of
+requests of one latent grid stepped together.
 
 Rank r sits at (cfg index c, sequence index s) = divmod(r, sequence).
 
@@ -23,10 +24,18 @@ Rank r sits at (cfg index c, sequence index s) = divmod(r, sequence).
   head counts. The KV context is replicated on the sequence ranks (each attends over its heads
   of it). A second all-to-all returns each rank's rows with all heads.
 
-Cancellation and callbacks: rank 0 owns `should_stop` and `on_step`; its answer travels in the
-step's gather (one extra row), so every rank ends the job at the same step, and a failing
-`on_step` on rank 0 stops the others one step later. Collectives are the only thing that
-ties the ranks: all ranks must call `denoise` with the same plan, size, params and noise.
+Cross-request batching: `ParallelDiT.step` advances several jobs (`ParallelJob`, each with
+its own plan, schedule, params and TaylorSeer states) of one latent grid by a step each, as
+`DiT.step` does on one GPU: a rank packs the row blocks of all jobs' branches it computes into
+one forward over its sequence group (the Ulysses all-to-alls carry the packed rows; the jobs
+whose cond is spread over every rank at this step go in a second forward over the whole
+group), and one gather carries every job's velocity rows. Jobs join and leave between steps.
+
+Cancellation and callbacks: rank 0 owns each job's `should_stop` and `on_step`; its answers
+travel in the step's gather (a flag per job), so every rank ends a job at the same step, and a
+failing `on_step` on rank 0 stops the others one step later. Collectives are the only thing
+that ties the ranks: all ranks must step the same jobs, in the same order, made from the same
+plan, size, params and noise (`bagel_ray.serve.dit_group` has rank 0 tell the others).
 
 The engine sees only a process group (gloo on CPUs, NCCL on GPUs); how the ranks were started
 is the caller's business (`bagel_ray.serve.dit_group` on Ray, `torch.multiprocessing` in the
@@ -189,9 +198,10 @@ class UlyssesKV:
 
 @dataclass(eq=False, repr=False)
 class ParallelJob:
-    """One request's state on one rank: the latents (the same on every rank) and the index of
-    the next step; `error` as in `DenoiseJob`. With TaylorSeer, `taylor` holds a state per
-    branch on every rank: its forward count (the same on every rank, so all decide alike which
+    """One request's state on one rank, made by `ParallelDiT.job` and advanced by `step`, alone
+    or beside other jobs: the latents (the same on every rank) and the index of the next step;
+    `error` as in `DenoiseJob`. With TaylorSeer, `taylor` holds a state per branch on every
+    rank: its forward count (the same on every rank, so all decide alike which
     forwards are full) and, for the branches this rank computes, the factors of its rows."""
 
     plan: BranchPlan
@@ -526,7 +536,7 @@ class ParallelDiT:
     def denoise(self, plan: BranchPlan, branches: dict[str, KVContext], height: int, width: int,
                 params: DenoiseParams, noise: torch.Tensor, on_step: Callable[[StepRecord], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-        """The final latent tokens [h*w, 64] (the same on every rank). Raises `Cancelled` on
+        """One job stepped alone: the final latent tokens [h*w, 64] (the same on every rank). Raises `Cancelled` on
         every rank when rank 0's `should_stop` says yes, and on rank 0 what its `on_step` raised."""
         job = self.job(plan, branches, height, width, params, noise, on_step, should_stop)
         while not job.done:

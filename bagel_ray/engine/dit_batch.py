@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Protocol, Sequence
 
 import torch
 
@@ -29,8 +30,15 @@ from bagel_ray.engine.dit import DenoiseJob, DiT
 log = logging.getLogger(__name__)
 
 
+class Stepper(Protocol):
+    """What a batch steps: `DiT`, or a parallel replica's group (`serve.dit_group.DiTGroup`,
+    the same step over several ranks)."""
+
+    def step(self, jobs: Sequence[DenoiseJob]) -> None: ...
+
+
 class BatchDenoiser:
-    def __init__(self, dit: DiT, max_batch_size: int) -> None:
+    def __init__(self, dit: DiT | Stepper, max_batch_size: int) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.dit = dit

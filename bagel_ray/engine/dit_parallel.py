@@ -1,5 +1,6 @@
-"""One request's denoising spread over the ranks of a `torch.distributed` process group:
-CFG parallel and (Ulysses) sequence parallel, alone or as a cfg x sequence grid.
+"""Denoising spread over the ranks of a `torch.distributed` process group: CFG parallel and
+(Ulysses) sequence parallel, alone or as a cfg x sequence grid, for one request or a batch of
+requests of one latent grid stepped together.
 
 Rank r sits at (cfg index c, sequence index s) = divmod(r, sequence).
 
@@ -23,10 +24,18 @@ Rank r sits at (cfg index c, sequence index s) = divmod(r, sequence).
   head counts. The KV context is replicated on the sequence ranks (each attends over its heads
   of it). A second all-to-all returns each rank's rows with all heads.
 
-Cancellation and callbacks: rank 0 owns `should_stop` and `on_step`; its answer travels in the
-step's gather (one extra row), so every rank ends the job at the same step, and a failing
-`on_step` on rank 0 stops the others one step later. Collectives are the only thing that
-ties the ranks: all ranks must call `denoise` with the same plan, size, params and noise.
+Cross-request batching: `ParallelDiT.step` advances several jobs (`ParallelJob`, each with
+its own plan, schedule, params and TaylorSeer states) of one latent grid by a step each, as
+`DiT.step` does on one GPU: a rank packs the row blocks of all jobs' branches it computes into
+one forward over its sequence group (the Ulysses all-to-alls carry the packed rows; the jobs
+whose cond is spread over every rank at this step go in a second forward over the whole
+group), and one gather carries every job's velocity rows. Jobs join and leave between steps.
+
+Cancellation and callbacks: rank 0 owns each job's `should_stop` and `on_step`; its answers
+travel in the step's gather (a flag per job), so every rank ends a job at the same step, and a
+failing `on_step` on rank 0 stops the others one step later. Collectives are the only thing
+that ties the ranks: all ranks must step the same jobs, in the same order, made from the same
+plan, size, params and noise (`bagel_ray.serve.dit_group` has rank 0 tell the others).
 
 The engine sees only a process group (gloo on CPUs, NCCL on GPUs); how the ranks were started
 is the caller's business (`bagel_ray.serve.dit_group` on Ray, `torch.multiprocessing` in the
@@ -36,7 +45,7 @@ tests, torchrun in `benchmarks/bench_parallel.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -189,9 +198,10 @@ class UlyssesKV:
 
 @dataclass(eq=False, repr=False)
 class ParallelJob:
-    """One request's state on one rank: the latents (the same on every rank) and the index of
-    the next step; `error` as in `DenoiseJob`. With TaylorSeer, `taylor` holds a state per
-    branch on every rank: its forward count (the same on every rank, so all decide alike which
+    """One request's state on one rank, made by `ParallelDiT.job` and advanced by `step`, alone
+    or beside other jobs: the latents (the same on every rank) and the index of the next step;
+    `error` as in `DenoiseJob`. With TaylorSeer, `taylor` holds a state per branch on every
+    rank: its forward count (the same on every rank, so all decide alike which
     forwards are full) and, for the branches this rank computes, the factors of its rows."""
 
     plan: BranchPlan
@@ -326,27 +336,29 @@ class ParallelDiT:
         return self._experts[key]
 
     @torch.inference_mode()
-    def _velocities(self, job: ParallelJob, contexts: list[KVContext], S: int, s: int,
+    def _velocities(self, blocks: list[tuple[ParallelJob, KVContext]], S: int, s: int,
                     group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """v of this rank's latent rows (share s of S, split over `group`) for each context:
-        [B, rows, 64], and those rows of the residual stream after the last layer (before the
-        final norm, what TaylorSeer keeps) [B, rows, D]. With S > 1 the contexts hold only this
-        rank's KV heads."""
+        """v of this rank's latent rows (share s of S, split over `group`) of each (job, context)
+        block, in one forward: [B, rows, 64], and those rows of the residual stream after the
+        last layer (before the final norm, what TaylorSeer keeps) [B, rows, D]. The blocks'
+        jobs share one latent grid; each block takes its job's latents and time. With S > 1 the
+        contexts hold only this rank's KV heads."""
         dit, model = self.dit, self.dit.model
-        dev, B = model.device, len(contexts)
-        h, w = job.grid
+        dev, B = model.device, len(blocks)
+        h, w = blocks[0][0].grid
         sizes = row_split(h * w + 2, S)
         lo, hi = latent_shares(h * w, S)[s]
         start, end = s == 0, s == S - 1
         n_l = hi - lo
-        x = job.x[lo:hi].expand(B, n_l, -1).reshape(B * n_l, -1)
-        t = job.timesteps[job.index].reshape(1).expand(B * n_l)
-        latents = model.latent_embeds(x, t, job.pos_ids[lo:hi].repeat(B)).view(B, n_l, -1)
+        x = torch.cat([job.x[lo:hi] for job, _ in blocks])
+        t = torch.cat([job.timesteps[job.index].reshape(1).expand(n_l) for job, _ in blocks])
+        latents = model.latent_embeds(x, t, blocks[0][0].pos_ids[lo:hi].repeat(B)).view(B, n_l, -1)
         markers = dit.markers()
         parts = ([markers[:1].expand(B, 1, -1)] if start else []) + [latents.to(markers.dtype)] + (
             [markers[1:].expand(B, 1, -1)] if end else [])
         rows = torch.cat(parts, dim=1)
         n = rows.shape[1]
+        contexts = [c for _, c in blocks]
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
         attention = RaggedKV(past) if S == 1 else UlyssesKV(past, group, sizes)
@@ -391,8 +403,8 @@ class ParallelDiT:
                            taylor={b: TaylorState() for b in BRANCHES} if params.taylorseer else None)
 
     def _pieces(self, job: ParallelJob, run: list[str], helping: bool) -> list[list[tuple[str, int, int]]]:
-        """Per rank, the (branch, latent rows [lo, hi)) it computes at a step, in its order:
-        every rank works this out alike, so the gather needs no header."""
+        """Per rank, the (branch, latent rows [lo, hi)) it computes of a job at a step, in its
+        order: every rank works this out alike, so the gather needs no header."""
         n, size = job.grid[0] * job.grid[1], self.config.size
         if helping:
             return [[("cond", lo, hi)] for lo, hi in latent_shares(n, size)]
@@ -400,24 +412,39 @@ class ParallelDiT:
         coords = [self.config.coords(r) for r in range(size)]
         return [[(b, *shares[s]) for b in run if job.plan.home(b) == c] for c, s in coords]
 
-    def _gather(self, pieces: list[list[tuple[str, int, int]]], v: torch.Tensor | None, stop: bool) -> tuple[torch.Tensor, bool]:
-        """Every rank's velocity rows [size, most rows + 1, 64], and rank 0's stop flag (the
-        last row)."""
-        rows = max(sum(hi - lo for _, lo, hi in mine) for mine in pieces)
-        dim = self.dit.cfg.patch_latent_dim
-        buf = torch.zeros(rows + 1, dim, dtype=self.dit.model.llm2vae.weight.dtype, device=self.dit.model.device)
-        if v is not None:
-            buf[: v.shape[0] * v.shape[1]] = v.reshape(-1, dim)
-        if stop:
-            buf[-1, 0] = 1
-        out = buf.new_empty(self.config.size * buf.shape[0], dim)
+    def _gather(self, pieces: list[list[list[tuple[str, int, int]]]], v: list[torch.Tensor | None],
+                stops: list[bool]) -> tuple[list[torch.Tensor], list[bool]]:
+        """One all-gather of every rank's velocity rows of every job (`pieces[k]`, `v[k]`: job
+        k's), and rank 0's stop flags (a tail of one value per job). Returns per job the
+        [size, its most rows on a rank, 64] rows, and the flags."""
+        dim, size = self.dit.cfg.patch_latent_dim, self.config.size
+        counts = [[sum(hi - lo for _, lo, hi in job[r]) for r in range(size)] for job in pieces]
+        rows = max(sum(c[r] for c in counts) for r in range(size))
+        tail = -(-len(pieces) // dim)  # rows of stop flags
+        buf = torch.zeros(rows + tail, dim, dtype=self.dit.model.llm2vae.weight.dtype, device=self.dit.model.device)
+        off = 0
+        for k, vk in enumerate(v):
+            if vk is not None:
+                buf[off : off + counts[k][self.rank]] = vk.reshape(-1, dim)
+            off += counts[k][self.rank]
+        flags = buf[rows:].view(-1)
+        for k, stop in enumerate(stops):
+            if stop:
+                flags[k] = 1
+        out = buf.new_empty(size * buf.shape[0], dim)
         _all_gather(out, buf, group=self.group)
-        out = out.view(self.config.size, *buf.shape)
-        return out, bool(out[0, -1, 0] != 0)
+        out = out.view(size, *buf.shape)
+        told = (out[0, rows:].reshape(-1)[: len(pieces)] != 0).tolist()
+        per_job, offs = [], [0] * size
+        for k in range(len(pieces)):
+            most = max(counts[k])
+            per_job.append(torch.stack([out[r, offs[r] : offs[r] + most] for r in range(size)]) if most else out[:, :0])
+            offs = [o + c for o, c in zip(offs, counts[k])]
+        return per_job, told
 
     @staticmethod
     def _assemble(pieces: list[list[tuple[str, int, int]]], gathered: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The full [h*w, 64] velocity of each branch (its pieces lie in rank order)."""
+        """The full [h*w, 64] velocity of each branch of a job (its pieces lie in rank order)."""
         parts: dict[str, list[torch.Tensor]] = {}
         for rank, mine in enumerate(pieces):
             off = 0
@@ -427,66 +454,93 @@ class ParallelDiT:
         return {b: torch.cat(p) for b, p in parts.items()}
 
     @torch.inference_mode()
-    def step(self, job: ParallelJob) -> None:
-        """One step on this rank (a collective: every rank calls it for the same job)."""
-        rank0_stop = self.rank == 0 and (job.stop_next or (job.should_stop is not None and job.should_stop()))
-        p, taylor = job.params, job.taylor
-        s_t, s_i, wanted, run = guidance(p, job.timesteps_host[job.index], job.plan.same.__contains__, taylor)
-        forwards = [b for b in run if taylor is None or taylor[b].next_is_full]
-        helping = self.helps(job.plan) and run == ["cond"]
-        pieces = self._pieces(job, run, helping)
-        outputs: dict[str, torch.Tensor] = {}  # the last layer's output of this rank's full TaylorSeer rows
-        if helping:
-            v_mine = self._velocities(job, [job.helper], self.config.size, self.rank, self.group)[0]
-            job.helped += 1
-        else:
-            S = self.config.sequence
-            mine = [b for b, _, _ in pieces[self.rank]]
-            full = [b for b in mine if b in forwards]
-            v: dict[str, torch.Tensor] = {}
-            if full:  # the same on every rank of this sequence group: the counts agree
-                contexts = [job.branches[b] for b in full]
-                if S > 1:
-                    contexts = [head_slice(c, self.s, S) for c in contexts]
-                v_full, stream = self._velocities(job, contexts, S, self.s, self.seq_group)
-                for row, b in enumerate(full):
-                    v[b] = v_full[row]
-                    if taylor is not None:
-                        outputs[b] = taylor[b].keep(stream[row])
-            for b in mine:
-                if b not in v:  # a Taylor forward: this rank's rows from its factors
-                    v[b] = self.dit.predicted_velocity(taylor[b])
-            v_mine = torch.stack([v[b] for b in mine]) if mine else None
-        gathered, stop = self._gather(pieces, v_mine, rank0_stop)
-        if stop:
-            job.ended = True
-            if job.error is None:
-                job.error = Cancelled(f"denoising stopped before step {job.index + 1} of {job.total}: the request was cancelled")
+    def step(self, jobs: Sequence[ParallelJob]) -> None:
+        """Advance every unfinished job by one step of its own schedule (a collective: every
+        rank calls it with the same jobs in the same order; they must share one latent grid).
+
+        The (job, branch) blocks this rank computes run as one forward over its sequence group
+        (as `DiT.step` packs a one-GPU batch: the Ulysses all-to-alls carry the packed rows);
+        the blocks of jobs whose cond is spread over every rank this step (`helps`) run as a
+        second forward over the whole group; then one gather carries every job's velocity rows
+        and rank 0's stop flags, and each job combines its own branches and takes its Euler
+        step. A job rank 0 stops ends here on every rank (`Cancelled`); one whose `on_step`
+        raised on rank 0 keeps the error and ends on every rank one step later."""
+        live = [job for job in jobs if not job.done]
+        if not live:
             return
-        if taylor is not None:  # every rank counts every branch's forward; factors where it has rows
+        grids = {job.grid for job in live}
+        if len(grids) > 1:
+            raise ValueError(f"a parallel step runs jobs of one latent grid, got {sorted(grids)}")
+        rank0 = self.rank == 0
+        stops = [rank0 and (job.stop_next or (job.should_stop is not None and job.should_stop())) for job in live]
+        guides, forwards, helping, pieces = [], [], [], []
+        for job in live:
+            g = guidance(job.params, job.timesteps_host[job.index], job.plan.same.__contains__, job.taylor)
+            run = g[3]
+            helps = self.helps(job.plan) and run == ["cond"]
+            guides.append(g)
+            forwards.append([b for b in run if job.taylor is None or job.taylor[b].next_is_full])
+            helping.append(helps)
+            pieces.append(self._pieces(job, run, helps))
+        v: list[dict[str, torch.Tensor]] = [{} for _ in live]
+        outputs: list[dict[str, torch.Tensor]] = [{} for _ in live]  # last-layer outputs of full TaylorSeer rows
+        helped = [k for k, h in enumerate(helping) if h]
+        if helped:  # every rank: cond's rows of these jobs split over the whole group
+            v_help = self._velocities([(live[k], live[k].helper) for k in helped], self.config.size, self.rank, self.group)[0]
+            for row, k in enumerate(helped):
+                v[k]["cond"] = v_help[row]
+                live[k].helped += 1
+        S = self.config.sequence
+        blocks = [(k, b) for k in range(len(live)) if not helping[k] for b, _, _ in pieces[k][self.rank] if b in forwards[k]]
+        if blocks:  # the same on every rank of this sequence group: the forward counts agree
+            contexts = [live[k].branches[b] for k, b in blocks]
+            if S > 1:
+                contexts = [head_slice(c, self.s, S) for c in contexts]
+            v_full, stream = self._velocities([(live[k], c) for (k, _), c in zip(blocks, contexts)], S, self.s, self.seq_group)
+            for row, (k, b) in enumerate(blocks):
+                v[k][b] = v_full[row]
+                if live[k].taylor is not None:
+                    outputs[k][b] = live[k].taylor[b].keep(stream[row])
+        mine: list[torch.Tensor | None] = []
+        for k, job in enumerate(live):
+            names = [b for b, _, _ in pieces[k][self.rank]]
+            for b in names:
+                if b not in v[k]:  # a Taylor forward: this rank's rows from its factors
+                    v[k][b] = self.dit.predicted_velocity(job.taylor[b])
+            mine.append(torch.stack([v[k][b] for b in names]) if names else None)
+        gathered, told = self._gather(pieces, mine, stops)
+        for k, job in enumerate(live):
+            if told[k]:
+                job.ended = True
+                if job.error is None:
+                    job.error = Cancelled(f"denoising stopped before step {job.index + 1} of {job.total}: the request was cancelled")
+                continue
+            s_t, s_i, wanted, _ = guides[k]
+            if job.taylor is not None:  # every rank counts every branch's forward; factors where it has rows
+                for b in wanted:
+                    job.taylor[b].advance(outputs[k].get(b))
+            vk = self._assemble(pieces[k], gathered[k])
             for b in wanted:
-                taylor[b].advance(outputs.get(b))
-        v = self._assemble(pieces, gathered)
-        for b in wanted:
-            v.setdefault(b, v["cond"])
-        guided = combine(v["cond"], v.get("cfg_text"), v.get("cfg_img"), s_t, s_i, p.cfg_renorm_type, p.cfg_renorm_min)
-        if job.on_step is not None and job.error is None:
-            try:
-                job.on_step(StepRecord(job.index, job.total, float(job.timesteps_host[job.index]), job.x, v, guided,
-                                       forwards=tuple(forwards)))
-            except Exception as exc:  # rank 0's callback: the others stop at the next gather
-                job.error, job.stop_next = exc, True
-        job.x = euler_step(job.x, guided, job.dts[job.index])
-        job.index += 1
+                vk.setdefault(b, vk["cond"])
+            p = job.params
+            guided = combine(vk["cond"], vk.get("cfg_text"), vk.get("cfg_img"), s_t, s_i, p.cfg_renorm_type, p.cfg_renorm_min)
+            if job.on_step is not None and job.error is None:
+                try:
+                    job.on_step(StepRecord(job.index, job.total, float(job.timesteps_host[job.index]), job.x, vk, guided,
+                                           len(live), tuple(forwards[k])))
+                except Exception as exc:  # rank 0's callback: the others stop at the next gather
+                    job.error, job.stop_next = exc, True
+            job.x = euler_step(job.x, guided, job.dts[job.index])
+            job.index += 1
 
     def denoise(self, plan: BranchPlan, branches: dict[str, KVContext], height: int, width: int,
                 params: DenoiseParams, noise: torch.Tensor, on_step: Callable[[StepRecord], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-        """The final latent tokens [h*w, 64] (the same on every rank). Raises `Cancelled` on
+        """One job stepped alone: the final latent tokens [h*w, 64] (the same on every rank). Raises `Cancelled` on
         every rank when rank 0's `should_stop` says yes, and on rank 0 what its `on_step` raised."""
         job = self.job(plan, branches, height, width, params, noise, on_step, should_stop)
         while not job.done:
-            self.step(job)
+            self.step([job])
         if job.error is not None:
             raise job.error
         return job.x

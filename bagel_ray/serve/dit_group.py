@@ -6,19 +6,26 @@ STRICT_PACK: one node). The replica is rank 0, in the first bundle; at start it 
 loaded the model (the parts rank 0 loads), and joins them in a `torch.distributed` group (NCCL on
 GPUs, gloo on CPUs) whose rendezvous is on the replica's node.
 
-A request still goes through the replica's `DenoiseWorker`, whose batch is a `GroupBatch`:
-one request at a time (no cross-request batching over a group), stepped by rank 0 under the
-replica's engine lock while each worker rank runs the whole loop of the same request in one
-actor call. The contexts reach rank 0 as on any DiT replica; rank 0 sends each worker the KV
-contexts of its cfg index's branches over the group itself (GPU to GPU on NCCL), their shapes
-riding with the actor call. So they pass through rank 0's GPU, not from the Thinker to each
-rank directly.
+Requests still go through the replica's `DenoiseWorker`, whose batch is a `GroupBatch`: a
+`BatchDenoiser` (the one-GPU batch's joining, leaving and fairness rules) over the group, so
+several requests of one latent grid are denoised together, joining and leaving at step
+boundaries, each with its own schedule, branches, TaylorSeer state, cancellation and `on_step`.
+Rank 0 steps the batch under the replica's engine lock (`DiTGroup.step`: one batched
+`ParallelDiT.step` over every rank). The worker ranks follow it step by step: while the batch
+runs, each runs one long actor call (`RankWorker.follow`) that takes, before every step, a
+small control message rank 0 broadcasts over a gloo side group (`Control`: the jobs joining,
+with their plan, context layout, size, params and noise, and the order of the step's jobs),
+then runs the same step; a job leaves on every rank alike when it ends (the step's gather tells
+every rank of rank 0's cancellations). When the batch drains, rank 0 ends the calls and checks
+them. The contexts reach rank 0 as on any DiT replica; rank 0 sends each worker the KV
+contexts of its cfg index's branches over the group itself (GPU to GPU on NCCL) as a job joins.
+So they pass through rank 0's GPU, not from the Thinker to each rank directly.
 
 Faults: a worker that dies makes the replica unhealthy (`check_health` pings them), so Serve
 replaces the replica and with it the group (the workers are owned by the replica and die
 with it). The request in flight fails with `GroupBroken` at the collective that misses the
 dead rank (at once on gloo; on NCCL when the collective times out, `dit.parallel.timeout_s`),
-later requests fail at once until the replacement is up.
+and with it every request of the batch; later requests fail at once until the replacement is up.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ import logging
 import os
 import socket
 import time
-from collections import deque
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import ray
 import torch
@@ -38,9 +45,10 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseJob, DenoiseParams, DiT
+from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, ParallelDiT, ParallelJob
+from bagel_ray.engine.kv_context import KVContext
 from bagel_ray.serve.config import AppConfig, ParallelSettings
 from bagel_ray.serve.errors import GroupBroken
 
@@ -59,8 +67,8 @@ def engine_config(settings: ParallelSettings, heads: int, kv_heads: int) -> Para
     return config
 
 
-def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeout_s: float) -> ParallelDiT:
-    """Join the replica's process group as `rank` and build this rank's engine."""
+def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeout_s: float) -> tuple[ParallelDiT, Control]:
+    """Join the replica's process group as `rank`: this rank's engine, and the control channel."""
     backend = "nccl" if dit.model.device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(dit.model.device)
@@ -69,13 +77,15 @@ def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeou
         # when each process sees different devices (NVIDIA/nccl#1906): keep NVLS off unless
         # the operator chose otherwise. Not yet run on GPUs.
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=config.size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return ParallelDiT(dit, config)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=config.size, timeout=timeout)
+    engine = ParallelDiT(dit, config)
+    # the control messages are pickled host objects: a gloo group beside an NCCL one
+    return engine, Control(dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None)
 
 
 def leave_group() -> None:
-    """After a failure mid-request: close this rank's connections, so that the other ranks'
+    """After a failure mid-step: close this rank's connections, so that the other ranks'
     pending collectives fail now (a dead peer on gloo) rather than at their timeout. The group
     is broken from then on; Serve replaces the replica."""
     try:
@@ -90,7 +100,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@ray.remote(max_concurrency=2)  # a ping answers while `denoise` runs
+@dataclass(frozen=True)
+class Join:
+    """A job joining the group's batch: what a worker rank needs to build its share of it
+    (`ParallelDiT.job`) and to receive its contexts. `key`: the job's name on the wire."""
+
+    key: int
+    plan: BranchPlan
+    layout: dict[str, tuple[tuple[int, ...], int]]
+    height: int
+    width: int
+    params: DenoiseParams
+    noise: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Step:
+    """Rank 0's word before a step: the jobs joining (their contexts follow over the group, in
+    this order), and the keys of the step's jobs in the order every rank packs them."""
+
+    joins: tuple[Join, ...]
+    order: tuple[int, ...]
+
+
+class Control:
+    """Rank 0's control messages to the worker ranks (`Step`, or None: the batch drained),
+    broadcast over `group` (None: the default group, gloo on CPUs)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+
+    def send(self, message: Step | None) -> None:
+        dist.broadcast_object_list([message], src=0, group=self.group)
+
+    def receive(self) -> Step | None:
+        box: list[Step | None] = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+@ray.remote(max_concurrency=2)  # a ping answers while `follow` runs
 class RankWorker:
     """Rank r >= 1 of a parallel DiT replica, in bundle r of the replica's placement group."""
 
@@ -99,6 +148,7 @@ class RankWorker:
         self.rank = rank
         self.dit = load(self.config)
         self.engine: ParallelDiT | None = None
+        self.control: Control | None = None
 
     def ping(self) -> int:
         return self.rank
@@ -107,27 +157,38 @@ class RankWorker:
         llm = self.dit.cfg.llm
         settings = self.config.dit.parallel
         config = engine_config(settings, llm.num_attention_heads, llm.num_key_value_heads)
-        self.engine = join_group(self.dit, config, self.rank, address, settings.timeout_s)
+        self.engine, self.control = join_group(self.dit, config, self.rank, address, settings.timeout_s)
         return self.rank
 
-    def denoise(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]], height: int, width: int,
-                params: DenoiseParams, noise: torch.Tensor) -> str:
-        """This rank's part of one request, start to end, in step with rank 0: its branches'
-        contexts arrive from rank 0 over the group, then the denoising loop."""
+    def _contexts(self, join: Join) -> dict[str, KVContext]:
+        """This rank's branches' KV contexts of a joining job: from rank 0 over the group."""
+        return self.engine.receive_contexts(join.plan, join.layout)
+
+    def follow(self) -> int:
+        """Rank 0's batch, step by step, until it drains: before each step, the jobs joining
+        (this rank's share of each built here) and the step's order, then the same batched
+        step. A job leaves when it ends, on every rank alike. Returns the steps run."""
+        jobs: dict[int, ParallelJob] = {}
+        steps = 0
         try:
-            mine = self.engine.receive_contexts(plan, layout)
-            self.engine.denoise(plan, mine, height, width, params, noise)
-        except Cancelled:
-            return "cancelled"
+            while (message := self.control.receive()) is not None:
+                for join in message.joins:
+                    jobs[join.key] = self.engine.job(join.plan, self._contexts(join), join.height, join.width,
+                                                     join.params, join.noise)
+                batch = [jobs[key] for key in message.order]
+                self.engine.step(batch)
+                jobs = {key: job for key, job in zip(message.order, batch) if not job.done}
+                steps += 1
         except BaseException:
             leave_group()  # the others fail at their next collective instead of waiting it out
             raise
-        return "done"
+        return steps
 
 
 class DiTGroup:
-    """Rank 0's view of its group: the worker actors, the engine, and whether the group still
-    works."""
+    """Rank 0's view of its group: the worker actors, the engine, the batch's jobs on the
+    ranks, and whether the group still works. `step` is the one-GPU `DiT.step` over the group,
+    what `GroupBatch` (a `BatchDenoiser`) steps."""
 
     def __init__(self, dit: DiT, app: AppConfig, raw_config: dict, load: Callable[[AppConfig], DiT]) -> None:
         """`load`: what a worker rank runs to load its `DiT` (the stage decides, as for rank 0)."""
@@ -143,6 +204,12 @@ class DiTGroup:
                              f"build_app, which gives it one bundle per rank")
         self.broken: str | None = None
         self.workers = []
+        self.ours: dict[DenoiseJob, ParallelJob] = {}  # rank 0's share of each job on the group
+        self.keys: dict[DenoiseJob, int] = {}
+        self.next_key = 0
+        self.calls: list | None = None  # the workers' `follow` calls while the batch runs
+        self.steps = 0  # batched steps run over the group
+        self.most = 0  # the most jobs stepped together
         for rank in range(1, self.config.size):
             bundle = dict(bundles[rank])
             options: dict[str, Any] = {"num_cpus": bundle.pop("CPU", 0), "num_gpus": bundle.pop("GPU", 0)}
@@ -155,7 +222,7 @@ class DiTGroup:
         ray.get([w.ping.remote() for w in self.workers], timeout=settings.start_timeout_s)  # loaded
         address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
         joined = [w.join.remote(address) for w in self.workers]
-        self.engine = join_group(dit, self.config, 0, address, settings.timeout_s)
+        self.engine, self.control = join_group(dit, self.config, 0, address, settings.timeout_s)
         ray.get(joined, timeout=settings.timeout_s)
         log.info("DiT group of %d ranks (cfg %d x sequence %d) joined in %.1fs", self.config.size, settings.cfg,
                  settings.sequence, time.perf_counter() - t0)
@@ -170,33 +237,87 @@ class DiTGroup:
         if self.broken is not None:
             raise GroupBroken(f"the DiT replica's process group is broken: {self.broken}")
 
-    def start(self, job: DenoiseJob) -> tuple[ParallelJob, list]:
-        """Rank 0's share of a request, and the worker ranks' calls running the rest."""
-        self.check_health()
+    def _join(self, job: DenoiseJob) -> Join:
+        """Rank 0's share of a job joining the batch (checked here first: a job rank 0 refuses
+        must not reach the workers), and what the workers need of it."""
         contexts, params = job.contexts, job.params
         plan = BranchPlan.of(contexts, params, self.config.cfg)
-        # checked here first: a request rank 0 refuses must not set the workers going
-        ours = self.engine.job(plan, self.engine.share(plan, contexts), contexts.height, contexts.width, params, job.x,
-                               job.on_step, job.should_stop)
-        layout, noise = self.engine.context_layout(plan, contexts), job.x.cpu()
-        calls = [worker.denoise.remote(plan, layout, contexts.height, contexts.width, params, noise) for worker in self.workers]
-        try:
-            self.engine.send_contexts(plan, contexts)
-        except Exception as exc:  # noqa: BLE001 - a rank is gone: settle breaks the group
-            self.settle(calls, exc)
-            raise
-        return ours, calls
+        self.ours[job] = self.engine.job(plan, self.engine.share(plan, contexts), contexts.height, contexts.width,
+                                         params, job.x, job.on_step, job.should_stop)
+        self.keys[job] = self.next_key
+        self.next_key += 1
+        return Join(self.keys[job], plan, self.engine.context_layout(plan, contexts), contexts.height, contexts.width,
+                    params, job.x.cpu())
 
-    def settle(self, calls: list, failure: BaseException | None) -> None:
-        """After rank 0's loop: the workers must have ended the same request. `failure`: what
+    def _deliver(self, join: Join, job: DenoiseJob) -> None:
+        """The worker ranks' contexts of a joining job (`RankWorker._contexts` receives them)."""
+        self.engine.send_contexts(join.plan, job.contexts)
+
+    def step(self, jobs: Sequence[DenoiseJob]) -> None:
+        """One step of every unfinished job over the ranks (`DiT.step`'s contract for
+        `BatchDenoiser`): jobs new to the group join it first (a job rank 0 refuses fails
+        alone), the workers are told, then one batched `ParallelDiT.step` runs on every rank.
+        A job's error shows on it once it has ended on every rank. Anything that fails on the
+        way breaks the group (the ranks are out of step): raises `GroupBroken`."""
+        if self.broken is not None:
+            raise GroupBroken(f"the DiT replica's process group is broken: {self.broken}")
+        joins = []
+        for job in jobs:
+            if job not in self.ours and not job.done:
+                try:
+                    joins.append((self._join(job), job))
+                except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                    job.error = exc
+        live = [job for job in jobs if job in self.ours]
+        for gone in set(self.ours) - set(live):  # a batch rebuilt after a fault of its loop: forgotten
+            del self.ours[gone], self.keys[gone]
+        if not live:
+            return
+        ours = [self.ours[job] for job in live]
+        try:
+            if self.calls is None:
+                self.check_health()
+                self.calls = [worker.follow.remote() for worker in self.workers]
+            self.control.send(Step(tuple(join for join, _ in joins), tuple(self.keys[job] for job in live)))
+            for join, job in joins:
+                self._deliver(join, job)
+            self.engine.step(ours)
+        except Exception as exc:  # noqa: BLE001 - a rank is gone, or rank 0's forward failed
+            self.ours.clear()
+            self.keys.clear()
+            self._settle(exc)  # raises GroupBroken
+            raise
+        self.steps += 1
+        self.most = max(self.most, len(live))
+        for job, mine in zip(live, ours):
+            job.x, job.index = mine.x, mine.index
+            if mine.done:
+                job.error = mine.error
+                del self.ours[job], self.keys[job]
+
+    def drained(self) -> None:
+        """The batch has drained: the workers' `follow` calls end, and are checked (a failed
+        one breaks the group; the jobs that ended are not touched, their latents came through
+        the gathers)."""
+        if self.calls is None or self.broken is not None:
+            return
+        try:
+            self.control.send(None)
+        except Exception as exc:  # noqa: BLE001 - a rank is gone
+            self._settle(exc)
+        self._settle(None)
+
+    def _settle(self, failure: BaseException | None) -> None:
+        """After the batch's steps end: the workers' calls must have ended too. `failure`: what
         rank 0's step raised (its forward or a collective); the other ranks wait in a
-        collective for it then, so rank 0 leaves the group at once, which fails them too. A
-        failed or silent worker, or such a failure, breaks the group."""
+        collective then, so rank 0 leaves the group at once, which fails them too. A failed or
+        silent worker, or such a failure, breaks the group: raises `GroupBroken`."""
+        calls, self.calls = self.calls or [], None
         if failure is not None and self.broken is None:
-            self.broken = f"rank 0 failed mid-request ({_first_line(failure)})"
+            self.broken = f"rank 0 failed mid-step ({_first_line(failure)})"
             leave_group()
         ready, pending = ray.wait(calls, num_returns=len(calls), timeout=self.settings.timeout_s)
-        problem = self.broken or (f"{len(pending)} worker rank(s) did not end the request" if pending else None)
+        problem = self.broken or (f"{len(pending)} worker rank(s) did not end the batch" if pending else None)
         for ref in ready:
             try:
                 ray.get(ref)
@@ -215,63 +336,26 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-class GroupBatch:
-    """`BatchDenoiser`'s interface (what `DenoiseWorker` steps) over a `DiTGroup`: one job at a
-    time over all ranks, one step a call."""
+class GroupBatch(BatchDenoiser):
+    """The `BatchDenoiser` a parallel replica's `DenoiseWorker` steps: the same joining,
+    leaving and fairness rules over `DiTGroup.step`. A failed step is no memory matter to
+    retry with fewer jobs: the group is broken, and every job it holds or is handed fails with
+    `GroupBroken` (a 503; Serve replaces the replica)."""
 
-    max_batch_size = 1
-
-    def __init__(self, group: DiTGroup) -> None:
+    def __init__(self, group: DiTGroup, max_batch_size: int) -> None:
+        super().__init__(group, max_batch_size)
         self.group = group
-        self.waiting: deque[DenoiseJob] = deque()
-        self.running: list[DenoiseJob] = []
-        self._ours: ParallelJob | None = None
-        self._calls: list = []
-
-    def submit(self, job: DenoiseJob) -> None:
-        self.waiting.append(job)
-
-    @property
-    def idle(self) -> bool:
-        return not self.waiting and not self.running
-
-    def _end(self, job: DenoiseJob, failure: BaseException | None) -> None:
-        ours = self._ours
-        self.running, self._ours = [], None
-        job.x, job.index = ours.x, ours.index
-        job.error = failure or ours.error
-        try:
-            self.group.settle(self._calls, failure)
-        except GroupBroken as exc:
-            job.error = exc
 
     def step_or_back_off(self) -> list[DenoiseJob]:
-        """One step of the running job (starting the next one first when none runs); returns
-        the jobs that ended. A broken group fails every job it is handed."""
-        ended = []
-        for job in list(self.waiting):
-            if job.should_stop is not None and job.should_stop():
-                self.waiting.remove(job)
-                job.error = Cancelled("denoising cancelled before it started")
-                ended.append(job)
-        if not self.running and self.waiting:
-            job = self.waiting.popleft()
-            try:
-                self._ours, self._calls = self.group.start(job)
-                self.running = [job]
-            except Exception as exc:  # a dead rank, or a bad request: it fails alone
-                job.error = exc
-                return ended + [job]
-        if not self.running:
-            return ended
-        job = self.running[0]
         try:
-            self.group.engine.step(self._ours)
-        except Exception as exc:  # noqa: BLE001 - the collective or the forward failed: settle decides
-            self._end(job, exc)
-            return ended + [job]
-        job.index = self._ours.index
-        if self._ours.done:
-            self._end(job, None)
-            ended.append(job)
+            ended = self.step()
+        except Exception as exc:  # noqa: BLE001 - GroupBroken: the whole batch fails
+            for job in self.running:
+                job.error = exc
+            ended, self.running = self.running, []
+        if not self.running:
+            try:
+                self.group.drained()
+            except GroupBroken:  # logged; the jobs that ended have their results, the next ones fail
+                pass
         return ended

@@ -220,7 +220,7 @@ class DiTServer:
             from bagel_ray.serve.dit_group import DiTGroup, GroupBatch
 
             self.group = DiTGroup(self.pipeline.dit, self.config, app_config, rank_dit)
-            self.worker = DenoiseWorker(self.pipeline, self.lock, 1, lambda: GroupBatch(self.group))
+            self.worker = DenoiseWorker(self.pipeline, self.lock, batch, lambda: GroupBatch(self.group, batch))
         else:
             self.worker = DenoiseWorker(self.pipeline, self.lock, batch)
         # Contexts received here at once (off the engine lock): a full batch denoising, and
@@ -309,4 +309,9 @@ class DiTServer:
     def group_workers(self) -> list:
         """The worker-rank actors of a parallel replica (none otherwise)."""
         return [] if self.group is None else list(self.group.workers)
+
+    def group_steps(self) -> dict[str, int]:
+        """A parallel replica's batched steps so far and the most requests one of them carried
+        (empty otherwise)."""
+        return {} if self.group is None else {"steps": self.group.steps, "most": self.group.most}
 

@@ -1,5 +1,6 @@
 """One request denoised over several ranks of a gloo process group (CFG parallel, Ulysses
-sequence parallel, both) gives the one-process latents and images, and golden parity.
+sequence parallel, both) gives the one-process latents and images, and golden parity; so does
+each job of a batch of requests stepped together over the ranks (cross-request batching).
 
 The ranks are real processes (`torch.multiprocessing` spawn) joined in a gloo group on the
 CPU. Each loads the golden tiny checkpoint in float32 with one intra-op thread, builds the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -107,7 +109,7 @@ def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, ou
         # the same stepped by hand: how many steps ran cond over every rank (`help_cond`)
         job = engine.job(plan, branches, height, width, req.sampler(), noise)
         while not job.done:
-            engine.step(job)
+            engine.step([job])
         assert torch.equal(job.x, results["delivered", key])
         results["helped", key] = (job.helped, engine.can_help)
     cfg, seq, name = runs[0]
@@ -253,3 +255,114 @@ def test_branch_plan_deals_running_branches_round_robin():
     assert plain.run == ("cond",)
     shares = edit.share(contexts(True), 1)
     assert list(shares) == ["cfg_text"] and shares["cfg_text"].length == 0
+
+
+# -- several requests denoised together over the ranks (cross-request batching) -------------------
+
+# (world size, grids): CFG parallel, sequence parallel and both; 3 ranks idle a cfg index on
+# two-branch jobs and help no cond (3 does not divide the heads)
+BATCH_GRIDS = {2: [(2, 1), (1, 2)], 3: [(3, 1)], 4: [(2, 2)]}
+# name: (golden case, changes, the step of the batch it joins at, its should_stop's yes from this ask on)
+BATCH_JOBS = {
+    # 2 branches, cond only outside cfg_interval (cond spread over every rank at 2 and 4 ranks)
+    "fox": ("text2img", {}, 0, None),
+    # 3 branches (think: cfg_img is a context of its own), its own seed and steps
+    "think": ("text2img_think", {"seed": 5, "num_inference_steps": 6, "cfg_img_scale": 1.5, "init_noise": None}, 2, None),
+    # TaylorSeer: per-branch caches on the branches' ranks, beside exact jobs
+    "taylor": ("text2img_taylorseer", {}, 1, None),
+    # cancelled by rank 0 before its 4th step; the others go on
+    "gone": ("text2img", {"seed": 21, "num_inference_steps": 10, "cfg_text_scale": 2.5, "cfg_interval": (0.0, 1.0),
+                          "init_noise": None}, 1, 4),
+}
+
+
+def batch_request(manifest: dict, golden_dir: Path, name: str):
+    case_name, changes, _, _ = BATCH_JOBS[name]
+    case = manifest["cases"][case_name]
+    return replace(image_request(case, golden_dir, load_case_tensors(golden_dir, case)), **changes)
+
+
+def _batch_rank_main(rank: int, world: int, port: int, golden_dir: str, out: str) -> None:
+    """One rank steps the jobs of `BATCH_JOBS` as one batch on each grid of its world, each
+    joining at its step and leaving when it ends; saves each job's end (every rank) and the
+    batch sizes its step records saw (rank 0)."""
+    import json
+
+    import torch.distributed as dist
+
+    from bagel_ray.engine.dit_parallel import ParallelDiT
+    from bagel_ray.engine.pipeline import LocalPipeline
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    golden = Path(golden_dir)
+    manifest = json.loads((golden / "manifest.json").read_text())
+    pipeline = LocalPipeline.from_pretrained(golden / "model", device="cpu", dtype="float32")
+    requests = {name: batch_request(manifest, golden, name) for name in BATCH_JOBS}
+    prepared = {name: pipeline.prepare_image(req) for name, req in requests.items()}
+    results = {}
+    for cfg, seq in BATCH_GRIDS[world]:
+        engine = ParallelDiT(pipeline.dit, ParallelConfig(cfg, seq))
+        batches: dict[str, list[int]] = {name: [] for name in BATCH_JOBS}
+        running, ended, index = [], {}, 0
+        while index == 0 or running:
+            for name, (_, _, joins, stop_from) in BATCH_JOBS.items():
+                if joins != index:
+                    continue
+                asked = []
+
+                def stop(asked=asked, stop_from=stop_from) -> bool:
+                    asked.append(1)
+                    return stop_from is not None and len(asked) >= stop_from
+
+                ctx, req = prepared[name].contexts, requests[name]
+                plan = BranchPlan.of(ctx, req.sampler(), cfg)
+                job = engine.job(plan, engine.share(plan, ctx), ctx.height, ctx.width, req.sampler(), prepared[name].noise,
+                                 lambda record, name=name: batches[name].append(record.batch), stop)
+                running.append((name, job))
+            engine.step([job for _, job in running])
+            ended.update((name, job) for name, job in running if job.done)
+            running = [(name, job) for name, job in running if not job.done]
+            index += 1
+        results[cfg, seq] = {name: (job.x, job.index, None if job.error is None else str(job.error), batches[name])
+                             for name, job in ended.items()}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", sorted(BATCH_GRIDS))
+def test_a_batch_of_jobs_over_the_ranks_gives_each_its_one_process_latents(world, golden_dir, manifest, golden_pipeline,
+                                                                          tmp_path, worker_threads):
+    """Jobs of different seeds, steps, CFG and branch counts (TaylorSeer among them) join the
+    batch at different steps and share its forwards; each one's latents equal it run alone
+    in one process (the golden float32 tolerance), the cancelled one ends before the same
+    step on every rank, and every rank holds the same numbers."""
+    torch.multiprocessing.spawn(_batch_rank_main, args=(world, free_port(), str(golden_dir), str(tmp_path)), nprocs=world)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    tol = manifest["cases"]["text2img"]["tensors"]["final_latent_packed"]["compare"]
+    alone, totals = {}, {}
+    for name in BATCH_JOBS:
+        req = batch_request(manifest, golden_dir, name)
+        prepared = golden_pipeline.prepare_image(req)
+        job = golden_pipeline.dit.job(prepared.contexts, req.sampler(), prepared.noise)
+        while not job.done:
+            golden_pipeline.dit.step([job])
+        alone[name], totals[name] = job.x, job.total
+    for grid in BATCH_GRIDS[world]:
+        ended = ranks[0][grid]
+        assert sorted(ended) == sorted(BATCH_JOBS)
+        for r in range(1, world):  # every rank took the same steps on the same numbers
+            for name, (x, index, error, _) in ranks[r][grid].items():
+                assert torch.equal(x, ended[name][0]) and index == ended[name][1], (grid, name, r)
+                assert error == ended[name][2], (grid, name, r)
+        for name, (x, index, error, batches) in ended.items():
+            if name == "gone":
+                assert (index, error) == (3, f"denoising stopped before step 4 of {totals[name]}: the request was cancelled")
+                continue
+            assert error is None and index == totals[name], (grid, name)
+            torch.testing.assert_close(x, alone[name], atol=tol["atol"], rtol=tol["rtol"], msg=f"{grid} {name}")
+        # the jobs shared steps: all four at once from the third step of the batch
+        assert max(ended["fox"][3]) == 4 and ended["fox"][3][0] == 1, (grid, ended["fox"][3])
+        assert min(ended["think"][3]) >= 2

@@ -1,5 +1,6 @@
 """A DiT replica spanning 2 placement-group bundles on CPUs (CFG parallel over gloo): it
-answers over HTTP with the one-process image (with TaylorSeer too), its config is checked
+answers over HTTP with the one-process image (with TaylorSeer too), denoises concurrent
+requests in one batch over its ranks, its config is checked
 before and at start, and when its worker-rank actor is killed the replica turns unhealthy,
 requests fail clearly (503 with Retry-After, never a hang), and Serve replaces the whole group."""
 
@@ -89,6 +90,45 @@ def test_a_two_bundle_dit_replica_answers_over_http(parallel_app, local, picture
 
     dit = serve.get_deployment_handle("DiT", parallel_app.name)
     assert len(dit.group_workers.remote().result()) == 1
+
+
+def test_concurrent_requests_are_denoised_in_one_batch_over_the_ranks(parallel_app, local):
+    """Requests of one size that arrive while another denoises join its batch on both ranks
+    (different steps, seeds and CFG; one of them leaves cancelled mid-way): the group runs
+    fewer steps than the requests one after another would, and each answer is the
+    one-process image."""
+    from ray import serve
+    from ray.serve.exceptions import RequestCancelledError
+
+    dit = serve.get_deployment_handle("DiT", parallel_app.name)
+    before = dit.group_steps.remote().result()
+    bodies = [{**BODY, "num_inference_steps": 150, "seed": 1},
+              {**BODY, "num_inference_steps": 12, "seed": 2, "cfg_text_scale": 2.5},
+              {**BODY, "num_inference_steps": 9, "seed": 3, "cfg_interval": [0.4, 1.0]}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        first = pool.submit(requests.post, parallel_app.url + "/v1/images/generations", json=bodies[0], timeout=300)
+        while dit.group_steps.remote().result()["steps"] == before["steps"]:  # the long one is running
+            assert not first.done(), first.result().text
+            time.sleep(0.05)
+        gone = parallel_app.handle.generate.remote(outlasting(replace(REQ, seed=4), 400))
+        later = [pool.submit(requests.post, parallel_app.url + "/v1/images/generations", json=body, timeout=300)
+                 for body in bodies[1:]]
+        answers = [f.result() for f in later]
+        gone.cancel()  # it leaves the batch, the long one goes on
+        with pytest.raises(RequestCancelledError):
+            gone.result(timeout_s=60)
+        answers.insert(0, first.result())
+    after = dit.group_steps.remote().result()
+    alone = [replace(REQ, num_inference_steps=b["num_inference_steps"], seed=b["seed"],
+                     cfg_text_scale=b.get("cfg_text_scale", REQ.cfg_text_scale), cfg_interval=tuple(b["cfg_interval"]))
+             for b in bodies]
+    for resp, req in zip(answers, alone):
+        assert resp.status_code == 200, resp.text
+        want = np.asarray(local.run(req).image).astype(int)
+        assert np.abs(png_pixels(resp.json()["data"][0]["b64_json"]).astype(int) - want).max() <= 1, req
+    assert after["most"] >= 3, after  # the long one, the two later ones (and the cancelled one) shared steps
+    steps_alone = sum(req.num_inference_steps - 1 for req in alone)  # a schedule of n steps is n - 1 updates
+    assert after["steps"] - before["steps"] < steps_alone, (before, after)
 
 
 def test_a_cancelled_request_stops_every_rank_and_the_group_goes_on(parallel_app, local):

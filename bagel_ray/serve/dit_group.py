@@ -9,10 +9,19 @@ GPUs, gloo on CPUs) whose rendezvous is on the replica's node.
 A request still goes through the replica's `DenoiseWorker`, whose batch is a `GroupBatch`:
 one request at a time (no cross-request batching over a group), stepped by rank 0 under the
 replica's engine lock while each worker rank runs the whole loop of the same request in one
-actor call. The contexts reach rank 0 as on any DiT replica; rank 0 sends each worker the KV
-contexts of its cfg index's branches over the group itself (GPU to GPU on NCCL), their shapes
-riding with the actor call. So they pass through rank 0's GPU, not from the Thinker to each
-rank directly.
+actor call.
+
+KV contexts: rank 0 receives the whole handoff as on any DiT replica (it holds cond, whose
+context is all of gen). A worker rank gets its share (`ParallelDiT.wants`: its branches, and
+its heads of cond when it helps cond) from the handoff's own transport where that reaches it
+(`share_from`, through `transport/shares.py`): the Thinker of a several-rank DiT stores the
+contexts in the object store by reference, in pieces, and each worker gets only the pieces its
+branches cover; a handoff over CUDA IPC is mapped by each rank that sees the sender's GPU, and
+released by rank 0 once every rank holds its share. Where the transport does not reach the
+rank, rank 0 sends it its share over the group (GPU to GPU on NCCL; `deliver_shares`, after
+one small all-gather of who holds what): contexts built on rank 0 (img2img with
+`edit_contexts_on: dit`), a NCCL handoff (the Thinker's pair communicator has one receiver; a
+send to each rank is not built), and the pull-through-the-object-store fallback.
 
 Faults: a worker that dies makes the replica unhealthy (`check_health` pings them), so Serve
 replaces the replica and with it the group (the workers are owned by the replica and die
@@ -41,8 +50,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseJob, DenoiseParams, DiT
 from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, ParallelDiT, ParallelJob
+from bagel_ray.engine.kv_context import ImageContexts, KVContext
+from bagel_ray.serve import metrics
 from bagel_ray.serve.config import AppConfig, ParallelSettings
 from bagel_ray.serve.errors import GroupBroken
+from bagel_ray.serve.workers import ImageJob
+from bagel_ray.transport import ray_peer
+from bagel_ray.transport.base import KVTransport, TransferStats
+from bagel_ray.transport.shares import fetch_share, portable
 
 log = logging.getLogger("bagel_ray.serve")
 
@@ -84,6 +99,35 @@ def leave_group() -> None:
         log.exception("leaving the DiT group failed")
 
 
+def share_from(engine: ParallelDiT, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]],
+               handoff: Any | None) -> tuple[dict[str, KVContext], TransferStats | None]:
+    """A worker rank's contexts of a request: fetched by this rank from the handoff's own
+    transport where it reaches this process (`transport.shares`), else (contexts built on rank
+    0, a NCCL handoff, a fetch that failed) relayed by rank 0 over the group. Collective with
+    rank 0's `deliver_shares`. Returns the stats of this rank's own fetch (None: relayed)."""
+    fetched = None
+    if handoff is not None:
+        model = engine.dit.model
+        try:
+            fetched = fetch_share(handoff.payload, engine.wants(plan), model.device, model.dtype)
+        except Exception as exc:  # noqa: BLE001 - rank 0 has the contexts: it relays them instead
+            log.warning("rank %d could not fetch its KV share (%s: %s); rank 0 relays it", engine.rank,
+                        type(exc).__name__, exc)
+    engine.holding(fetched is not None)
+    if fetched is None:
+        return engine.receive_contexts(plan, layout), None
+    contexts, stats = fetched
+    metrics.observe_handoff(stats, handoff.node != ray_peer.node_id(), engine.rank)
+    return contexts, stats
+
+
+def deliver_shares(engine: ParallelDiT, plan: BranchPlan, contexts: ImageContexts) -> int:
+    """Rank 0: the worker ranks that could not fetch their share themselves (`share_from`) get
+    it from here over the group. Returns the bytes relayed."""
+    holding = engine.holding(True)
+    return engine.send_contexts(plan, contexts, [r for r, held in enumerate(holding) if not held])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -99,6 +143,7 @@ class RankWorker:
         self.rank = rank
         self.dit = load(self.config)
         self.engine: ParallelDiT | None = None
+        self.last_fetch: TransferStats | None = None  # this rank's own fetch of the last request's contexts
 
     def ping(self) -> int:
         return self.rank
@@ -111,15 +156,16 @@ class RankWorker:
         return self.rank
 
     def denoise(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]], height: int, width: int,
-                params: DenoiseParams, noise: torch.Tensor) -> str:
+                params: DenoiseParams, noise: torch.Tensor, handoff: Any | None = None) -> str:
         """This rank's part of one request, start to end, in step with rank 0: its branches'
-        contexts arrive from rank 0 over the group, then the denoising loop."""
+        contexts (from the handoff, or from rank 0: `share_from`), then the denoising loop."""
         try:
-            mine = self.engine.receive_contexts(plan, layout)
+            mine, self.last_fetch = share_from(self.engine, plan, layout, handoff)
             self.engine.denoise(plan, mine, height, width, params, noise)
         except Cancelled:
             return "cancelled"
         except BaseException:
+            log.exception("rank %d failed mid-request", self.rank)  # rank 0 reports its own failure, or this one's
             leave_group()  # the others fail at their next collective instead of waiting it out
             raise
         return "done"
@@ -129,8 +175,12 @@ class DiTGroup:
     """Rank 0's view of its group: the worker actors, the engine, and whether the group still
     works."""
 
-    def __init__(self, dit: DiT, app: AppConfig, raw_config: dict, load: Callable[[AppConfig], DiT]) -> None:
-        """`load`: what a worker rank runs to load its `DiT` (the stage decides, as for rank 0)."""
+    def __init__(self, dit: DiT, app: AppConfig, raw_config: dict, load: Callable[[AppConfig], DiT],
+                 transport: KVTransport | None = None) -> None:
+        """`load`: what a worker rank runs to load its `DiT` (the stage decides, as for rank 0).
+        `transport`: the replica's, told when every rank holds its share of a handoff."""
+        self.transport = transport
+        self.relayed_bytes = 0  # context bytes rank 0 sent the worker ranks over the group
         settings = app.dit.parallel
         llm = dit.cfg.llm
         self.config = engine_config(settings, llm.num_attention_heads, llm.num_key_value_heads)
@@ -179,9 +229,15 @@ class DiTGroup:
         ours = self.engine.job(plan, self.engine.share(plan, contexts), contexts.height, contexts.width, params, job.x,
                                job.on_step, job.should_stop)
         layout, noise = self.engine.context_layout(plan, contexts), job.x.cpu()
-        calls = [worker.denoise.remote(plan, layout, contexts.height, contexts.width, params, noise) for worker in self.workers]
+        handoff = job.key.handoff if isinstance(job.key, ImageJob) else None  # None: contexts built here
+        if handoff is not None and not portable(handoff.payload):
+            handoff = None  # its tensors would travel to the workers whole: rank 0 sends them their shares
+        calls = [worker.denoise.remote(plan, layout, contexts.height, contexts.width, params, noise, handoff)
+                 for worker in self.workers]
         try:
-            self.engine.send_contexts(plan, contexts)
+            self.relayed_bytes += deliver_shares(self.engine, plan, contexts)
+            if handoff is not None and self.transport is not None:
+                self.transport.release(handoff.payload)
         except Exception as exc:  # noqa: BLE001 - a rank is gone: settle breaks the group
             self.settle(calls, exc)
             raise

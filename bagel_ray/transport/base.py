@@ -62,7 +62,8 @@ class KVTransport:
         """Give back what the transport holds (communicators, contexts waiting to be pulled)."""
 
 
-# name -> "module:Class"; imported on first use so the CPU path never imports NCCL or Ray.
+# name -> "module:Class"; imported on first use so the CPU path never imports NCCL, and
+# the local one not Ray.
 REGISTRY: dict[str, str] = {
     "local": "bagel_ray.transport.local:LocalTransport",
     "object_store": "bagel_ray.transport.object_store:ObjectStoreTransport",

@@ -70,12 +70,16 @@ def packed(contexts: ImageContexts) -> PackedContexts:
     return PackedContexts(buffer, layout, time.perf_counter() - t0)
 
 
-def unpacked(payload: PackedContexts, device: torch.device) -> ImageContexts:
-    layout = payload.layout
+def _readable(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         # The object store hands out read-only memory; the KV is only ever read.
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(payload.buffer)
+        return torch.from_numpy(array)
+
+
+def unpacked(payload: PackedContexts, device: torch.device) -> ImageContexts:
+    layout = payload.layout
+    flat = _readable(payload.buffer)
     stream = _side_stream(device)
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         flat = flat.to(device, non_blocking=True)
@@ -87,13 +91,6 @@ def unpacked(payload: PackedContexts, device: torch.device) -> ImageContexts:
         tensors.append(flat[offset : offset + n].view(layout.torch_dtype).view(shape))
         offset += n
     return layout.assemble(tensors)
-
-
-def _readable(array: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # The object store hands out read-only memory; the KV is only ever read.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
 
 
 @dataclass(frozen=True)

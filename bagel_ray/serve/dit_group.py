@@ -100,16 +100,18 @@ def leave_group() -> None:
 
 
 def share_from(engine: ParallelDiT, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]],
-               handoff: Any | None) -> tuple[dict[str, KVContext], TransferStats | None]:
+               handoff: Any | None, timeout_s: float) -> tuple[dict[str, KVContext], TransferStats | None]:
     """A worker rank's contexts of a request: fetched by this rank from the handoff's own
     transport where it reaches this process (`transport.shares`), else (contexts built on rank
     0, a NCCL handoff, a fetch that failed) relayed by rank 0 over the group. Collective with
-    rank 0's `deliver_shares`. Returns the stats of this rank's own fetch (None: relayed)."""
+    rank 0's `deliver_shares`, which waits for it in a collective: a fetch gives up after
+    half the group's `timeout_s` and is relayed then. Returns the stats of this rank's own
+    fetch (None: relayed)."""
     fetched = None
     if handoff is not None:
         model = engine.dit.model
         try:
-            fetched = fetch_share(handoff.payload, engine.wants(plan), model.device, model.dtype)
+            fetched = fetch_share(handoff.payload, engine.wants(plan), model.device, model.dtype, timeout_s / 2)
         except Exception as exc:  # noqa: BLE001 - rank 0 has the contexts: it relays them instead
             log.warning("rank %d could not fetch its KV share (%s: %s); rank 0 relays it", engine.rank,
                         type(exc).__name__, exc)
@@ -160,7 +162,7 @@ class RankWorker:
         """This rank's part of one request, start to end, in step with rank 0: its branches'
         contexts (from the handoff, or from rank 0: `share_from`), then the denoising loop."""
         try:
-            mine, self.last_fetch = share_from(self.engine, plan, layout, handoff)
+            mine, self.last_fetch = share_from(self.engine, plan, layout, handoff, self.config.dit.parallel.timeout_s)
             self.engine.denoise(plan, mine, height, width, params, noise)
         except Cancelled:
             return "cancelled"

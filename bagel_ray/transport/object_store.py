@@ -142,14 +142,14 @@ def stored(contexts: ImageContexts, ranks: int) -> StoredContexts:
 
 
 def _regions(payload: StoredContexts, regions: list[tuple[int, int, tuple[int, int]]], device: torch.device,
-             dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], int]:
+             dtype: torch.dtype | None = None, timeout_s: float = ray_store.GET_TIMEOUT_S) -> tuple[list[torch.Tensor], int]:
     """Each region (context tensor, first rows, KV heads [lo, hi)) of a stored handoff as a
-    tensor on `device` (in `dtype`, default the handoff's), getting each piece it covers once;
-    and the bytes got."""
+    tensor on `device` (in `dtype`, default the handoff's), getting each piece it covers once
+    (`HandoffGone` past `timeout_s`); and the bytes got."""
     layout = payload.layout
     wanted = [payload.pieces(*region) for region in regions]
     refs = list({id(ref): ref for pieces in wanted for ref, _, _ in pieces}.values())
-    arrays = dict(zip(map(id, refs), ray_store.get(refs)))
+    arrays = dict(zip(map(id, refs), ray_store.get(refs, timeout_s)))
     out = []
     for (tensor, length, (lo, hi)), pieces in zip(regions, wanted):
         shape = layout.shapes[tensor]
@@ -170,7 +170,7 @@ def unstored(payload: StoredContexts, device: torch.device) -> ImageContexts:
 
 
 def stored_share(payload: StoredContexts, wants: dict[str, tuple[int, int]], device: torch.device,
-                 dtype: torch.dtype) -> tuple[dict[str, KVContext], int]:
+                 dtype: torch.dtype, timeout_s: float = ray_store.GET_TIMEOUT_S) -> tuple[dict[str, KVContext], int]:
     """The contexts one rank wants of a stored handoff (branch -> (KV head group, of how many
     groups), as `ParallelDiT.wants` says), getting only the pieces they cover; and the bytes
     got."""
@@ -180,7 +180,7 @@ def stored_share(payload: StoredContexts, wants: dict[str, tuple[int, int]], dev
         per = layout.shapes[tensor][3] // parts
         regions.append((tensor, length, (index * per, (index + 1) * per)))
         ropes.append(rope)
-    tensors, nbytes = _regions(payload, regions, device, dtype)
+    tensors, nbytes = _regions(payload, regions, device, dtype, timeout_s)
     return {b: KVContext(kv, rope) for b, kv, rope in zip(wants, tensors, ropes)}, nbytes
 
 

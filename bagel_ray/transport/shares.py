@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bagel_ray.engine.kv_context import KVContext
-from bagel_ray.transport import cuda, ray_peer
+from bagel_ray.transport import cuda, ray_peer, ray_store
 from bagel_ray.transport.base import TransferStats
 from bagel_ray.transport.object_store import StoredContexts, stored_share
 from bagel_ray.transport.routes import DirectPayload, Placement, plan_route
@@ -37,14 +37,15 @@ def portable(payload: Any) -> bool:
     return isinstance(payload, (StoredContexts, DirectPayload))
 
 
-def fetch_share(payload: Any, wants: dict[str, tuple[int, int]], device: torch.device,
-                dtype: torch.dtype) -> tuple[dict[str, KVContext], TransferStats] | None:
+def fetch_share(payload: Any, wants: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype,
+                timeout_s: float = ray_store.GET_TIMEOUT_S) -> tuple[dict[str, KVContext], TransferStats] | None:
     """This rank's contexts of `payload` (branch -> (KV head group, of how many groups)), on
     `device` in `dtype`, with the bytes this rank got and the route; None when this process
-    cannot get them from the payload (the module docstring's table)."""
+    cannot get them from the payload (the module docstring's table). Pieces that do not come
+    within `timeout_s` raise `HandoffGone`."""
     t0 = time.perf_counter()
     if isinstance(payload, StoredContexts):
-        contexts, nbytes = stored_share(payload, wants, device, dtype)
+        contexts, nbytes = stored_share(payload, wants, device, dtype, timeout_s)
         return contexts, TransferStats(nbytes, payload.send_s, time.perf_counter() - t0, "object_store")
     if isinstance(payload, DirectPayload) and payload.ipc is not None and device.type == "cuda":
         device = cuda.resolve(device)

@@ -105,7 +105,11 @@ def test_the_worker_rank_fetches_its_own_share_from_the_object_store(parallel_ap
     (worker,) = dit.group_workers.remote().result()
     fetched = ray.get(worker.__ray_call__.remote(lambda w: w.last_fetch), timeout=30)
     assert fetched is not None and fetched.route == "object_store", fetched
-    assert 0 < fetched.nbytes < got.timings["handoff_bytes"], (fetched, got.timings)
+    gen, prefix = (c := local.prepare_image(REQ).contexts).gen.kv, c.cfg_text.length
+    row = gen[:, :, :1].numel() * gen.element_size()  # one row, every layer and KV head
+    assert got.timings["handoff_bytes"] == gen.shape[2] * row
+    # cfg_text's rows whole, then the worker's half of cond's heads (it helps cond)
+    assert fetched.nbytes == prefix * row + (gen.shape[2] - prefix) * row // 2, (fetched, prefix, gen.shape)
     assert dit.group_relayed_bytes.remote().result() == relayed  # rank 0 sent the worker nothing
     want = np.asarray(local.run(REQ).image).astype(int)
     assert np.abs(np.asarray(got.image).astype(int) - want).max() <= 1

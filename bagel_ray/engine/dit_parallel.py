@@ -284,32 +284,53 @@ class ParallelDiT:
         return {b: (tuple(contexts.branch(b).kv.shape), contexts.branch(b).rope) for b in BRANCHES
                 if b in plan.run or b == "cond"}
 
-    def share(self, plan: BranchPlan, contexts: ImageContexts, rank: int | None = None) -> dict[str, KVContext]:
-        """What a rank (default: this one) keeps of a request's contexts: its cfg index's
-        branches, and when it helps cond but lives elsewhere, cond's KV heads it attends over."""
+    def wants(self, plan: BranchPlan, rank: int | None = None) -> dict[str, tuple[int, int]]:
+        """What a rank (default: this one) keeps of a request's contexts, per branch as (KV head
+        group, of how many groups): (0, 1) for its cfg index's branches, whole, and (rank,
+        size) for cond's heads a rank attends over when it helps cond but lives elsewhere.
+        `share` cuts these out of the contexts; a rank that fetches its own share from the
+        handoff asks for them."""
         rank = self.rank if rank is None else rank
         c = self.config.coords(rank)[0]
-        out = plan.share(contexts, c)
+        out = {b: (0, 1) for b in plan.branches_of(c)}
         if self.helps(plan) and c > 0:
-            out["cond"] = head_slice(contexts.gen, rank, self.config.size)
+            out["cond"] = (rank, self.config.size)
         return out
 
-    def send_contexts(self, plan: BranchPlan, contexts: ImageContexts) -> None:
-        """Rank 0: every other rank gets its `share` over the group itself (GPU to GPU on NCCL),
-        in `BRANCHES` order. Collective with `receive_contexts`."""
-        dtype = self.dit.model.dtype
-        for rank in range(1, self.config.size):
+    def share(self, plan: BranchPlan, contexts: ImageContexts, rank: int | None = None) -> dict[str, KVContext]:
+        """A rank's `wants` of a request's contexts (views of them; copy them to ship them)."""
+        return {b: head_slice(contexts.branch(b), i, n) if n > 1 else contexts.branch(b)
+                for b, (i, n) in self.wants(plan, rank).items()}
+
+    def holding(self, fetched: bool) -> list[bool]:
+        """Whether each rank holds its share already (fetched from the handoff's transport
+        itself). Collective: every rank says so before `send_contexts` / `receive_contexts`,
+        which then carry only the shares of the ranks that do not."""
+        flags = torch.tensor([int(fetched)], dtype=torch.int32, device=self.dit.model.device)
+        out = flags.new_empty(self.config.size)
+        _all_gather(out, flags, group=self.group)
+        return [bool(f) for f in out.tolist()]
+
+    def send_contexts(self, plan: BranchPlan, contexts: ImageContexts, ranks: list[int] | None = None) -> int:
+        """Rank 0: each of `ranks` (default: every other rank) gets its `share` over the group
+        itself (GPU to GPU on NCCL), in `BRANCHES` order. Collective with `receive_contexts` on
+        those ranks. Returns the bytes sent."""
+        dtype, sent = self.dit.model.dtype, 0
+        for rank in range(1, self.config.size) if ranks is None else ranks:
             for b, c in sorted(self.share(plan, contexts, rank).items(), key=lambda item: BRANCHES.index(item[0])):
-                dist.send(c.kv.to(dtype).contiguous(), self._global(rank), group=self.group)
+                kv = c.kv.to(dtype).contiguous()
+                dist.send(kv, self._global(rank), group=self.group)
+                sent += kv.numel() * kv.element_size()
+        return sent
 
     def receive_contexts(self, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]]) -> dict[str, KVContext]:
         """A rank other than 0: its `share`, as rank 0's `send_contexts` sends it."""
         out = {}
-        wanted = set(plan.branches_of(self.c)) | ({"cond"} if self.helps(plan) and self.c > 0 else set())
-        for b in (b for b in BRANCHES if b in wanted):
+        wants = self.wants(plan)
+        for b in (b for b in BRANCHES if b in wants):
             shape, rope = layout[b]
-            if b not in plan.branches_of(self.c):  # cond's heads of this rank only
-                shape = (*shape[:3], shape[3] // self.config.size, *shape[4:])
+            n = wants[b][1]
+            shape = (*shape[:3], shape[3] // n, *shape[4:])  # a helper's heads of cond
             kv = torch.empty(shape, dtype=self.dit.model.dtype, device=self.dit.model.device)
             dist.recv(kv, self._global(0), group=self.group)
             out[b] = KVContext(kv, rope)

@@ -17,9 +17,20 @@ small control message rank 0 broadcasts over a gloo side group (`Control`: the j
 with their plan, context layout, size, params and noise, and the order of the step's jobs),
 then runs the same step; a job leaves on every rank alike when it ends (the step's gather tells
 every rank of rank 0's cancellations). When the batch drains, rank 0 ends the calls and checks
-them. The contexts reach rank 0 as on any DiT replica; rank 0 sends each worker the KV
-contexts of its cfg index's branches over the group itself (GPU to GPU on NCCL) as a job joins.
-So they pass through rank 0's GPU, not from the Thinker to each rank directly.
+them.
+
+KV contexts: rank 0 receives the whole handoff as on any DiT replica (it holds cond, whose
+context is all of gen). A worker rank gets its share of a joining job (`ParallelDiT.wants`: its branches, and
+its heads of cond when it helps cond) from the handoff's own transport where that reaches it
+(`share_from`, through `transport/shares.py`): the Thinker of a several-rank DiT stores the
+contexts in the object store by reference, in pieces, and each worker gets only the pieces its
+branches cover (the handoff reaches each worker as an actor call's argument, `RankWorker.offer`,
+so that Ray tracks the refs in it; not in the control message); a handoff over CUDA IPC is mapped by each rank that sees the sender's GPU, and
+released by rank 0 once every rank holds its share. Where the transport does not reach the
+rank, rank 0 sends it its share over the group (GPU to GPU on NCCL; `deliver_shares`, after
+one small all-gather of who holds what): contexts built on rank 0 (img2img with
+`edit_contexts_on: dit`), a NCCL handoff (the Thinker's pair communicator has one receiver; a
+send to each rank is not built), and the pull-through-the-object-store fallback.
 
 Faults: a worker that dies makes the replica unhealthy (`check_health` pings them), so Serve
 replaces the replica and with it the group (the workers are owned by the replica and die
@@ -48,9 +59,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from bagel_ray.engine.dit import DenoiseJob, DenoiseParams, DiT
 from bagel_ray.engine.dit_batch import BatchDenoiser
 from bagel_ray.engine.dit_parallel import BranchPlan, ParallelConfig, ParallelDiT, ParallelJob
-from bagel_ray.engine.kv_context import KVContext
+from bagel_ray.engine.kv_context import ImageContexts, KVContext
+from bagel_ray.serve import metrics
 from bagel_ray.serve.config import AppConfig, ParallelSettings
 from bagel_ray.serve.errors import GroupBroken
+from bagel_ray.serve.workers import ImageJob
+from bagel_ray.transport import ray_peer
+from bagel_ray.transport.base import KVTransport, TransferStats
+from bagel_ray.transport.shares import fetch_share, portable
 
 log = logging.getLogger("bagel_ray.serve")
 
@@ -94,6 +110,37 @@ def leave_group() -> None:
         log.exception("leaving the DiT group failed")
 
 
+def share_from(engine: ParallelDiT, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]],
+               handoff: Any | None, timeout_s: float) -> tuple[dict[str, KVContext], TransferStats | None]:
+    """A worker rank's contexts of a request: fetched by this rank from the handoff's own
+    transport where it reaches this process (`transport.shares`), else (contexts built on rank
+    0, a NCCL handoff, a fetch that failed) relayed by rank 0 over the group. Collective with
+    rank 0's `deliver_shares`, which waits for it in a collective: a fetch gives up after
+    half the group's `timeout_s` and is relayed then. Returns the stats of this rank's own
+    fetch (None: relayed)."""
+    fetched = None
+    if handoff is not None:
+        model = engine.dit.model
+        try:
+            fetched = fetch_share(handoff.payload, engine.wants(plan), model.device, model.dtype, timeout_s / 2)
+        except Exception as exc:  # noqa: BLE001 - rank 0 has the contexts: it relays them instead
+            log.warning("rank %d could not fetch its KV share (%s: %s); rank 0 relays it", engine.rank,
+                        type(exc).__name__, exc)
+    engine.holding(fetched is not None)
+    if fetched is None:
+        return engine.receive_contexts(plan, layout), None
+    contexts, stats = fetched
+    metrics.observe_handoff(stats, handoff.node != ray_peer.node_id(), engine.rank)
+    return contexts, stats
+
+
+def deliver_shares(engine: ParallelDiT, plan: BranchPlan, contexts: ImageContexts) -> int:
+    """Rank 0: the worker ranks that could not fetch their share themselves (`share_from`) get
+    it from here over the group. Returns the bytes relayed."""
+    holding = engine.holding(True)
+    return engine.send_contexts(plan, contexts, [r for r, held in enumerate(holding) if not held])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -112,11 +159,12 @@ class Join:
     width: int
     params: DenoiseParams
     noise: torch.Tensor
+    fetch: bool = False  # the handoff was offered to the worker ranks (`RankWorker.offer`) to fetch from
 
 
 @dataclass(frozen=True)
 class Step:
-    """Rank 0's word before a step: the jobs joining (their contexts follow over the group, in
+    """Rank 0's word before a step: the jobs joining (each rank then gets its contexts, `RankWorker._contexts`, in
     this order), and the keys of the step's jobs in the order every rank packs them."""
 
     joins: tuple[Join, ...]
@@ -139,7 +187,7 @@ class Control:
         return box[0]
 
 
-@ray.remote(max_concurrency=2)  # a ping answers while `follow` runs
+@ray.remote(max_concurrency=4)  # a ping, an offer (and a test's look) answer while `follow` runs
 class RankWorker:
     """Rank r >= 1 of a parallel DiT replica, in bundle r of the replica's placement group."""
 
@@ -149,6 +197,15 @@ class RankWorker:
         self.dit = load(self.config)
         self.engine: ParallelDiT | None = None
         self.control: Control | None = None
+        self.last_fetch: TransferStats | None = None  # this rank's own fetch of the last request's contexts
+        self.offers: dict[int, Any] = {}  # job key -> its handoff, until the job joins here
+
+    def offer(self, key: int, handoff: Any) -> None:
+        """The handoff of a job about to join, to fetch this rank's share from. It comes as an
+        actor call's argument, not in the control message, so that the object refs in it reach
+        this process through Ray (as a borrower): refs pickled over the process group would
+        carry no owner, and fetching them would hang."""
+        self.offers[key] = handoff
 
     def ping(self) -> int:
         return self.rank
@@ -161,8 +218,11 @@ class RankWorker:
         return self.rank
 
     def _contexts(self, join: Join) -> dict[str, KVContext]:
-        """This rank's branches' KV contexts of a joining job: from rank 0 over the group."""
-        return self.engine.receive_contexts(join.plan, join.layout)
+        """This rank's KV contexts of a joining job: from the handoff, or from rank 0
+        (`share_from`)."""
+        handoff = self.offers.pop(join.key, None) if join.fetch else None
+        mine, self.last_fetch = share_from(self.engine, join.plan, join.layout, handoff, self.config.dit.parallel.timeout_s)
+        return mine
 
     def follow(self) -> int:
         """Rank 0's batch, step by step, until it drains: before each step, the jobs joining
@@ -180,6 +240,7 @@ class RankWorker:
                 jobs = {key: job for key, job in zip(message.order, batch) if not job.done}
                 steps += 1
         except BaseException:
+            log.exception("rank %d failed mid-request", self.rank)  # rank 0 reports its own failure, or this one's
             leave_group()  # the others fail at their next collective instead of waiting it out
             raise
         return steps
@@ -190,8 +251,12 @@ class DiTGroup:
     ranks, and whether the group still works. `step` is the one-GPU `DiT.step` over the group,
     what `GroupBatch` (a `BatchDenoiser`) steps."""
 
-    def __init__(self, dit: DiT, app: AppConfig, raw_config: dict, load: Callable[[AppConfig], DiT]) -> None:
-        """`load`: what a worker rank runs to load its `DiT` (the stage decides, as for rank 0)."""
+    def __init__(self, dit: DiT, app: AppConfig, raw_config: dict, load: Callable[[AppConfig], DiT],
+                 transport: KVTransport | None = None) -> None:
+        """`load`: what a worker rank runs to load its `DiT` (the stage decides, as for rank 0).
+        `transport`: the replica's, told when every rank holds its share of a handoff."""
+        self.transport = transport
+        self.relayed_bytes = 0  # context bytes rank 0 sent the worker ranks over the group
         settings = app.dit.parallel
         llm = dit.cfg.llm
         self.config = engine_config(settings, llm.num_attention_heads, llm.num_key_value_heads)
@@ -247,11 +312,14 @@ class DiTGroup:
         self.keys[job] = self.next_key
         self.next_key += 1
         return Join(self.keys[job], plan, self.engine.context_layout(plan, contexts), contexts.height, contexts.width,
-                    params, job.x.cpu())
+                    params, job.x.cpu(), _handoff(job) is not None)
 
     def _deliver(self, join: Join, job: DenoiseJob) -> None:
-        """The worker ranks' contexts of a joining job (`RankWorker._contexts` receives them)."""
-        self.engine.send_contexts(join.plan, job.contexts)
+        """The worker ranks' contexts of a joining job, where they could not fetch them
+        themselves (`RankWorker._contexts`); then the handoff may be let go."""
+        self.relayed_bytes += deliver_shares(self.engine, join.plan, job.contexts)
+        if join.fetch and self.transport is not None:
+            self.transport.release(_handoff(job).payload)
 
     def step(self, jobs: Sequence[DenoiseJob]) -> None:
         """One step of every unfinished job over the ranks (`DiT.step`'s contract for
@@ -278,6 +346,8 @@ class DiTGroup:
             if self.calls is None:
                 self.check_health()
                 self.calls = [worker.follow.remote() for worker in self.workers]
+            offers = [w.offer.remote(join.key, _handoff(job)) for join, job in joins if join.fetch for w in self.workers]
+            ray.get(offers, timeout=self.settings.timeout_s)  # before the step's word, which makes them fetch
             self.control.send(Step(tuple(join for join, _ in joins), tuple(self.keys[job] for job in live)))
             for join, job in joins:
                 self._deliver(join, job)
@@ -329,6 +399,14 @@ class DiTGroup:
                 leave_group()
             log.error("DiT group broken: %s", problem)
             raise GroupBroken(f"the DiT replica's process group is broken: {problem}; Serve replaces the replica") from failure
+
+
+def _handoff(job: DenoiseJob) -> Any | None:
+    """The handoff a job's contexts came in, where the worker ranks can fetch their shares from
+    it themselves; None where rank 0 sends them (contexts built here, or a payload holding the
+    tensors, which would travel to each worker whole)."""
+    handoff = job.key.handoff if isinstance(job.key, ImageJob) else None
+    return handoff if handoff is not None and portable(handoff.payload) else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -27,9 +27,10 @@ def _metrics():
         "queue_wait": metrics.Histogram("bagel_queue_wait_s", "Time from arrival to the first stage call.", _LATENCY_BOUNDS),
         "stage_latency": metrics.Histogram("bagel_stage_latency_s", "Time a request spends in a stage replica.", _LATENCY_BOUNDS, tag_keys=("stage",)),
         "steps": metrics.Counter("bagel_denoise_steps_total", "Denoising steps run."),
-        "handoff_bytes": metrics.Counter("bagel_kv_handoff_bytes_total", "KV context bytes handed to the DiT."),
-        "handoffs": metrics.Counter("bagel_kv_handoffs_total", "KV handoffs by the route taken and whether they crossed nodes.",
-                                    tag_keys=("route", "crossed_nodes")),
+        "handoff_bytes": metrics.Counter("bagel_kv_handoff_bytes_total", "KV context bytes handed to the DiT, by the DiT rank that got them.",
+                                         tag_keys=("rank",)),
+        "handoffs": metrics.Counter("bagel_kv_handoffs_total", "KV handoffs by the route taken, whether they crossed nodes and the DiT rank that took them.",
+                                    tag_keys=("route", "crossed_nodes", "rank")),
         "handoff_seconds": metrics.Histogram("bagel_kv_handoff_s", "Pack plus unpack time of one KV handoff.", [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5]),
     }
 
@@ -59,12 +60,17 @@ def count_step() -> None:
         m["steps"].inc()
 
 
-def observe_handoff(stats: TransferStats, crossed_nodes: bool) -> None:
+def observe_handoff(stats: TransferStats, crossed_nodes: bool, rank: int = 0) -> None:
+    """One rank's receipt of a handoff: rank 0 (every DiT replica's own process) for the
+    whole contexts, a worker rank of a parallel replica for the share it fetched itself (a
+    share rank 0 relays over the group is not a handoff). The time is rank 0's only."""
     m = _metrics()
     if m:
-        m["handoffs"].inc(tags={"route": stats.route, "crossed_nodes": str(crossed_nodes).lower()})
-        m["handoff_bytes"].inc(stats.nbytes)
-        m["handoff_seconds"].observe(stats.send_s + stats.receive_s)
+        m["handoffs"].inc(tags={"route": stats.route, "crossed_nodes": str(crossed_nodes).lower(), "rank": str(rank)})
+        if stats.nbytes:  # a rank whose one branch is an empty context (cfg_text without a system prompt) gets none
+            m["handoff_bytes"].inc(stats.nbytes, tags={"rank": str(rank)})
+        if rank == 0:
+            m["handoff_seconds"].observe(stats.send_s + stats.receive_s)
 
 
 def metrics_location(configured: int | None = None) -> str:

@@ -122,7 +122,8 @@ class ThinkerServer:
         t0 = time.perf_counter()
         self.pipeline = start_engine("Thinker", engine, self.config, stage.startup_timeout_s)
         self.pipeline.max_model_len = stage.max_model_len  # its prompts are checked where they are tokenized
-        self.transport = make_transport(self.config.dit.transport)
+        # a DiT replica of several ranks: each rank gets its share of the contexts from the payload
+        self.transport = make_transport(self.config.dit.transport, self.config.dit.parallel.size)
         self.lock = EngineLock()
         self.understand_batched.set_max_batch_size(stage.max_batch_size)
         self.understand_batched.set_batch_wait_timeout_s(stage.batch_wait_timeout_s)
@@ -212,14 +213,14 @@ class DiTServer:
             raise ValueError("the DiT stage's engine factory returned a pipeline without a DiT engine")
         self.pipeline.max_model_len = self.config.thinker.max_model_len  # img2img prompts tokenized here
         self.device = self.pipeline.dit.model.device
-        self.transport = make_transport(self.config.dit.transport)
+        self.transport = make_transport(self.config.dit.transport, self.config.dit.parallel.size)
         self.lock = EngineLock()
         batch = self.config.dit.max_batch_size
         self.group = None
         if self.config.dit.parallel.size > 1:  # one request over several ranks: serve/dit_group.py
             from bagel_ray.serve.dit_group import DiTGroup, GroupBatch
 
-            self.group = DiTGroup(self.pipeline.dit, self.config, app_config, rank_dit)
+            self.group = DiTGroup(self.pipeline.dit, self.config, app_config, rank_dit, self.transport)
             self.worker = DenoiseWorker(self.pipeline, self.lock, batch, lambda: GroupBatch(self.group, batch))
         else:
             self.worker = DenoiseWorker(self.pipeline, self.lock, batch)
@@ -250,12 +251,13 @@ class DiTServer:
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory("receive", exc) from None
 
-    async def _images(self, req: GenerationRequest, prepared: PreparedImage | None,
-                      progress: bool) -> AsyncIterator[dict | GenerationResult]:
+    async def _images(self, req: GenerationRequest, prepared: PreparedImage | None, progress: bool,
+                      handoff: Handoff | None = None) -> AsyncIterator[dict | GenerationResult]:
         """The request through the denoising batch (its contexts built here when None):
         progress events `{"step", "total", "t"}` when asked for, then the result. When the
-        caller goes away (cancelled, or the stream closed) its job stops at the next step."""
-        job = ImageJob(req, prepared, progress, asyncio.get_running_loop())
+        caller goes away (cancelled, or the stream closed) its job stops at the next step.
+        `handoff`: what the contexts came in (a parallel replica's worker ranks fetch theirs)."""
+        job = ImageJob(req, prepared, progress, asyncio.get_running_loop(), handoff=handoff)
         self.worker.submit(job)
         try:
             while True:
@@ -268,8 +270,9 @@ class DiTServer:
         finally:
             job.cancel.set()
 
-    async def _image(self, req: GenerationRequest, prepared: PreparedImage | None) -> GenerationResult:
-        async with contextlib.aclosing(self._images(req, prepared, progress=False)) as items:
+    async def _image(self, req: GenerationRequest, prepared: PreparedImage | None,
+                     handoff: Handoff | None = None) -> GenerationResult:
+        async with contextlib.aclosing(self._images(req, prepared, False, handoff)) as items:
             async for result in items:
                 return result
         raise RuntimeError("the denoising worker ended without a result")  # unreachable: it sends one or an error
@@ -278,7 +281,7 @@ class DiTServer:
         """Denoise and decode over contexts the Thinker prepared."""
         t0 = time.perf_counter()
         async with self.handoff_slots:
-            result = await self._image(req, await self._receive(req, handoff))
+            result = await self._image(req, await self._receive(req, handoff), handoff)
         metrics.observe_stage("dit", time.perf_counter() - t0)
         return result
 
@@ -294,7 +297,7 @@ class DiTServer:
         With no handoff the request runs whole on this replica."""
         async with self.handoff_slots if handoff is not None else contextlib.nullcontext():
             prepared = await self._receive(req, handoff)
-            async with contextlib.aclosing(self._images(req, prepared, progress=True)) as items:
+            async with contextlib.aclosing(self._images(req, prepared, True, handoff)) as items:
                 async for item in items:
                     yield item
 
@@ -314,4 +317,9 @@ class DiTServer:
         """A parallel replica's batched steps so far and the most requests one of them carried
         (empty otherwise)."""
         return {} if self.group is None else {"steps": self.group.steps, "most": self.group.most}
+
+    def group_relayed_bytes(self) -> int:
+        """Context bytes rank 0 of a parallel replica sent its worker ranks over the group (the
+        shares they could not fetch from the handoff themselves)."""
+        return 0 if self.group is None else self.group.relayed_bytes
 

@@ -310,6 +310,7 @@ class ImageJob:
     queued: float = 0.0  # when its denoising job joined the batch's queue
     began: bool = False
     batch: int = 0  # the most jobs it was denoised with (itself included)
+    handoff: Any = None  # the stages.Handoff its contexts came in (a parallel replica's ranks fetch from it)
 
     def begin(self) -> None:
         """Its work starts (its contexts built here, or its first step): record the wait."""

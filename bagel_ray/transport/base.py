@@ -53,11 +53,17 @@ class KVTransport:
     def receive(self, payload: Any, device: torch.device) -> tuple[ImageContexts, TransferStats]:
         raise NotImplementedError
 
+    def release(self, payload: Any) -> None:
+        """A DiT replica of several ranks: every rank holds its share of `payload` (some got it
+        from the payload themselves), so what the sender keeps for it may go. Nothing to do
+        for most backends."""
+
     def close(self) -> None:
         """Give back what the transport holds (communicators, contexts waiting to be pulled)."""
 
 
-# name -> "module:Class"; imported on first use so the CPU path never imports NCCL or Ray.
+# name -> "module:Class"; imported on first use so the CPU path never imports NCCL, and
+# the local one not Ray.
 REGISTRY: dict[str, str] = {
     "local": "bagel_ray.transport.local:LocalTransport",
     "object_store": "bagel_ray.transport.object_store:ObjectStoreTransport",
@@ -68,9 +74,11 @@ REGISTRY: dict[str, str] = {
 TRANSPORT_NAMES = ("auto", "object_store", "cuda_ipc", "nccl")
 
 
-def make_transport(name: str) -> KVTransport:
-    """The backend called `name`. A backend that needs CUDA still works in a process without
-    it (its contexts go through the object store), with a warning that says so."""
+def make_transport(name: str, ranks: int = 1) -> KVTransport:
+    """The backend called `name`, for a receiving DiT replica of `ranks` ranks (each rank then
+    gets its share from the payload itself where the backend can: `transport/shares.py`). A
+    backend that needs CUDA still works in a process without it (its contexts go through the
+    object store), with a warning that says so."""
     if name not in REGISTRY:
         raise ValueError(f"unknown KV transport {name!r}; choose from {', '.join(TRANSPORT_NAMES)}")
     module, _, cls_name = REGISTRY[name].partition(":")
@@ -78,4 +86,4 @@ def make_transport(name: str) -> KVTransport:
     if cls.needs_cuda and not torch.cuda.is_available():
         log.warning("KV transport %r needs CUDA, which this process lacks: the contexts it sends and receives "
                     "go through the object store", name)
-    return cls()
+    return cls(ranks=ranks) if ranks > 1 else cls()

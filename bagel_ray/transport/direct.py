@@ -96,7 +96,7 @@ class DirectTransport(KVTransport):
     def __init__(self, *, outbox_bytes: int = 8 << 30, outbox_ttl_s: float = 600.0, connect_timeout_s: float = 30.0,
                  transfer_timeout_s: float = 10.0, reply_timeout_s: float = 5.0, fetch_timeout_s: float = 120.0,
                  link_idle_s: float = 900.0, request_spin_s: float = 0.02, spare_buffers: bool = True,
-                 pull_host_contexts: bool = False, comms: CommFactory | None = None,
+                 pull_host_contexts: bool = False, ranks: int = 1, comms: CommFactory | None = None,
                  placement: Callable[[torch.device], Placement] | None = None) -> None:
         """`outbox_bytes`, `outbox_ttl_s`: what the sender keeps for receivers to pull.
         Deadlines: `connect_timeout_s` (added to a pair's first handoff: NCCL init),
@@ -106,7 +106,9 @@ class DirectTransport(KVTransport):
         pair's communicator unused this long is aborted. `request_spin_s`: after a send, how
         long the sender's control channel polls for the receiver's request rather than sleep
         (0: never). `spare_buffers`: a receiver makes the next handoff's receive buffer while
-        a transfer runs. `comms` and `placement` replace NCCL and this process's own placement
+        a transfer runs. `ranks`: of the receiving DiT replica; above 1, host contexts go
+        by reference in pieces (`object_store.StoredContexts`) and a handoff received over CUDA
+        IPC is released by `release`, once every rank has mapped it. `comms` and `placement` replace NCCL and this process's own placement
         (tests)."""
         self.key = uuid.uuid4().hex
         comms = comms if comms is not None else NcclComms()
@@ -114,11 +116,11 @@ class DirectTransport(KVTransport):
         self.sender = Sender(self.key, comms, placement, ray_peer.node_address, ray_peer.current_actor,
                              ipc="cuda_ipc" in self.routes, outbox_bytes=outbox_bytes, outbox_ttl_s=outbox_ttl_s,
                              link_idle_s=link_idle_s, request_spin_s=request_spin_s,
-                             pull_host_contexts=pull_host_contexts)
+                             pull_host_contexts=pull_host_contexts, ranks=ranks)
         self.receiver = Receiver(self.key, self.routes, comms, placement, ray_peer.fetch,
                                  connect_timeout_s=connect_timeout_s, transfer_timeout_s=transfer_timeout_s,
                                  reply_timeout_s=reply_timeout_s, fetch_timeout_s=fetch_timeout_s,
-                                 link_idle_s=link_idle_s, spare_buffers=spare_buffers)
+                                 link_idle_s=link_idle_s, spare_buffers=spare_buffers, hold_ipc=ranks > 1)
         # Communicators die with the transport; at interpreter exit the process takes them.
         weakref.finalize(self, abort_all, self.receiver.links, self.sender.links).atexit = False
 
@@ -127,6 +129,12 @@ class DirectTransport(KVTransport):
 
     def receive(self, payload: Any, device: torch.device) -> tuple[ImageContexts, TransferStats]:
         return self.receiver.receive(payload, device)
+
+    def release(self, payload: Any) -> None:
+        """Every rank of this (several-rank) DiT replica holds its share of `payload`: a handoff
+        mapped over CUDA IPC is let go at the sender."""
+        if isinstance(payload, DirectPayload):
+            self.receiver.release(payload)
 
     def close(self) -> None:
         self.sender.close()

@@ -57,6 +57,18 @@ class ContextsLayout:
         own = [contexts.gen.kv] + ([contexts.cfg_img.kv] if isinstance(contexts.cfg_img, KVContext) else [])
         return [t.contiguous() for t in own]
 
+    def region(self, branch: str) -> tuple[int, int, int]:
+        """Where a CFG branch's context lies in the handoff: (index of its context tensor, its
+        first rows taken, its next RoPE position), as `ImageContexts.branch` cuts it."""
+        if branch == "cond":
+            return 0, self.shapes[0][2], self.gen_rope
+        if branch == "cfg_text":
+            return 0, self.cfg_text.length, self.cfg_text.rope
+        if branch == "cfg_img":
+            return (0, self.cfg_img.length, self.cfg_img.rope) if isinstance(self.cfg_img, Cut) else (
+                1, self.shapes[1][2], self.cfg_img)
+        raise ValueError(f"unknown branch {branch!r}")
+
     def empty(self, device: torch.device) -> list[torch.Tensor]:
         return [torch.empty(shape, dtype=self.torch_dtype, device=device) for shape in self.shapes]
 

@@ -11,6 +11,9 @@ from bagel_ray.transport.base import KVTransport, TransferStats
 class LocalTransport(KVTransport):
     name = "local"
 
+    def __init__(self, ranks: int = 1) -> None:
+        """`ranks` changes nothing: every rank of a replica is another process, none is local."""
+
     def send(self, contexts: ImageContexts) -> ImageContexts:
         return contexts
 

@@ -28,7 +28,7 @@ from bagel_ray.transport.control import ControlClient, ControlError
 from bagel_ray.transport.errors import HandoffGone
 from bagel_ray.transport.links import RECEIVER_RANK, SENDER_RANK, Link, Links, PeerRefused
 from bagel_ray.transport.nccl import CommFactory, await_progress
-from bagel_ray.transport.object_store import PackedContexts, unpacked
+from bagel_ray.transport.object_store import PackedContexts, StoredContexts, received, unpacked
 from bagel_ray.transport.routes import GPU_ROUTES, DirectPayload, Placement, Route, plan_route
 from bagel_ray.transport.sender import GONE, STARTED, Sender, local_sender
 
@@ -41,9 +41,11 @@ class Receiver:
     def __init__(self, key: str, routes: frozenset[str], comms: CommFactory,
                  placement: Callable[[torch.device], Placement], fetch: Fetch, *, connect_timeout_s: float,
                  transfer_timeout_s: float, reply_timeout_s: float, fetch_timeout_s: float, link_idle_s: float,
-                 spare_buffers: bool) -> None:
+                 spare_buffers: bool, hold_ipc: bool = False) -> None:
         """`fetch` pulls a handoff through the object store from the sender's actor (it raises
-        `TimeoutError` past its timeout). The rest: see `DirectTransport`."""
+        `TimeoutError` past its timeout). `hold_ipc`: a handoff mapped over CUDA IPC is not
+        released once copied (the other ranks of this DiT replica map it too), but by
+        `release` once they have. The rest: see `DirectTransport`."""
         self.key = key
         self.routes = routes
         self.links = Links("recv")  # by sender key
@@ -53,6 +55,8 @@ class Receiver:
         self.fetch_timeout_s = fetch_timeout_s
         self.link_idle_s = link_idle_s
         self.spare_buffers = spare_buffers
+        self.hold_ipc = hold_ipc
+        self.held: set[str] = set()  # handoffs mapped over CUDA IPC, not yet released (`hold_ipc`)
         self._comms = comms
         self._placement = placement
         self._fetch_from = fetch
@@ -62,12 +66,13 @@ class Receiver:
         self.spare: torch.Tensor | None = None  # bytes for the next NCCL receive, made during the last
         self._warned: set[tuple[str, str]] = set()
 
-    def receive(self, payload: DirectPayload | PackedContexts, device: torch.device) -> tuple[ImageContexts, TransferStats]:
+    def receive(self, payload: DirectPayload | PackedContexts | StoredContexts,
+                device: torch.device) -> tuple[ImageContexts, TransferStats]:
         t0 = time.perf_counter()
         device = cuda.resolve(device)
-        if isinstance(payload, PackedContexts):
-            contexts = unpacked(payload, device)
-            return contexts, TransferStats(payload.buffer.nbytes, payload.send_s, time.perf_counter() - t0, "object_store")
+        if isinstance(payload, (PackedContexts, StoredContexts)):
+            contexts, nbytes = received(payload, device)
+            return contexts, TransferStats(nbytes, payload.send_s, time.perf_counter() - t0, "object_store")
         local = local_sender(payload.sender_key)
         if local is None and payload.actor is None:
             raise RuntimeError(f"KV handoff {payload.handoff_id} comes from a process that is neither this one nor a "
@@ -122,6 +127,14 @@ class Receiver:
         if client is not None:
             client.close()
 
+    def release(self, payload: DirectPayload) -> None:
+        """With `hold_ipc`: every rank has copied a handoff it mapped, the sender may let go."""
+        with self._lock:
+            held = payload.handoff_id in self.held
+            self.held.discard(payload.handoff_id)
+        if held:
+            self._release(payload)
+
     def _release(self, payload: DirectPayload) -> None:
         """Tell the sender it may let go of the handoff; a parcel nobody releases leaves the
         outbox by age, so a failure here costs nothing but memory for a while."""
@@ -149,7 +162,11 @@ class Receiver:
         stream.synchronize()
         del mapped  # unmap before telling the sender it may let go
         self._handed_over(received, device)
-        self._release(payload)
+        if self.hold_ipc:
+            with self._lock:
+                self.held.add(payload.handoff_id)
+        else:
+            self._release(payload)
         return received
 
     def _via_nccl(self, payload: DirectPayload, device: torch.device, t0: float) -> tuple[list[torch.Tensor], tuple]:

@@ -29,7 +29,7 @@ from bagel_ray.transport.control import ControlServer
 from bagel_ray.transport.layout import ContextsLayout
 from bagel_ray.transport.links import RECEIVER_RANK, SENDER_RANK, Link, Links, PeerRefused
 from bagel_ray.transport.nccl import CommFactory, await_progress
-from bagel_ray.transport.object_store import PackedContexts, pack, packed
+from bagel_ray.transport.object_store import PackedContexts, StoredContexts, pack, packed, stored
 from bagel_ray.transport.outbox import Outbox, Parcel
 from bagel_ray.transport.routes import DirectPayload, Placement
 
@@ -51,8 +51,9 @@ class Sender:
     def __init__(self, key: str, comms: CommFactory, placement: Callable[[torch.device], Placement],
                  node_address: Callable[[], str], current_actor: Callable[[], Any | None], *, ipc: bool,
                  outbox_bytes: int, outbox_ttl_s: float, link_idle_s: float, request_spin_s: float,
-                 pull_host_contexts: bool) -> None:
-        """`ipc`: payloads carry CUDA IPC handles. `node_address` and `current_actor` say where
+                 pull_host_contexts: bool, ranks: int = 1) -> None:
+        """`ipc`: payloads carry CUDA IPC handles. `ranks`: of the receiving DiT replica (host
+        contexts go to one of several ranks by reference, `object_store.stored`). `node_address` and `current_actor` say where
         this process is (the control channel's address, the actor receivers fetch through).
         The rest: see `DirectTransport`."""
         self.key = key
@@ -62,6 +63,7 @@ class Sender:
         self.link_idle_s = link_idle_s
         self.request_spin_s = request_spin_s
         self.pull_host_contexts = pull_host_contexts
+        self.ranks = ranks
         self._comms = comms
         self._placement = placement
         self._node_address = node_address
@@ -90,12 +92,12 @@ class Sender:
         elif message.get("op") == "release":
             self.serve_release(message["handoff"])
 
-    def send(self, contexts: ImageContexts) -> DirectPayload | PackedContexts:
+    def send(self, contexts: ImageContexts) -> DirectPayload | PackedContexts | StoredContexts:
         t0 = time.perf_counter()
         tensors = ContextsLayout.tensors(contexts)
         device = tensors[0].device
         if device.type != "cuda" and not self.pull_host_contexts:
-            return packed(contexts)
+            return stored(contexts, self.ranks) if self.ranks > 1 else packed(contexts)
         if device.type == "cuda":
             # Whoever reads the tensors (IPC, NCCL's stream, a fetch) reads finished data.
             torch.cuda.current_stream(device).synchronize()

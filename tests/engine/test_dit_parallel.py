@@ -96,11 +96,18 @@ def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, ou
             sent = [(plan, engine.context_layout(plan, ctx), ctx.height, ctx.width, prepared.noise)]
         dist.broadcast_object_list(sent, src=0)
         plan, layout, height, width, noise = sent[0]
+        # on 3 and 4 ranks the odd ones hold their share already (as a rank that fetched it from
+        # the handoff itself): rank 0 sends only the others theirs
+        own = engine.share(plan, pipeline.prepare_image(req).contexts) if rank % 2 and world > 2 else None
+        held = engine.holding(rank == 0 or own is not None)
+        assert held == [r == 0 or bool(r % 2 and world > 2) for r in range(world)]
         if rank == 0:
-            engine.send_contexts(plan, prepared.contexts)
+            relayed = engine.send_contexts(plan, prepared.contexts, [r for r, h in enumerate(held) if not h])
+            assert relayed == sum(c.nbytes for r in range(world) if not held[r]
+                                  for c in engine.share(plan, prepared.contexts, r).values())
             branches = plan.share(prepared.contexts, 0)
         else:
-            branches = engine.receive_contexts(plan, layout)
+            branches = own if own is not None else engine.receive_contexts(plan, layout)
             helps = engine.helps(plan) and engine.c > 0  # then it also gets its KV heads of cond
             assert set(branches) == set(plan.branches_of(engine.c)) | ({"cond"} if helps else set())
             if helps:

@@ -131,6 +131,30 @@ def test_concurrent_requests_are_denoised_in_one_batch_over_the_ranks(parallel_a
     assert after["steps"] - before["steps"] < steps_alone, (before, after)
 
 
+def test_the_worker_rank_fetches_its_own_share_from_the_object_store(parallel_app, local):
+    """With a DiT replica of 2 ranks the Thinker stores the contexts by reference in pieces; the
+    worker rank gets the pieces of its branches (cfg_text's prefix, its half of cond's heads)
+    from the object store itself: fewer bytes than the handoff, none relayed by rank 0, and
+    the image of the one-process path."""
+    import ray
+    from ray import serve
+
+    dit = serve.get_deployment_handle("DiT", parallel_app.name)
+    relayed = dit.group_relayed_bytes.remote().result()
+    got = parallel_app.handle.generate.remote(REQ).result(timeout_s=120)
+    (worker,) = dit.group_workers.remote().result()
+    fetched = ray.get(worker.__ray_call__.remote(lambda w: w.last_fetch), timeout=30)
+    assert fetched is not None and fetched.route == "object_store", fetched
+    gen, prefix = (c := local.prepare_image(REQ).contexts).gen.kv, c.cfg_text.length
+    row = gen[:, :, :1].numel() * gen.element_size()  # one row, every layer and KV head
+    assert got.timings["handoff_bytes"] == gen.shape[2] * row
+    # cfg_text's rows whole, then the worker's half of cond's heads (it helps cond)
+    assert fetched.nbytes == prefix * row + (gen.shape[2] - prefix) * row // 2, (fetched, prefix, gen.shape)
+    assert dit.group_relayed_bytes.remote().result() == relayed  # rank 0 sent the worker nothing
+    want = np.asarray(local.run(REQ).image).astype(int)
+    assert np.abs(np.asarray(got.image).astype(int) - want).max() <= 1
+
+
 def test_a_cancelled_request_stops_every_rank_and_the_group_goes_on(parallel_app, local):
     """Cancelling a request in flight stops it on both ranks at its next step (rank 0 tells the
     worker through the step's gather): the group is free for the next request at once, and

@@ -175,3 +175,50 @@ def test_a_stalled_nccl_handoff_falls_back_and_the_next_reconnects(gpu_peers, ra
     assert handoff(ray_local, sender, receiver, "img2img") == "fetch"  # recv posted, aborted at 1 s
     assert time.monotonic() - t0 < 10
     assert handoff(ray_local, sender, receiver, "img2img") == "nccl"  # a new communicator
+
+
+# -- a parallel DiT's worker rank, its share over CUDA IPC ---------------------------------
+
+
+def _outbox_size(peer) -> int:
+    return len(peer.transport.sender.outbox)
+
+
+def _share(peer, payload, wants: dict) -> tuple[str, int, dict]:
+    """Run in a GpuPeer playing a worker rank: its share of `payload`, copied to the host."""
+    from bagel_ray.transport.shares import fetch_share
+
+    got, stats = fetch_share(payload, wants, peer.device, torch.bfloat16)
+    torch.cuda.synchronize(peer.device)
+    return stats.route, stats.nbytes, {b: (c.kv.cpu(), c.rope) for b, c in got.items()}
+
+
+def _release(peer, payload) -> None:
+    peer.transport.release(payload)
+
+
+def test_a_worker_rank_maps_its_share_over_cuda_ipc_and_rank_0_releases_it(gpu_peers, ray_local):
+    """Thinker, rank 0 and rank 1 of a 2-rank DiT on one GPU: rank 0's receive keeps the
+    handoff (rank 1 still maps it), rank 1 copies out only cfg_text and its half of cond's
+    heads, and the sender lets go once rank 0 releases it."""
+    from bagel_ray.engine.dit_parallel import head_slice
+
+    sender, rank0, rank1 = (gpu_peers("cuda_ipc", 0.3, ranks=2) for _ in range(3))
+    if len(set(ray_local.get([p.gpu.remote() for p in (sender, rank0, rank1)]))) != 1:
+        pytest.skip("Ray placed the three actors on different GPUs")
+    payload = ray_local.get(sender.send.remote("text2img"))
+    route, got, _ = ray_local.get(rank0.receive.remote(payload))
+    sent = make_contexts("text2img", torch.bfloat16)
+    assert route == "cuda_ipc" and got == digest(sent)
+    assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 1  # held for rank 1
+    route, nbytes, share = ray_local.get(rank1.__ray_call__.remote(_share, payload, {"cfg_text": (0, 1), "cond": (1, 2)}))
+    assert route == "cuda_ipc"
+    for name, want in {"cfg_text": sent.branch("cfg_text"), "cond": head_slice(sent.gen, 1, 2)}.items():
+        kv, rope = share[name]
+        assert rope == want.rope and torch.equal(kv.view(torch.int16), want.kv.contiguous().view(torch.int16)), name
+    assert nbytes == sent.branch("cfg_text").nbytes + head_slice(sent.gen, 1, 2).nbytes
+    ray_local.get(rank0.__ray_call__.remote(_release, payload))
+    deadline = time.monotonic() + 10
+    while ray_local.get(sender.__ray_call__.remote(_outbox_size)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 0

@@ -54,6 +54,7 @@ import logging
 import uuid
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -86,6 +87,34 @@ class _Places:
         return self._places[device]
 
 
+@dataclass(frozen=True)
+class DirectSettings:
+    """The knobs of a GPU-direct transport, read by its sender and its receiver.
+
+    `outbox_bytes`, `outbox_ttl_s`: what the sender keeps for receivers to pull. Deadlines:
+    `connect_timeout_s` (added to a pair's first handoff: NCCL init), `transfer_timeout_s`
+    (each NCCL handoff), `reply_timeout_s` (the sender's answer to "send me this", which a
+    live sender gives at once: Ray may take a minute to call a dead replica dead),
+    `fetch_timeout_s` (the object-store fallback). `link_idle_s`: a pair's communicator
+    unused this long is aborted (both sides). `request_spin_s`: after a send, how long the
+    sender's control channel polls for the receiver's request rather than sleep (0: never).
+    `spare_buffers`: a receiver makes the next handoff's receive buffer while a transfer runs.
+    `pull_host_contexts`: host contexts stay in the outbox to be pulled, as GPU contexts do,
+    instead of going through the object store at once (tests).
+    """
+
+    outbox_bytes: int = 8 << 30
+    outbox_ttl_s: float = 600.0
+    connect_timeout_s: float = 30.0
+    transfer_timeout_s: float = 10.0
+    reply_timeout_s: float = 5.0
+    fetch_timeout_s: float = 120.0
+    link_idle_s: float = 900.0
+    request_spin_s: float = 0.02
+    spare_buffers: bool = True
+    pull_host_contexts: bool = False
+
+
 class DirectTransport(KVTransport):
     """See the module docstring. Subclasses choose the GPU routes (`routes`)."""
 
@@ -93,34 +122,19 @@ class DirectTransport(KVTransport):
     routes: ClassVar[frozenset[str]] = frozenset(GPU_ROUTES)
     crosses_processes = True
 
-    def __init__(self, *, outbox_bytes: int = 8 << 30, outbox_ttl_s: float = 600.0, connect_timeout_s: float = 30.0,
-                 transfer_timeout_s: float = 10.0, reply_timeout_s: float = 5.0, fetch_timeout_s: float = 120.0,
-                 link_idle_s: float = 900.0, request_spin_s: float = 0.02, spare_buffers: bool = True,
-                 pull_host_contexts: bool = False, ranks: int = 1, comms: CommFactory | None = None,
-                 placement: Callable[[torch.device], Placement] | None = None) -> None:
-        """`outbox_bytes`, `outbox_ttl_s`: what the sender keeps for receivers to pull.
-        Deadlines: `connect_timeout_s` (added to a pair's first handoff: NCCL init),
-        `transfer_timeout_s` (each NCCL handoff), `reply_timeout_s` (the sender's answer to
-        "send me this", which a live sender gives at once: Ray may take a minute to call a
-        dead replica dead), `fetch_timeout_s` (the object-store fallback). `link_idle_s`: a
-        pair's communicator unused this long is aborted. `request_spin_s`: after a send, how
-        long the sender's control channel polls for the receiver's request rather than sleep
-        (0: never). `spare_buffers`: a receiver makes the next handoff's receive buffer while
-        a transfer runs. `ranks`: of the receiving DiT replica; above 1, host contexts go
-        by reference in pieces (`object_store.StoredContexts`) and a handoff received over CUDA
-        IPC is released by `release`, once every rank has mapped it. `comms` and `placement` replace NCCL and this process's own placement
-        (tests)."""
+    def __init__(self, settings: DirectSettings = DirectSettings(), *, ranks: int = 1,
+                 comms: CommFactory | None = None, placement: Callable[[torch.device], Placement] | None = None) -> None:
+        """`settings`: shared by the sender and the receiver (`DirectSettings`). `ranks`: of the
+        receiving DiT replica; above 1, host contexts go by reference in pieces
+        (`object_store.StoredContexts`) and a handoff received over CUDA IPC is released by
+        `release`, once every rank has mapped it. `comms` and `placement` replace NCCL and this
+        process's own placement (tests)."""
         self.key = uuid.uuid4().hex
         comms = comms if comms is not None else NcclComms()
         placement = placement if placement is not None else _Places(comms)
-        self.sender = Sender(self.key, comms, placement, ray_peer.node_address, ray_peer.current_actor,
-                             ipc="cuda_ipc" in self.routes, outbox_bytes=outbox_bytes, outbox_ttl_s=outbox_ttl_s,
-                             link_idle_s=link_idle_s, request_spin_s=request_spin_s,
-                             pull_host_contexts=pull_host_contexts, ranks=ranks)
-        self.receiver = Receiver(self.key, self.routes, comms, placement, ray_peer.fetch,
-                                 connect_timeout_s=connect_timeout_s, transfer_timeout_s=transfer_timeout_s,
-                                 reply_timeout_s=reply_timeout_s, fetch_timeout_s=fetch_timeout_s,
-                                 link_idle_s=link_idle_s, spare_buffers=spare_buffers, hold_ipc=ranks > 1)
+        self.sender = Sender(self.key, comms, placement, ray_peer.node_address, ray_peer.current_actor, settings,
+                             ipc="cuda_ipc" in self.routes, ranks=ranks)
+        self.receiver = Receiver(self.key, self.routes, comms, placement, ray_peer.fetch, settings, hold_ipc=ranks > 1)
         # Communicators die with the transport; at interpreter exit the process takes them.
         weakref.finalize(self, abort_all, self.receiver.links, self.sender.links).atexit = False
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from bagel_ray.transport.object_store import PackedContexts, StoredContexts, rec
 from bagel_ray.transport.routes import GPU_ROUTES, DirectPayload, Placement, Route, plan_route
 from bagel_ray.transport.sender import GONE, STARTED, Sender, local_sender
 
+if TYPE_CHECKING:  # direct.py composes this module with sender.py
+    from bagel_ray.transport.direct import DirectSettings
+
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[Any, str, str, float], PackedContexts | None]  # (actor, sender key, handoff id, timeout)
@@ -39,22 +42,17 @@ Fetch = Callable[[Any, str, str, float], PackedContexts | None]  # (actor, sende
 
 class Receiver:
     def __init__(self, key: str, routes: frozenset[str], comms: CommFactory,
-                 placement: Callable[[torch.device], Placement], fetch: Fetch, *, connect_timeout_s: float,
-                 transfer_timeout_s: float, reply_timeout_s: float, fetch_timeout_s: float, link_idle_s: float,
-                 spare_buffers: bool, hold_ipc: bool = False) -> None:
+                 placement: Callable[[torch.device], Placement], fetch: Fetch, settings: DirectSettings, *,
+                 hold_ipc: bool = False) -> None:
         """`fetch` pulls a handoff through the object store from the sender's actor (it raises
-        `TimeoutError` past its timeout). `hold_ipc`: a handoff mapped over CUDA IPC is not
+        `TimeoutError` past its timeout). `settings`: its deadlines, `link_idle_s` and
+        `spare_buffers` apply here. `hold_ipc`: a handoff mapped over CUDA IPC is not
         released once copied (the other ranks of this DiT replica map it too), but by
-        `release` once they have. The rest: see `DirectTransport`."""
+        `release` once they have."""
         self.key = key
         self.routes = routes
         self.links = Links("recv")  # by sender key
-        self.connect_timeout_s = connect_timeout_s
-        self.transfer_timeout_s = transfer_timeout_s
-        self.reply_timeout_s = reply_timeout_s
-        self.fetch_timeout_s = fetch_timeout_s
-        self.link_idle_s = link_idle_s
-        self.spare_buffers = spare_buffers
+        self.settings = settings
         self.hold_ipc = hold_ipc
         self.held: set[str] = set()  # handoffs mapped over CUDA IPC, not yet released (`hold_ipc`)
         self._comms = comms
@@ -101,7 +99,7 @@ class Receiver:
                             payload.handoff_id, route.name, type(exc).__name__, exc)
                 route = Route("fetch", f"{route.name} failed")
         contexts = payload.layout.assemble(tensors) if tensors is not None else self._fetch(payload, device)
-        self.links.sweep(self.link_idle_s)
+        self.links.sweep(self.settings.link_idle_s)
         return contexts, TransferStats(payload.nbytes, payload.send_s, time.perf_counter() - t0, route.name, phases)
 
     def _client(self, payload: DirectPayload) -> ControlClient:
@@ -110,7 +108,7 @@ class Receiver:
             client = self.clients.get(payload.sender_key)
         if client is None:
             try:
-                client = ControlClient(payload.control, payload.sender_key, self.reply_timeout_s)
+                client = ControlClient(payload.control, payload.sender_key, self.settings.reply_timeout_s)
             except ControlError:  # a firewall, say: every later handoff from it takes the object store at once
                 self.unreachable.add(payload.sender_key)
                 raise
@@ -175,11 +173,11 @@ class Receiver:
         made), post (the receive posted), answer (the sender's answer read), transfer, and
         handover (to the engine's stream)."""
         sender_key, handoff_id = payload.sender_key, payload.handoff_id
-        connect_s = self.connect_timeout_s + self.transfer_timeout_s
+        connect_s = self.settings.connect_timeout_s + self.settings.transfer_timeout_s
         with self.links.pair(sender_key, time.monotonic() + connect_s):
             link = self.links.get(sender_key)
             fresh = link is None
-            deadline = time.monotonic() + (connect_s if fresh else self.transfer_timeout_s)
+            deadline = time.monotonic() + (connect_s if fresh else self.settings.transfer_timeout_s)
             comm_key = uuid.uuid4().hex if fresh else link.key
             unique_id = self._comms.unique_id() if fresh else None
             marks = [("start", t0), ("plan", time.perf_counter())]  # t0: `receive` was called
@@ -196,9 +194,9 @@ class Receiver:
                     marks.append(("alloc", time.perf_counter()))
                     link.comm.recv(received[0], SENDER_RANK)
                     marks.append(("post", time.perf_counter()))
-                    if self.spare_buffers:  # while the transfer runs
+                    if self.settings.spare_buffers:  # while the transfer runs
                         self.make_spare(link, payload.nbytes, device)
-                status = client.answer(min(self.reply_timeout_s, deadline - time.monotonic())).get("status")
+                status = client.answer(min(self.settings.reply_timeout_s, deadline - time.monotonic())).get("status")
                 marks.append(("answer", time.perf_counter()))
                 if status == GONE:
                     raise HandoffGone(f"KV handoff {handoff_id} is gone from its sender (too old, or its outbox was full)")
@@ -261,10 +259,11 @@ class Receiver:
 
     def _fetch(self, payload: DirectPayload, device: torch.device) -> ImageContexts:
         try:
-            packed_contexts = self._fetch_from(payload.actor, payload.sender_key, payload.handoff_id, self.fetch_timeout_s)
+            timeout_s = self.settings.fetch_timeout_s
+            packed_contexts = self._fetch_from(payload.actor, payload.sender_key, payload.handoff_id, timeout_s)
         except TimeoutError:
             raise HandoffGone(f"the sender of KV handoff {payload.handoff_id} did not hand it over within "
-                              f"{self.fetch_timeout_s:.0f}s") from None
+                              f"{timeout_s:.0f}s") from None
         if packed_contexts is None:
             raise HandoffGone(f"KV handoff {payload.handoff_id} is gone from its sender (too old, or its outbox was full)")
         return unpacked(packed_contexts, device)

@@ -19,7 +19,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from bagel_ray.transport.nccl import CommFactory, await_progress
 from bagel_ray.transport.object_store import PackedContexts, StoredContexts, pack, packed, stored
 from bagel_ray.transport.outbox import Outbox, Parcel
 from bagel_ray.transport.routes import DirectPayload, Placement
+
+if TYPE_CHECKING:  # direct.py composes this module with receiver.py
+    from bagel_ray.transport.direct import DirectSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +52,18 @@ def local_sender(key: str) -> "Sender | None":
 
 class Sender:
     def __init__(self, key: str, comms: CommFactory, placement: Callable[[torch.device], Placement],
-                 node_address: Callable[[], str], current_actor: Callable[[], Any | None], *, ipc: bool,
-                 outbox_bytes: int, outbox_ttl_s: float, link_idle_s: float, request_spin_s: float,
-                 pull_host_contexts: bool, ranks: int = 1) -> None:
-        """`ipc`: payloads carry CUDA IPC handles. `ranks`: of the receiving DiT replica (host
-        contexts go to one of several ranks by reference, `object_store.stored`). `node_address` and `current_actor` say where
-        this process is (the control channel's address, the actor receivers fetch through).
-        The rest: see `DirectTransport`."""
+                 node_address: Callable[[], str], current_actor: Callable[[], Any | None], settings: DirectSettings,
+                 *, ipc: bool, ranks: int = 1) -> None:
+        """`settings`: its outbox, `link_idle_s`, `request_spin_s` and `pull_host_contexts`
+        apply here. `ipc`: payloads carry CUDA IPC handles. `ranks`: of the receiving DiT
+        replica (host contexts go to one of several ranks by reference, `object_store.stored`).
+        `node_address` and `current_actor` say where this process is (the control channel's
+        address, the actor receivers fetch through)."""
         self.key = key
-        self.outbox = Outbox(outbox_bytes, outbox_ttl_s)
+        self.settings = settings
+        self.outbox = Outbox(settings.outbox_bytes, settings.outbox_ttl_s)
         self.links = Links("send")  # by receiver key
         self.ipc = ipc
-        self.link_idle_s = link_idle_s
-        self.request_spin_s = request_spin_s
-        self.pull_host_contexts = pull_host_contexts
         self.ranks = ranks
         self._comms = comms
         self._placement = placement
@@ -96,7 +97,7 @@ class Sender:
         t0 = time.perf_counter()
         tensors = ContextsLayout.tensors(contexts)
         device = tensors[0].device
-        if device.type != "cuda" and not self.pull_host_contexts:
+        if device.type != "cuda" and not self.settings.pull_host_contexts:
             return stored(contexts, self.ranks) if self.ranks > 1 else packed(contexts)
         if device.type == "cuda":
             # Whoever reads the tensors (IPC, NCCL's stream, a fetch) reads finished data.
@@ -105,8 +106,8 @@ class Sender:
         handoff_id = uuid.uuid4().hex
         control = self._control_address()
         self.outbox.put(handoff_id, tensors, layout)
-        if self.request_spin_s > 0 and device.type == "cuda" and len(self.links):  # NCCL receivers ask
-            self._control.expect(self.request_spin_s)
+        if self.settings.request_spin_s > 0 and device.type == "cuda" and len(self.links):  # NCCL receivers ask
+            self._control.expect(self.settings.request_spin_s)
         ipc = tuple(cuda.export_ipc(t) for t in tensors) if device.type == "cuda" and self.ipc else None
         return DirectPayload(handoff_id, self.key, self._placement(device), control, self._actor, layout, ipc,
                              time.perf_counter() - t0)
@@ -141,7 +142,7 @@ class Sender:
             if self._workers is None:
                 self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-send")
             self._workers.submit(self._send_job, handoff_id, parcel, receiver_key, comm_key, unique_id, deadline)
-        self.links.sweep(self.link_idle_s)
+        self.links.sweep(self.settings.link_idle_s)
 
     def _send_job(self, handoff_id: str, parcel: Parcel, receiver_key: str, comm_key: str, unique_id: bytes | None,
                   deadline: float, answer: Callable[[dict[str, Any]], None] | None = None) -> None:

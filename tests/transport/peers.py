@@ -15,11 +15,13 @@ import torch
 
 from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
 from bagel_ray.transport.base import REGISTRY
-from bagel_ray.transport.direct import AutoTransport, DirectTransport
+from bagel_ray.transport.direct import AutoTransport, DirectSettings, DirectTransport
 from bagel_ray.transport.routes import Placement
 from bagel_ray.transport.outbox import Outbox
 
 LAYERS, KV_HEADS, HEAD_DIM = 3, 4, 64  # ~110 KB+ per context: above Ray's inline-object limit
+# Host contexts kept in the sender's outbox to be pulled: the path of GPU contexts, on CPU.
+PULL_HOST_CONTEXTS = DirectSettings(pull_host_contexts=True)
 
 
 def kv(length: int, dtype: torch.dtype, seed: int, layers: int = LAYERS) -> torch.Tensor:
@@ -113,10 +115,10 @@ class StalledComms:
 class SenderActor:
     """Plays a Thinker replica on CPU: its contexts stay in its outbox for the receiver to pull."""
 
-    def __init__(self, placement: Placement | None = None, stalled: bool = False, **options: Any) -> None:
+    def __init__(self, placement: Placement | None = None, stalled: bool = False) -> None:
         self.comms = StalledComms() if stalled else None
-        self.transport = AutoTransport(pull_host_contexts=True, comms=self.comms,
-                                       placement=FixedPlacement(placement) if placement else None, **options)
+        self.transport = AutoTransport(PULL_HOST_CONTEXTS, comms=self.comms,
+                                       placement=FixedPlacement(placement) if placement else None)
 
     def send(self, case: str, dtype: torch.dtype = torch.float32) -> Any:
         return self.transport.send(make_contexts(case, dtype))
@@ -140,7 +142,7 @@ class SenderReplica:
     exactly this replica."""
 
     def __init__(self) -> None:
-        self.transport = AutoTransport(pull_host_contexts=True)
+        self.transport = AutoTransport(PULL_HOST_CONTEXTS)
 
     def send(self, case: str) -> Any:
         return self.transport.send(make_contexts(case, torch.float32))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bagel_ray.transport.cuda import on_device
-from bagel_ray.transport.direct import AutoTransport, NcclTransport
+from bagel_ray.transport.direct import AutoTransport, DirectSettings, NcclTransport
 from bagel_ray.transport.routes import DirectPayload, Placement, plan_route
 from bagel_ray.transport.errors import HandoffGone
 from bagel_ray.transport.layout import ContextsLayout
@@ -318,8 +318,8 @@ def test_a_dead_sender_fails_the_pull_at_once(actors, ray_local):
 
 
 def nccl_receiver(comms: StalledComms, timeout_s: float = 0.4) -> AutoTransport:
-    return AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), connect_timeout_s=timeout_s,
-                         transfer_timeout_s=timeout_s)
+    return AutoTransport(DirectSettings(connect_timeout_s=timeout_s, transfer_timeout_s=timeout_s), comms=comms,
+                         placement=FixedPlacement(RECEIVER_GPU))
 
 
 @pytest.mark.parametrize("case", ["text2img", "img2img"])
@@ -401,7 +401,7 @@ def test_a_sender_that_does_not_answer_is_given_up_on(stalled_sender, ray_local,
     with socket.create_server(("127.0.0.1", 0)) as silent:
         silent_payload = dataclasses.replace(payload, control=silent.getsockname())
         comms = StalledComms()
-        receiver = AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), reply_timeout_s=0.3)
+        receiver = AutoTransport(DirectSettings(reply_timeout_s=0.3), comms=comms, placement=FixedPlacement(RECEIVER_GPU))
         t0 = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="bagel_ray.transport.direct"):
             contexts, stats = receiver.receive(silent_payload, CPU)
@@ -436,7 +436,7 @@ def test_an_unreachable_control_channel_sends_later_handoffs_through_the_object_
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()  # nothing listens there once the socket is closed
     comms = StalledComms()
-    receiver = AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), reply_timeout_s=0.5)
+    receiver = AutoTransport(DirectSettings(reply_timeout_s=0.5), comms=comms, placement=FixedPlacement(RECEIVER_GPU))
     for _ in range(2):
         payload = dataclasses.replace(ray_local.get(stalled_sender.send.remote("text2img")), control=closed)
         contexts, stats = receiver.receive(payload, CPU)
@@ -485,17 +485,17 @@ def test_nccl_pulls_of_one_pair_wait_for_each_other_within_the_deadline(stalled_
 
 def test_idle_pairs_are_dropped():
     comms = StalledComms()
-    receiver = AutoTransport(comms=comms, placement=FixedPlacement(RECEIVER_GPU), link_idle_s=0.0)
+    receiver = AutoTransport(DirectSettings(link_idle_s=0.0), comms=comms, placement=FixedPlacement(RECEIVER_GPU))
     from bagel_ray.transport.links import Link
 
     receiver.receiver.links.put("someone", Link(comms.open(b"", 2, 1, CPU), "k", last_used=time.monotonic() - 1))
-    receiver.receiver.links.sweep(receiver.receiver.link_idle_s)
+    receiver.receiver.links.sweep(receiver.receiver.settings.link_idle_s)
     assert not receiver.receiver.links and comms.log == ["open rank 1", "abort"]
 
 
 def test_close_aborts_every_pair_and_empties_the_outbox():
     comms = StalledComms()
-    transport = NcclTransport(comms=comms, pull_host_contexts=True)
+    transport = NcclTransport(DirectSettings(pull_host_contexts=True), comms=comms)
     from bagel_ray.transport.links import Link
     from bagel_ray.transport.sender import local_sender
 
@@ -533,7 +533,7 @@ def test_a_later_handoff_is_posted_before_it_is_answered():
     fails is answered with the reason (not "started"), and the pair's communicator dropped."""
     from bagel_ray.transport.links import Link
 
-    transport = NcclTransport(comms=StalledComms(), pull_host_contexts=True)
+    transport = NcclTransport(DirectSettings(pull_host_contexts=True), comms=StalledComms())
     log: list[str] = []
     transport.sender.links.put("r", Link(_DoneComm(log), "k"))
     payload = transport.send(make_contexts("text2img", torch.float32))

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from bagel_ray.transport.direct import DirectSettings
 from bagel_ray.transport.nccl import NcclComms, TransferTimeout, await_progress
 from tests.transport.peers import digest, make_contexts
 
@@ -147,7 +148,7 @@ def test_nccl_receives_into_the_buffer_made_during_the_previous_transfer(gpu_pee
         assert handoff(ray_local, sender, receiver, case) == "nccl"  # the same size: fits the spare
         assert ray_local.get(receiver.received_into.remote())[0] == spare
     ray_local.kill(receiver)  # its GPU, for a receiver that keeps no spare
-    plain = gpu_peers("nccl", 1, spare_buffers=False)
+    plain = gpu_peers("nccl", 1, settings=DirectSettings(spare_buffers=False))
     assert ray_local.get(plain.gpu.remote()) != ray_local.get(sender.gpu.remote())
     for _ in range(2):
         assert handoff(ray_local, sender, plain, "img2img") == "nccl"
@@ -168,7 +169,8 @@ def test_routes_without_a_gpu_path_still_deliver(gpu_peers, ray_local, transport
 
 @two_gpus
 def test_a_stalled_nccl_handoff_falls_back_and_the_next_reconnects(gpu_peers, ray_local):
-    sender, receiver = pair(gpu_peers, ray_local, "nccl", same_gpu=False, transfer_timeout_s=1.0)
+    sender, receiver = pair(gpu_peers, ray_local, "nccl", same_gpu=False,
+                            settings=DirectSettings(transfer_timeout_s=1.0))
     assert handoff(ray_local, sender, receiver, "text2img") == "nccl"  # the pair is connected
     ray_local.get(sender.hold_pair.remote(ray_local.get(receiver.key.remote()), 4.0))
     t0 = time.monotonic()

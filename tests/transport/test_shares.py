@@ -12,9 +12,10 @@ import torch
 
 from bagel_ray.engine.dit_parallel import head_slice
 from bagel_ray.transport.base import make_transport
+from bagel_ray.transport.direct import AutoTransport
 from bagel_ray.transport.object_store import PackedContexts, StoredContexts
 from bagel_ray.transport.shares import fetch_share, portable
-from tests.transport.peers import HEAD_DIM, KV_HEADS, LAYERS, make_contexts
+from tests.transport.peers import HEAD_DIM, KV_HEADS, LAYERS, PULL_HOST_CONTEXTS, make_contexts
 from tests.transport.test_transport import BRANCHES, CPU, assert_same_contexts, bits
 
 
@@ -76,8 +77,7 @@ def test_payloads_a_rank_cannot_reach_are_left_to_rank_0(ray_local):
     packed = make_transport("object_store").send(sent)
     assert isinstance(packed, PackedContexts) and not portable(packed)
     assert fetch_share(packed, {"cfg_text": (0, 1)}, CPU, torch.float32) is None
-    direct = make_transport("auto", ranks=2)
-    direct.sender.pull_host_contexts = True  # the path of GPU contexts: the payload names the sender
+    direct = AutoTransport(PULL_HOST_CONTEXTS, ranks=2)  # the path of GPU contexts: the payload names the sender
     payload = direct.send(sent)
     assert portable(payload) and payload.ipc is None
     assert fetch_share(payload, {"cfg_text": (0, 1)}, CPU, torch.float32) is None

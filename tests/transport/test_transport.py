@@ -28,7 +28,7 @@ from bagel_ray.transport.base import REGISTRY, KVTransport, TransferStats, make_
 from bagel_ray.transport.direct import AutoTransport, DirectTransport
 from bagel_ray.transport.routes import DirectPayload
 from bagel_ray.transport.object_store import ObjectStoreTransport, PackedContexts
-from tests.transport.peers import make_contexts
+from tests.transport.peers import PULL_HOST_CONTEXTS, make_contexts
 
 CPU = torch.device("cpu")
 BRANCHES = ("cond", "cfg_text", "cfg_img")
@@ -94,7 +94,7 @@ def test_send_receive_is_bit_identical(backend, carrier, pull, case, dtype, requ
     transport = make_transport(backend)
     assert isinstance(transport, KVTransport) and transport.name == backend
     if pull:
-        transport.sender.pull_host_contexts = True
+        transport = type(transport)(PULL_HOST_CONTEXTS)
     sent = make_contexts(case, dtype)
     expected = {name: bits(sent.branch(name).kv).clone() for name in BRANCHES}
 
@@ -133,7 +133,7 @@ def test_object_store_receive_is_zero_copy_after_ray_get(ray_local, case):
 
 
 def test_a_pulled_handoff_is_taken_once():
-    transport = AutoTransport(pull_host_contexts=True)
+    transport = AutoTransport(PULL_HOST_CONTEXTS)
     payload = transport.send(make_contexts("img2img", torch.float32))
     assert len(transport.sender.outbox) == 1
     transport.receive(payload, CPU)

@@ -328,7 +328,7 @@ def pure_load(folder: Path, app_args: dict, drop_all: bool) -> dict:
     from bagel_ray.model.layout import AE_FILE, stage_bytes
     from bagel_ray.model.loader import load_checkpoint, read_config
     from bagel_ray.serve.config import AppConfig
-    from bagel_ray.serve.stages import dit_parts, resolve_device, thinker_parts
+    from bagel_ray.serve.engines import dit_parts, resolve_device, thinker_parts
 
     app = AppConfig.model_validate(app_args)
     cfg = read_config(folder)

@@ -2,10 +2,10 @@
 
 `ThinkerServer` holds the understanding side (text answers, think text, the KV contexts of
 image requests); `DiTServer` holds the denoiser and the VAE. Each gets its engine (a
-`LocalPipeline`) from a factory passed in at bind time (`engine=`, by default the one that
-loads the configured checkpoint), within `startup_timeout_s`, and hands requests to the
-Ray-free batching workers of `workers.py`. KV contexts leave the Thinker through the
-configured transport and reach the DiT without passing through the driver.
+`LocalPipeline`) from a factory passed in at bind time (`engine=`, by default the one of
+`engines.py` that loads the configured checkpoint), within `startup_timeout_s`, and hands
+requests to the Ray-free batching workers of `workers.py`. KV contexts leave the Thinker
+through the configured transport and reach the DiT without passing through the driver.
 """
 
 from __future__ import annotations
@@ -22,24 +22,17 @@ import torch
 from ray import serve
 
 from bagel_ray.engine.cancel import Cancelled
-from bagel_ray.engine.dit import DiT
-from bagel_ray.engine.pipeline import DTYPES, LocalPipeline, PreparedImage
+from bagel_ray.engine.pipeline import LocalPipeline, PreparedImage
 from bagel_ray.engine.request import GenerationRequest, GenerationResult
-from bagel_ray.engine.thinker import Thinker
-from bagel_ray.model.loader import load_checkpoint
-from bagel_ray.routes import DIT, THINKER, stage_parts
 from bagel_ray.serve import metrics
-from bagel_ray.serve.config import AppConfig, StageConfig
+from bagel_ray.serve.config import AppConfig
+from bagel_ray.serve.engines import EngineFactory, dit_engine, rank_dit, thinker_engine
 from bagel_ray.serve.replica import ModelInfo, logs_into_serve
 from bagel_ray.serve.workers import DecodeWorker, DenoiseWorker, EngineLock, ImageJob, TextJob, out_of_memory, understand_jobs
 from bagel_ray.transport import ray_peer
 from bagel_ray.transport.base import make_transport
 
 log = logging.getLogger("bagel_ray.serve")
-
-# An engine factory: the validated app config in, the stage's pipeline out. Module-level
-# functions (picklable) are passed to a deployment's bind as `engine=`.
-EngineFactory = Callable[[AppConfig], LocalPipeline]
 
 
 @dataclass
@@ -53,50 +46,6 @@ class Handoff:
     think_token_ids: list[int] | None
     timings: dict[str, float] = field(default_factory=dict)
     node: str = ""  # the Ray node of the sender: the receiver records whether the handoff crossed nodes
-
-
-def resolve_device(stage: StageConfig) -> tuple[str, torch.dtype]:
-    device = stage.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = stage.dtype if stage.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    if device == "cuda":
-        torch.cuda.set_per_process_memory_fraction(stage.gpu_memory_utilization)
-    return device, DTYPES[dtype]
-
-
-def thinker_parts(app: AppConfig) -> frozenset[str]:
-    return stage_parts(THINKER, app.edit_contexts_on)
-
-
-def dit_parts(app: AppConfig) -> frozenset[str]:
-    return stage_parts(DIT, app.edit_contexts_on)
-
-
-
-def rank_dit(config: AppConfig) -> DiT:
-    """A worker rank's denoiser (`serve/dit_group.py`). It only denoises, but it loads what rank 0
-    loads: `random-7b` draws its weights in parameter order from one seed, so other parts would
-    give it other weights. Its layers run eagerly (no CUDA graphs on the parallel path yet)."""
-    device, dtype = resolve_device(config.dit)
-    ckpt = load_checkpoint(config.model, dit_parts(config), device, dtype)
-    return DiT(ckpt.model, ckpt.tokenizer, ckpt.vae, cuda_graphs=False)
-
-
-def thinker_engine(config: AppConfig) -> LocalPipeline:
-    """The Thinker replica's engine: the understanding parts of the configured checkpoint."""
-    device, dtype = resolve_device(config.thinker)
-    ckpt = load_checkpoint(config.model, thinker_parts(config), device, dtype)
-    return LocalPipeline(Thinker(ckpt.model, ckpt.tokenizer, ckpt.vae), None)
-
-
-def dit_engine(config: AppConfig) -> LocalPipeline:
-    """The DiT replica's engine: the denoiser and VAE (and the Thinker side when this stage
-    builds img2img contexts itself)."""
-    device, dtype = resolve_device(config.dit)
-    ckpt = load_checkpoint(config.model, dit_parts(config), device, dtype)
-    thinker = Thinker(ckpt.model, ckpt.tokenizer, ckpt.vae) if config.edit_contexts_on == "dit" else None
-    return LocalPipeline(thinker, DiT(ckpt.model, ckpt.tokenizer, ckpt.vae))
 
 
 def start_engine(stage: str, factory: EngineFactory, config: AppConfig, timeout_s: float) -> LocalPipeline:

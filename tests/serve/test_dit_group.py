@@ -41,7 +41,7 @@ def test_parallel_settings_are_validated_and_give_one_bundle_per_rank():
 
 def test_a_bad_sequence_degree_or_missing_bundles_fail_at_start_naming_the_key(ray_session, local):
     from bagel_ray.serve.dit_group import DiTGroup, engine_config
-    from bagel_ray.serve.stages import rank_dit
+    from bagel_ray.serve.engines import rank_dit
 
     with pytest.raises(ValueError, match=r"dit.parallel.sequence=4 must divide .*4 query heads, 2 key/value"):
         engine_config(AppConfig.model_validate({"dit": {"parallel": {"sequence": 4}}}).dit.parallel, 4, 2)

@@ -142,6 +142,7 @@ def deliver_shares(engine: ParallelDiT, plan: BranchPlan, contexts: ImageContext
 
 
 def _free_port() -> int:
+    """Free on all interfaces, not loopback only (time_to_ready.free_port): other ranks dial it at the node's IP."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

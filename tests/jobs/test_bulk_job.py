@@ -99,13 +99,15 @@ def test_images_denoised_together_match_local(job_cluster, model_dir, tmp_path):
 
 
 def test_stopped_job_resumes_with_every_item_once(job_cluster, tmp_path):
-    n = 16
+    n = 32
     items = [{"id": f"img-{i:02d}", "prompt": f"picture number {i}", "seed": i} for i in range(n)]
     inputs = write_jsonl(tmp_path / "input.jsonl", items)
     out = tmp_path / "out"
-    # Slow enough per item (128x128, 200 steps: ~0.7 s) for `ray job stop` to land part-way.
+    # Slow enough per item (128x128, 200 steps: ~0.7 s), and records coming two at a time (DiT
+    # batches of 2), for `ray job stop` to land part-way: with batches of 8, half of 16 items
+    # were left when the first records came, and on a loaded host the job ended before the stop.
     args = ["--model", "tiny", "--input", str(inputs), "--output", str(out), "--modality", "text2img",
-            "--steps", "200", "--height", "128", "--width", "128", *SMALL]
+            "--steps", "200", "--height", "128", "--width", "128", "--dit-batch-size", "2", *SMALL]
     job_id, _ = submit(job_cluster, args, wait=False)
 
     def records_so_far() -> int:

@@ -204,7 +204,11 @@ class IngressConfig(StrictModel):
     max_ongoing_requests: int = Field(
         256, ge=1, description="API requests (POST) an ingress replica takes at once; past it a JSON 503 + Retry-After"
     )
-    max_queued_requests: int = Field(1024, ge=-1, description="Serve's queue before the ingress replicas; -1 unbounded")
+    max_queued_requests: int = Field(
+        1024, ge=-1, description="Serve's queue before the ingress replicas, -1 unbounded: Serve counts a request from its "
+        "arrival at the proxy until an ingress replica has taken it, so this bounds requests arriving together (past it "
+        "Serve's plain-text 503, whatever API slots are free): keep it above the largest burst"
+    )
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.5))
 
     @field_validator("max_queued_requests")
@@ -215,7 +219,9 @@ class IngressConfig(StrictModel):
     def serve_options(self, name: str, retry_after_s: int) -> dict[str, Any]:
         """Serve's own limit sits INGRESS_HEADROOM above the driver's admission, so that Serve
         never refuses (with its plain-text 503) before the driver does, and /health is
-        answered while the API routes are full."""
+        answered while the API routes are full. Serve's queue bound still applies before that:
+        requests arriving together count as queued until a replica takes them, so a small
+        `max_queued_requests` refuses some of a burst while API slots are free."""
         return {
             "name": name,
             "num_replicas": self.num_replicas,

@@ -33,6 +33,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session(tiny_cache):
     ray = pytest.importorskip("ray")
+    # Serve kills a proxy that is not ready within 5 s (its default); on a loaded 2-core host
+    # that killed every proxy while it started. Inherited by the processes Ray starts.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     from ray import serve

@@ -303,24 +303,27 @@ class DiTGroup:
         if self.broken is not None:
             raise GroupBroken(f"the DiT replica's process group is broken: {self.broken}")
 
-    def _join(self, job: DenoiseJob) -> Join:
+    def _join(self, job: DenoiseJob) -> tuple[Join, Any | None]:
         """Rank 0's share of a job joining the batch (checked here first: a job rank 0 refuses
-        must not reach the workers), and what the workers need of it."""
+        must not reach the workers), what the workers need of it, and the handoff they fetch
+        their shares from (`_handoff`)."""
         contexts, params = job.contexts, job.params
         plan = BranchPlan.of(contexts, params, self.config.cfg)
         self.ours[job] = self.engine.job(plan, self.engine.share(plan, contexts), contexts.height, contexts.width,
                                          params, job.x, job.on_step, job.should_stop)
         self.keys[job] = self.next_key
         self.next_key += 1
-        return Join(self.keys[job], plan, self.engine.context_layout(plan, contexts), contexts.height, contexts.width,
-                    params, job.x.cpu(), _handoff(job) is not None)
+        handoff = _handoff(job)
+        join = Join(self.keys[job], plan, self.engine.context_layout(plan, contexts), contexts.height, contexts.width,
+                    params, job.x.cpu(), handoff is not None)
+        return join, handoff
 
-    def _deliver(self, join: Join, job: DenoiseJob) -> None:
+    def _deliver(self, join: Join, job: DenoiseJob, handoff: Any | None) -> None:
         """The worker ranks' contexts of a joining job, where they could not fetch them
         themselves (`RankWorker._contexts`); then the handoff may be let go."""
         self.relayed_bytes += deliver_shares(self.engine, join.plan, job.contexts)
-        if join.fetch and self.transport is not None:
-            self.transport.release(_handoff(job).payload)
+        if handoff is not None and self.transport is not None:
+            self.transport.release(handoff.payload)
 
     def step(self, jobs: Sequence[DenoiseJob]) -> None:
         """One step of every unfinished job over the ranks (`DiT.step`'s contract for
@@ -334,7 +337,7 @@ class DiTGroup:
         for job in jobs:
             if job not in self.ours and not job.done:
                 try:
-                    joins.append((self._join(job), job))
+                    joins.append((*self._join(job), job))
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                     job.error = exc
         live = [job for job in jobs if job in self.ours]
@@ -347,11 +350,12 @@ class DiTGroup:
             if self.calls is None:
                 self.check_health()
                 self.calls = [worker.follow.remote() for worker in self.workers]
-            offers = [w.offer.remote(join.key, _handoff(job)) for join, job in joins if join.fetch for w in self.workers]
+            offers = [w.offer.remote(join.key, handoff) for join, handoff, _ in joins if handoff is not None
+                      for w in self.workers]
             ray.get(offers, timeout=self.settings.timeout_s)  # before the step's word, which makes them fetch
-            self.control.send(Step(tuple(join for join, _ in joins), tuple(self.keys[job] for job in live)))
-            for join, job in joins:
-                self._deliver(join, job)
+            self.control.send(Step(tuple(join for join, _, _ in joins), tuple(self.keys[job] for job in live)))
+            for join, handoff, job in joins:
+                self._deliver(join, job, handoff)
             self.engine.step(ours)
         except Exception as exc:  # noqa: BLE001 - a rank is gone, or rank 0's forward failed
             self.ours.clear()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.dit import DenoiseParams
@@ -50,14 +51,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, out: str) -> None:
-    """One rank: each run's final latents (every rank), its step records and image (rank 0);
-    then a cancelled run and a failing callback on the first grid."""
+def _join_golden(rank: int, world: int, port: int, golden_dir: str):
+    """A spawned rank's start: one torch thread, the gloo group, and the golden checkpoint's
+    pipeline with its manifest."""
     import json
 
-    import torch.distributed as dist
-
-    from bagel_ray.engine.dit_parallel import ParallelDiT
     from bagel_ray.engine.pipeline import LocalPipeline
 
     torch.set_num_threads(1)
@@ -65,7 +63,15 @@ def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, ou
                             timeout=datetime.timedelta(seconds=60))
     golden = Path(golden_dir)
     manifest = json.loads((golden / "manifest.json").read_text())
-    pipeline = LocalPipeline.from_pretrained(golden / "model", device="cpu", dtype="float32")
+    return golden, manifest, LocalPipeline.from_pretrained(golden / "model", device="cpu", dtype="float32")
+
+
+def _rank_main(rank: int, world: int, port: int, runs: list, golden_dir: str, out: str) -> None:
+    """One rank: each run's final latents (every rank), its step records and image (rank 0);
+    then a cancelled run and a failing callback on the first grid."""
+    from bagel_ray.engine.dit_parallel import ParallelDiT
+
+    golden, manifest, pipeline = _join_golden(rank, world, port, golden_dir)
     results = {}
     grids = {}
     for cfg, seq, name in runs:
@@ -293,19 +299,9 @@ def _batch_rank_main(rank: int, world: int, port: int, golden_dir: str, out: str
     """One rank steps the jobs of `BATCH_JOBS` as one batch on each grid of its world, each
     joining at its step and leaving when it ends; saves each job's end (every rank) and the
     batch sizes its step records saw (rank 0)."""
-    import json
-
-    import torch.distributed as dist
-
     from bagel_ray.engine.dit_parallel import ParallelDiT
-    from bagel_ray.engine.pipeline import LocalPipeline
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    golden = Path(golden_dir)
-    manifest = json.loads((golden / "manifest.json").read_text())
-    pipeline = LocalPipeline.from_pretrained(golden / "model", device="cpu", dtype="float32")
+    golden, manifest, pipeline = _join_golden(rank, world, port, golden_dir)
     requests = {name: batch_request(manifest, golden, name) for name in BATCH_JOBS}
     prepared = {name: pipeline.prepare_image(req) for name, req in requests.items()}
     results = {}

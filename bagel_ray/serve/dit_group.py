@@ -20,17 +20,20 @@ every rank of rank 0's cancellations). When the batch drains, rank 0 ends the ca
 them.
 
 KV contexts: rank 0 receives the whole handoff as on any DiT replica (it holds cond, whose
-context is all of gen). A worker rank gets its share of a joining job (`ParallelDiT.wants`: its branches, and
-its heads of cond when it helps cond) from the handoff's own transport where that reaches it
-(`share_from`, through `transport/shares.py`): the Thinker of a several-rank DiT stores the
-contexts in the object store by reference, in pieces, and each worker gets only the pieces its
-branches cover (the handoff reaches each worker as an actor call's argument, `RankWorker.offer`,
-so that Ray tracks the refs in it; not in the control message); a handoff over CUDA IPC is mapped by each rank that sees the sender's GPU, and
-released by rank 0 once every rank holds its share. Where the transport does not reach the
-rank, rank 0 sends it its share over the group (GPU to GPU on NCCL; `deliver_shares`, after
-one small all-gather of who holds what): contexts built on rank 0 (img2img with
-`edit_contexts_on: dit`), a NCCL handoff (the Thinker's pair communicator has one receiver; a
-send to each rank is not built), and the pull-through-the-object-store fallback.
+context is all of gen), and a GPU-direct sender keeps it for the other ranks until rank 0
+releases it. A worker rank gets its share of a joining job (`ParallelDiT.wants`: its branches,
+and its heads of cond when it helps cond) from the handoff's own transport where that reaches
+it (`share_from`, through `transport/shares.py`, with a transport of its own of the replica's
+kind): the Thinker of a several-rank DiT on the CPU stores the contexts in the object store by
+reference, in pieces, and each worker gets only the pieces its branches cover; a GPU handoff is
+mapped over CUDA IPC by each rank that sees the sender's GPU, and pulled piece by piece over a
+NCCL pair of the rank's own with the Thinker by each rank on another GPU. The handoff reaches
+each worker as an actor call's argument (`RankWorker.offer`), so that Ray tracks the refs in it,
+not in the control message. Rank 0 releases it once every rank holds its share. Where the
+transport does not reach the rank, rank 0 sends it its share over the group (GPU to GPU on
+NCCL; `deliver_shares`, after one small all-gather of who holds what): contexts built on rank 0
+(img2img with `edit_contexts_on: dit`), the pull-through-the-object-store fallback, and a
+rank's pull that failed.
 
 Faults: a worker that dies makes the replica unhealthy (`check_health` pings them), so Serve
 replaces the replica and with it the group (the workers are owned by the replica and die
@@ -65,7 +68,7 @@ from bagel_ray.serve.config import AppConfig, ParallelSettings
 from bagel_ray.serve.errors import GroupBroken
 from bagel_ray.serve.workers import ImageJob
 from bagel_ray.transport import ray_peer
-from bagel_ray.transport.base import KVTransport, TransferStats
+from bagel_ray.transport.base import KVTransport, TransferStats, make_transport
 from bagel_ray.transport.shares import fetch_share, portable
 
 log = logging.getLogger("bagel_ray.serve")
@@ -111,10 +114,12 @@ def leave_group() -> None:
 
 
 def share_from(engine: ParallelDiT, plan: BranchPlan, layout: dict[str, tuple[tuple[int, ...], int]],
-               handoff: Any | None, timeout_s: float) -> tuple[dict[str, KVContext], TransferStats | None]:
+               handoff: Any | None, transport: KVTransport | None,
+               timeout_s: float) -> tuple[dict[str, KVContext], TransferStats | None]:
     """A worker rank's contexts of a request: fetched by this rank from the handoff's own
-    transport where it reaches this process (`transport.shares`), else (contexts built on rank
-    0, a NCCL handoff, a fetch that failed) relayed by rank 0 over the group. Collective with
+    transport where it reaches this process (`transport.shares`, through this rank's
+    `transport`), else (contexts built on rank 0, a fetch that failed) relayed by rank 0 over
+    the group. Collective with
     rank 0's `deliver_shares`, which waits for it in a collective: a fetch gives up after
     half the group's `timeout_s` and is relayed then. Returns the stats of this rank's own
     fetch (None: relayed)."""
@@ -122,7 +127,8 @@ def share_from(engine: ParallelDiT, plan: BranchPlan, layout: dict[str, tuple[tu
     if handoff is not None:
         model = engine.dit.model
         try:
-            fetched = fetch_share(handoff.payload, engine.wants(plan), model.device, model.dtype, timeout_s / 2)
+            fetched = fetch_share(handoff.payload, engine.wants(plan), model.device, model.dtype, transport,
+                                  timeout_s / 2)
         except Exception as exc:  # noqa: BLE001 - rank 0 has the contexts: it relays them instead
             log.warning("rank %d could not fetch its KV share (%s: %s); rank 0 relays it", engine.rank,
                         type(exc).__name__, exc)
@@ -199,6 +205,8 @@ class RankWorker:
         self.engine: ParallelDiT | None = None
         self.control: Control | None = None
         self.last_fetch: TransferStats | None = None  # this rank's own fetch of the last request's contexts
+        # this rank's receiving end of the replica's KV transport (its own NCCL pairs with the Thinkers)
+        self.transport = make_transport(self.config.dit.transport, self.config.dit.parallel.size)
         self.offers: dict[int, Any] = {}  # job key -> its handoff, until the job joins here
 
     def offer(self, key: int, handoff: Any) -> None:
@@ -222,7 +230,8 @@ class RankWorker:
         """This rank's KV contexts of a joining job: from the handoff, or from rank 0
         (`share_from`)."""
         handoff = self.offers.pop(join.key, None) if join.fetch else None
-        mine, self.last_fetch = share_from(self.engine, join.plan, join.layout, handoff, self.config.dit.parallel.timeout_s)
+        mine, self.last_fetch = share_from(self.engine, join.plan, join.layout, handoff, self.transport,
+                                           self.config.dit.parallel.timeout_s)
         return mine
 
     def follow(self) -> int:

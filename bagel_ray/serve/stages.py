@@ -218,6 +218,12 @@ class DiTServer:
                     return
         finally:
             job.cancel.set()
+            if handoff is not None and self.group is not None:
+                # Rank 0 lets go of a handoff the sender keeps for the worker ranks as soon as they
+                # hold their shares (`DiTGroup`); here, of one whose job ended before that (it
+                # failed, or was cancelled, before joining the group). A later share request finds
+                # it gone, and rank 0 relays.
+                self.transport.release(handoff.payload)
 
     async def _image(self, req: GenerationRequest, prepared: PreparedImage | None,
                      handoff: Handoff | None = None) -> GenerationResult:

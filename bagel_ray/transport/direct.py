@@ -27,6 +27,12 @@ are aborted; so is everything when the transport closes or is collected with its
 A handoff the sender no longer has (too old, evicted, sender gone) raises `HandoffGone`,
 which the driver retries like a replica that died: nothing here waits without a deadline.
 
+A DiT replica of several ranks (`ranks` > 1) receives one handoff in every rank: rank 0
+receives it whole and asks the sender to keep it (`Receiver.hold`), each worker rank, with a
+transport of its own, takes only its pieces (`Receiver.share`: mapped over CUDA IPC, or sent
+over the worker's own NCCL pair, the sender copying each piece out contiguous), and rank 0
+releases the handoff once every rank holds its share.
+
 A NCCL handoff starts when both sides have posted, and on an idle pair the posts, not the
 link, were the slow part: a thread that has just woken ran its allocation and NCCL call at
 a third to half its warm speed. Two things take work off that path. The sender's control
@@ -134,7 +140,7 @@ class DirectTransport(KVTransport):
         placement = placement if placement is not None else _Places(comms)
         self.sender = Sender(self.key, comms, placement, ray_peer.node_address, ray_peer.current_actor, settings,
                              ipc="cuda_ipc" in self.routes, ranks=ranks)
-        self.receiver = Receiver(self.key, self.routes, comms, placement, ray_peer.fetch, settings, hold_ipc=ranks > 1)
+        self.receiver = Receiver(self.key, self.routes, comms, placement, ray_peer.fetch, settings, hold=ranks > 1)
         # Communicators die with the transport; at interpreter exit the process takes them.
         weakref.finalize(self, abort_all, self.receiver.links, self.sender.links).atexit = False
 

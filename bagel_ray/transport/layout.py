@@ -69,6 +69,20 @@ class ContextsLayout:
                 1, self.shapes[1][2], self.cfg_img)
         raise ValueError(f"unknown branch {branch!r}")
 
+    def piece_shape(self, branch: str, group: int, parts: int) -> tuple[int, ...]:
+        """The shape of a branch's KV heads `group` of `parts` (`piece`)."""
+        index, length, _ = self.region(branch)
+        layers, two, _, heads, head_dim = self.shapes[index]
+        return layers, two, length, heads // parts, head_dim
+
+    def piece(self, tensors: list[torch.Tensor], branch: str, group: int, parts: int) -> tuple[torch.Tensor, int]:
+        """A branch's rows with its KV heads `group` of `parts` (a worker rank's share of it), as
+        a view of `tensors` (this layout's, or mapped from the sender), and its next RoPE
+        position."""
+        index, length, rope = self.region(branch)
+        per = self.shapes[index][3] // parts
+        return tensors[index][:, :, :length, group * per : (group + 1) * per], rope
+
     def empty(self, device: torch.device) -> list[torch.Tensor]:
         return [torch.empty(shape, dtype=self.torch_dtype, device=device) for shape in self.shapes]
 

@@ -7,6 +7,11 @@ channel and receives on the pair's communicator (made by the pair's first handof
 next handoff's buffer while a transfer runs. `fetch`: the sender packs the contexts into host
 memory and they come through the Ray object store (`ray_peer.fetch`). A GPU route that fails
 falls back to `fetch`, with a warning that says why.
+
+`share` is a worker rank's receive of a several-rank DiT replica: only the pieces its branches
+cover (`ContextsLayout.piece`), over CUDA IPC or over its own NCCL pair with the sender, and
+None where neither reaches it (rank 0, which received the whole handoff and had the sender keep
+it, `hold`, relays it then).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bagel_ray.engine.kv_context import ImageContexts
+from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.transport import cuda
 from bagel_ray.transport.base import TransferStats
 from bagel_ray.transport.control import ControlClient, ControlError
@@ -30,7 +35,7 @@ from bagel_ray.transport.links import RECEIVER_RANK, SENDER_RANK, Link, Links, P
 from bagel_ray.transport.nccl import CommFactory, await_progress
 from bagel_ray.transport.object_store import PackedContexts, StoredContexts, received, unpacked
 from bagel_ray.transport.routes import GPU_ROUTES, DirectPayload, Placement, Route, plan_route
-from bagel_ray.transport.sender import GONE, STARTED, Sender, local_sender
+from bagel_ray.transport.sender import GONE, STARTED, Piece, Sender, local_sender
 
 if TYPE_CHECKING:  # direct.py composes this module with sender.py
     from bagel_ray.transport.direct import DirectSettings
@@ -43,18 +48,18 @@ Fetch = Callable[[Any, str, str, float], PackedContexts | None]  # (actor, sende
 class Receiver:
     def __init__(self, key: str, routes: frozenset[str], comms: CommFactory,
                  placement: Callable[[torch.device], Placement], fetch: Fetch, settings: DirectSettings, *,
-                 hold_ipc: bool = False) -> None:
+                 hold: bool = False) -> None:
         """`fetch` pulls a handoff through the object store from the sender's actor (it raises
         `TimeoutError` past its timeout). `settings`: its deadlines, `link_idle_s` and
-        `spare_buffers` apply here. `hold_ipc`: a handoff mapped over CUDA IPC is not
-        released once copied (the other ranks of this DiT replica map it too), but by
-        `release` once they have."""
+        `spare_buffers` apply here. `hold`: a handoff received over CUDA IPC or NCCL stays
+        with the sender (the other ranks of this DiT replica take their shares of it too)
+        until `release`, once they have."""
         self.key = key
         self.routes = routes
         self.links = Links("recv")  # by sender key
         self.settings = settings
-        self.hold_ipc = hold_ipc
-        self.held: set[str] = set()  # handoffs mapped over CUDA IPC, not yet released (`hold_ipc`)
+        self.hold = hold
+        self.held: set[str] = set()  # handoffs received and kept at the sender, not yet released (`hold`)
         self._comms = comms
         self._placement = placement
         self._fetch_from = fetch
@@ -126,7 +131,8 @@ class Receiver:
             client.close()
 
     def release(self, payload: DirectPayload) -> None:
-        """With `hold_ipc`: every rank has copied a handoff it mapped, the sender may let go."""
+        """With `hold`: every rank holds its share of a handoff received whole here, the sender
+        may let go of it (a handoff not held here is let go already: nothing to do)."""
         with self._lock:
             held = payload.handoff_id in self.held
             self.held.discard(payload.handoff_id)
@@ -160,18 +166,65 @@ class Receiver:
         stream.synchronize()
         del mapped  # unmap before telling the sender it may let go
         self._handed_over(received, device)
-        if self.hold_ipc:
-            with self._lock:
-                self.held.add(payload.handoff_id)
+        if self.hold:
+            self._hold(payload)
         else:
             self._release(payload)
         return received
 
-    def _via_nccl(self, payload: DirectPayload, device: torch.device, t0: float) -> tuple[list[torch.Tensor], tuple]:
-        """The payload's tensors, and the seconds of each phase from `t0` (when `receive` was
-        called): plan (route and pair), ask (the request sent), alloc (the receive buffers
-        made), post (the receive posted), answer (the sender's answer read), transfer, and
-        handover (to the engine's stream)."""
+    def _hold(self, payload: DirectPayload) -> None:
+        with self._lock:
+            self.held.add(payload.handoff_id)
+
+    def share(self, payload: DirectPayload, wants: dict[str, tuple[int, int]], device: torch.device,
+              dtype: torch.dtype) -> tuple[dict[str, KVContext], TransferStats] | None:
+        """A worker rank's share of `payload`: branch -> (KV head group, of how many groups),
+        in `dtype` on `device`, with the bytes this rank got and the route; None where no GPU
+        route reaches this process (rank 0 relays it). Nothing is released here: rank 0 does,
+        once every rank holds its share. Raises what the route raises (a failed pull, a
+        handoff gone): rank 0 relays then too."""
+        t0 = time.perf_counter()
+        device = cuda.resolve(device)
+        if payload.actor is None or local_sender(payload.sender_key) is not None:
+            return None
+        here = self._placement(device)
+        route = plan_route(self.routes, payload.sender, here, local=False, has_ipc=payload.ipc is not None)
+        if route.name not in GPU_ROUTES or payload.sender_key in self.unreachable:
+            return None
+        pieces = [(b, g, n) for b, (g, n) in wants.items()]
+        phases: tuple[tuple[str, float], ...] = ()
+        if route.name == "cuda_ipc":
+            tensors = self._ipc_pieces(payload, here, device, pieces)
+        else:
+            tensors, phases = self._via_nccl(payload, device, t0, pieces)
+        out = {b: KVContext(t.to(dtype), payload.layout.region(b)[2]) for (b, _, _), t in zip(pieces, tensors)}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return out, TransferStats(nbytes, payload.send_s, time.perf_counter() - t0, route.name, phases)
+
+    def _ipc_pieces(self, payload: DirectPayload, here: Placement, device: torch.device,
+                    pieces: list[Piece]) -> list[torch.Tensor]:
+        """Map the sender's context tensors and copy out `pieces` (one D2D copy each)."""
+        index = here.visible.index(payload.sender.gpu)
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            mapped = [cuda.open_ipc(handle, index) for handle in payload.ipc]
+            out = []
+            for piece in pieces:
+                view, _ = payload.layout.piece(mapped, *piece)
+                out.append(torch.empty(view.shape, dtype=view.dtype, device=device))
+                out[-1].copy_(view, non_blocking=True)
+        stream.synchronize()
+        del mapped  # unmapped before rank 0 tells the sender it may let go
+        self._handed_over(out, device)
+        return out
+
+    def _via_nccl(self, payload: DirectPayload, device: torch.device, t0: float,
+                  pieces: list[Piece] | None = None) -> tuple[list[torch.Tensor], tuple]:
+        """The payload's tensors (or its `pieces`, a worker rank's share), and the seconds of
+        each phase from `t0` (when `receive` was called): plan (route and pair), ask (the
+        request sent), alloc (the receive buffers made), post (the receive posted), answer (the
+        sender's answer read), transfer, and handover (to the engine's stream). With `hold`, a
+        whole handoff stays with the sender until `release`."""
         sender_key, handoff_id = payload.sender_key, payload.handoff_id
         connect_s = self.settings.connect_timeout_s + self.settings.transfer_timeout_s
         with self.links.pair(sender_key, time.monotonic() + connect_s):
@@ -187,14 +240,15 @@ class Receiver:
                 client = self._client(payload)
                 client.notify({"op": "send", "handoff": handoff_id, "receiver": self.key, "comm": comm_key,
                                "unique_id": unique_id.hex() if unique_id else None,
-                               "timeout_s": deadline - time.monotonic()})
+                               "timeout_s": deadline - time.monotonic(), "pieces": pieces,
+                               "keep": self.hold and pieces is None})
                 marks.append(("ask", time.perf_counter()))
                 if not fresh:  # post the receive while the request travels: the sender's send meets it
-                    received = self.receive_buffers(link, payload, device)
+                    received = self.receive_buffers(link, payload, device, pieces)
                     marks.append(("alloc", time.perf_counter()))
                     link.comm.recv(received[0], SENDER_RANK)
                     marks.append(("post", time.perf_counter()))
-                    if self.settings.spare_buffers:  # while the transfer runs
+                    if self.settings.spare_buffers and pieces is None:  # while the transfer runs
                         self.make_spare(link, payload.nbytes, device)
                 status = client.answer(min(self.settings.reply_timeout_s, deadline - time.monotonic())).get("status")
                 marks.append(("answer", time.perf_counter()))
@@ -211,10 +265,10 @@ class Receiver:
                     link = Link(self._comms.open(unique_id, 2, RECEIVER_RANK, device), comm_key)
                     self.links.put(sender_key, link)
                     await_progress(link.comm, deadline, check, what="NCCL connect")
-                    received = self.receive_buffers(link, payload, device)
+                    received = self.receive_buffers(link, payload, device, pieces)
                     link.comm.recv(received[0], SENDER_RANK)
                 await_progress(link.comm, deadline, check, what="NCCL receive")
-                for t in received[1:]:  # img2img's own cfg_img context
+                for t in received[1:]:  # img2img's own cfg_img context, the other pieces
                     link.comm.recv(t, SENDER_RANK)
                     await_progress(link.comm, deadline, check, what="NCCL receive")
                 marks.append(("transfer", time.perf_counter()))
@@ -225,14 +279,23 @@ class Receiver:
                     self._drop_client(sender_key)
                 raise
             link.last_used = time.monotonic()
-        self._handed_over(received, device)  # no release: the sender let go when its send was done
+        if self.hold and pieces is None:
+            self._hold(payload)
+        self._handed_over(received, device)  # no release (unless held): the sender let go when its send was done
         marks.append(("handover", time.perf_counter()))
         return received, tuple((name, t - marks[i][1]) for i, (name, t) in enumerate(marks[1:]))
 
-    def receive_buffers(self, link: Link, payload: DirectPayload, device: torch.device) -> list[torch.Tensor]:
+    def receive_buffers(self, link: Link, payload: DirectPayload, device: torch.device,
+                        pieces: list[Piece] | None = None) -> list[torch.Tensor]:
         """Empty tensors for the payload's contexts: the spare buffer when it fits (up to a
         quarter bigger), else new ones. Whichever pair made the spare, any may fill it: it
-        is nobody else's memory until then, and NCCL is done with it before the engine reads."""
+        is nobody else's memory until then, and NCCL is done with it before the engine reads.
+        With `pieces`, one new tensor per piece."""
+        if pieces is not None:
+            layout = payload.layout
+            with torch.cuda.stream(link.comm.stream) if link.comm.stream is not None else nullcontext():
+                return [torch.empty(layout.piece_shape(*piece), dtype=layout.torch_dtype, device=device)
+                        for piece in pieces]
         with self._lock:
             spare, self.spare = self.spare, None
         if spare is not None and spare.device == device and payload.nbytes <= spare.numel() <= payload.nbytes * 5 // 4:

@@ -3,8 +3,10 @@ request (see `direct.py` for the whole protocol).
 
 `send` puts the context tensors in the outbox and returns the payload that describes them. A
 receiver's requests arrive on the sender's control channel (`control.py`): "send me this
-handoff" is answered and sent over the pair's NCCL communicator (`serve_send`), "release" lets
-go of a handoff the receiver mapped over CUDA IPC. The object-store fallback (`serve_fetch`) is
+handoff" is answered and sent over the pair's NCCL communicator (`serve_send`): the whole of
+it, or a worker rank's share of it (pieces: branches' rows, KV head groups), "release" lets go
+of a handoff the receiver mapped over CUDA IPC, or asked to be kept (a several-rank DiT replica's
+rank 0, whose worker ranks pull their shares after it). The object-store fallback (`serve_fetch`) is
 called in this process through Ray (`ray_peer`), which finds the sender by its key
 (`local_sender`). Ray itself is not imported here: where the process is (its node address, its
 actor handle) comes in as functions.
@@ -17,8 +19,9 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 
 STARTED = "started"
 GONE = "gone"
+
+Piece = tuple[str, int, int]  # (branch, KV head group, of how many groups): `ContextsLayout.piece`
 
 # Senders of this process by key: how a call run in this process through Ray
 # (`ray_peer`) finds its sender. Weak: a sender leaves with its replica.
@@ -88,8 +93,11 @@ class Sender:
         if message.get("op") == "send":
             self.send_marks = {"request": time.perf_counter()}
             uid = message.get("unique_id")
+            pieces = message.get("pieces")
             self.serve_send(message["handoff"], message["receiver"], message["comm"], bytes.fromhex(uid) if uid else None,
-                            float(message["timeout_s"]), answer)
+                            float(message["timeout_s"]), answer,
+                            None if pieces is None else [(str(b), int(g), int(n)) for b, g, n in pieces],
+                            bool(message.get("keep")))
         elif message.get("op") == "release":
             self.serve_release(message["handoff"])
 
@@ -116,9 +124,13 @@ class Sender:
     # channel, or `ray_peer` for the fetch).
 
     def serve_send(self, handoff_id: str, receiver_key: str, comm_key: str, unique_id: bytes | None,
-                   timeout_s: float, answer: Callable[[dict[str, Any]], None]) -> None:
+                   timeout_s: float, answer: Callable[[dict[str, Any]], None], pieces: Sequence[Piece] | None = None,
+                   keep: bool = False) -> None:
         """Answer a receiver's "send me this handoff" (`started`, `gone`, or why not), and send
-        it. A pair's first handoff (with a `unique_id`: a new communicator, whose connect takes
+        it: its context tensors, or only `pieces` of them (a worker rank's share, each copied
+        out contiguous on the pair's stream). The outbox lets go of a handoff sent whole unless
+        the receiver asks to `keep` it; one sent in pieces stays too (rank 0 of the receiving
+        replica releases it once every rank holds its share). A pair's first handoff (with a `unique_id`: a new communicator, whose connect takes
         a while) is answered at once and sent from a worker thread; later ones right here, in
         the pair's control thread, where the send is posted before the answer goes out: the
         receiver has posted its receive already, so the transfer starts with the post."""
@@ -135,20 +147,24 @@ class Sender:
             answer({"status": status})
             return
         deadline = time.monotonic() + timeout_s
+        keep = keep or pieces is not None
         if unique_id is None:
-            self._send_job(handoff_id, parcel, receiver_key, comm_key, None, deadline, answer)
+            self._send_job(handoff_id, parcel, receiver_key, comm_key, None, deadline, pieces, keep, answer)
         else:
             answer({"status": status})
             if self._workers is None:
                 self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-send")
-            self._workers.submit(self._send_job, handoff_id, parcel, receiver_key, comm_key, unique_id, deadline)
+            self._workers.submit(self._send_job, handoff_id, parcel, receiver_key, comm_key, unique_id, deadline,
+                                 pieces, keep)
         self.links.sweep(self.settings.link_idle_s)
 
     def _send_job(self, handoff_id: str, parcel: Parcel, receiver_key: str, comm_key: str, unique_id: bytes | None,
-                  deadline: float, answer: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Send a parcel on the pair's communicator (made here from `unique_id` for a pair's
-        first handoff). `answer`, when given, is told `started` once the first send is posted,
-        or why it could not be."""
+                  deadline: float, pieces: Sequence[Piece] | None, keep: bool,
+                  answer: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Send a parcel, or `pieces` of it, on the pair's communicator (made here from
+        `unique_id` for a pair's first handoff); the outbox lets go of it unless `keep`.
+        `answer`, when given, is told `started` once the first send is posted, or why it could
+        not be."""
         link = None
         try:
             with self.links.pair(receiver_key, deadline):
@@ -161,7 +177,7 @@ class Sender:
                     link = self.links.get(receiver_key)
                     if link is None or link.key != comm_key:
                         raise PeerRefused("the pair's communicator was dropped")
-                for t in parcel.tensors:
+                for t in parcel.tensors if pieces is None else self._pieces(link, parcel, pieces):
                     link.comm.send(t, RECEIVER_RANK)
                     if answer is not None:
                         self.send_marks["posted"] = time.perf_counter()
@@ -170,8 +186,10 @@ class Sender:
                     await_progress(link.comm, deadline, what="NCCL send")
                 link.last_used = time.monotonic()
             # Sent: the receiver has it (a receiver that failed at the very end finds it gone and
-            # the request is retried), so no release message is needed on this route.
-            self.outbox.take(handoff_id)
+            # the request is retried), so no release message is needed on this route, unless
+            # kept for the other ranks of the receiving replica.
+            if not keep:
+                self.outbox.take(handoff_id)
         except Exception as exc:  # the receiver times out too and takes the object store
             if answer is not None:  # nothing was posted: say why, and the receiver takes the object store now
                 answer({"status": f"the send failed at the sender: {type(exc).__name__}: {exc}"})
@@ -179,6 +197,13 @@ class Sender:
                         handoff_id, receiver_key[:8], type(exc).__name__, exc)
             if link is not None:
                 self.links.drop(receiver_key, link)
+
+    @staticmethod
+    def _pieces(link: Link, parcel: Parcel, pieces: Sequence[Piece]) -> list[torch.Tensor]:
+        """The parcel's `pieces`, each copied out contiguous (as NCCL sends) on the pair's
+        stream, so that the copies and the sends run in order beside the engine's work."""
+        with torch.cuda.stream(link.comm.stream) if link.comm.stream is not None else nullcontext():
+            return [parcel.layout.piece(list(parcel.tensors), *piece)[0].contiguous() for piece in pieces]
 
     def serve_fetch(self, handoff_id: str) -> PackedContexts | None:
         """The parcel packed into host memory (for the object store), taken out of the outbox."""

@@ -1,9 +1,11 @@
 """Shared pieces of the transport tests: the contexts every test sends, Ray actors (and a
-Serve deployment) that play the sending or receiving replica, and a communicator that never
-finishes (the peer that stalls). Workers import this module by name, so it holds no tests."""
+Serve deployment) that play the sending or receiving replica, a communicator that never
+finishes (the peer that stalls), and one over gloo that moves the NCCL route's bytes on the
+CPU. Workers import this module by name, so it holds no tests."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib
 import threading
@@ -12,6 +14,7 @@ from typing import Any
 
 import ray
 import torch
+import torch.distributed as dist
 
 from bagel_ray.engine.kv_context import Cut, ImageContexts, KVContext
 from bagel_ray.transport.base import REGISTRY
@@ -109,6 +112,123 @@ class StalledComms:
     def open(self, unique_id: bytes, nranks: int, rank: int, device: torch.device) -> StalledComm:
         self.log.append(f"open rank {rank}")
         return StalledComm(self.log, self.fail)
+
+
+class GlooComm:
+    """A `Communicator` over a two-rank gloo group of its own: the NCCL route's protocol and
+    bytes, on the CPU (gloo stands in for NCCL). Connecting and each posted operation run in
+    threads, as NCCL's non-blocking mode runs them on the GPU; `progress` polls them."""
+
+    stream = None
+
+    def __init__(self, host: str, port: int, store: dist.TCPStore | None, rank: int, timeout_s: float = 30.0) -> None:
+        self._pg: dist.ProcessGroupGloo | None = None
+        self._pending: list[threading.Event] = []
+        self._error: BaseException | None = None
+        self.aborted = False
+
+        def connect() -> None:
+            try:
+                timeout = datetime.timedelta(seconds=timeout_s)
+                own = store if store is not None else dist.TCPStore(host, port, 2, is_master=False, timeout=timeout)
+                self._pg = dist.ProcessGroupGloo(own, rank, 2, timeout)
+            except Exception as exc:  # noqa: BLE001 - seen through `progress`
+                self._error = exc
+
+        threading.Thread(target=connect, daemon=True).start()
+
+    def progress(self) -> bool:
+        if self.aborted:
+            raise RuntimeError("the communicator was aborted")
+        if self._error is not None:
+            raise RuntimeError(f"the gloo pair failed: {self._error}")
+        return self._pg is not None and all(done.is_set() for done in self._pending)
+
+    def _post(self, work: Any) -> None:
+        done = threading.Event()
+
+        def wait() -> None:
+            try:
+                work.wait()
+            except Exception as exc:  # noqa: BLE001 - seen through `progress`
+                self._error = exc
+            done.set()
+
+        self._pending.append(done)
+        threading.Thread(target=wait, daemon=True).start()
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        self._post(self._pg.send([tensor], peer, 0))
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        self._post(self._pg.recv([tensor], peer, 0))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class GlooComms:
+    """Opens `GlooComm`s. The unique id is the address of a TCP store its maker (the receiver)
+    keeps until it opens its own side; the sender connects to it."""
+
+    available = True
+    unavailable_reason = ""
+
+    def __init__(self) -> None:
+        self._stores: dict[bytes, dist.TCPStore] = {}
+        self.opened: list[int] = []  # the rank of each communicator opened here
+
+    def unique_id(self) -> bytes:
+        store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=30))
+        unique_id = f"127.0.0.1:{store.port}".encode().ljust(128, b"\0")
+        self._stores[unique_id] = store
+        return unique_id
+
+    def open(self, unique_id: bytes, nranks: int, rank: int, device: torch.device) -> GlooComm:
+        assert nranks == 2
+        self.opened.append(rank)
+        host, _, port = unique_id.rstrip(b"\0").decode().rpartition(":")
+        return GlooComm(host, int(port), self._stores.pop(unique_id, None), rank)
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class GlooPeer:
+    """Plays a replica whose contexts are "on a GPU" of its own (a fixed placement) with NCCL
+    played by gloo: a Thinker that sends, or a rank of a DiT replica of `ranks` ranks that
+    receives the whole handoff (rank 0) or its share (a worker rank)."""
+
+    def __init__(self, gpu: str, ranks: int = 1) -> None:
+        self.comms = GlooComms()
+        placement = FixedPlacement(Placement("node", gpu, (gpu,), nccl=True))
+        self.transport = AutoTransport(PULL_HOST_CONTEXTS, ranks=ranks, comms=self.comms, placement=placement)
+
+    def send(self, case: str, dtype: torch.dtype = torch.bfloat16) -> Any:
+        return self.transport.send(make_contexts(case, dtype))
+
+    def receive(self, payload: Any) -> tuple[str, str]:
+        contexts, stats = self.transport.receive(payload, torch.device("cpu"))
+        return stats.route, digest(contexts)
+
+    def share(self, payload: Any, wants: dict[str, tuple[int, int]], dtype: torch.dtype) -> tuple[str, int, dict] | None:
+        """This rank's share through `fetch_share`, as a worker rank gets it: (route, bytes,
+        branch -> (kv, rope)), or None."""
+        from bagel_ray.transport.shares import fetch_share
+
+        got = fetch_share(payload, wants, torch.device("cpu"), dtype, self.transport)
+        if got is None:
+            return None
+        contexts, stats = got
+        return stats.route, stats.nbytes, {b: (c.kv, c.rope) for b, c in contexts.items()}
+
+    def release(self, payload: Any) -> None:
+        self.transport.release(payload)
+
+    def outbox_size(self) -> int:
+        return len(self.transport.sender.outbox)
+
+    def opened(self) -> list[int]:
+        return list(self.comms.opened)
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

@@ -1,6 +1,7 @@
 """The GPU routes, for real: the NCCL binding (init, send/recv, deadline and abort) and
 handoffs between Ray actors that play the Thinker and the DiT, CUDA IPC on one GPU and NCCL
-across two. Skipped without CUDA; the two-GPU ones without two GPUs. On a GPU machine:
+across two, and a parallel DiT's worker rank taking its share (IPC on one GPU, NCCL on three).
+Skipped without CUDA; the others without the GPUs they need. On a GPU machine:
 
     python -m pytest -q tests/transport/test_gpu.py
 """
@@ -19,6 +20,7 @@ from tests.transport.peers import digest, make_contexts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+three_gpus = pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs three GPUs")
 CASES = ["text2img", "text2img_think", "img2img"]
 
 
@@ -179,7 +181,7 @@ def test_a_stalled_nccl_handoff_falls_back_and_the_next_reconnects(gpu_peers, ra
     assert handoff(ray_local, sender, receiver, "img2img") == "nccl"  # a new communicator
 
 
-# -- a parallel DiT's worker rank, its share over CUDA IPC ---------------------------------
+# -- a parallel DiT's worker rank, its share over CUDA IPC or NCCL ----------------------------
 
 
 def _outbox_size(peer) -> int:
@@ -190,7 +192,7 @@ def _share(peer, payload, wants: dict) -> tuple[str, int, dict]:
     """Run in a GpuPeer playing a worker rank: its share of `payload`, copied to the host."""
     from bagel_ray.transport.shares import fetch_share
 
-    got, stats = fetch_share(payload, wants, peer.device, torch.bfloat16)
+    got, stats = fetch_share(payload, wants, peer.device, torch.bfloat16, peer.transport)
     torch.cuda.synchronize(peer.device)
     return stats.route, stats.nbytes, {b: (c.kv.cpu(), c.rope) for b, c in got.items()}
 
@@ -224,3 +226,32 @@ def test_a_worker_rank_maps_its_share_over_cuda_ipc_and_rank_0_releases_it(gpu_p
     while ray_local.get(sender.__ray_call__.remote(_outbox_size)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 0
+
+
+@three_gpus
+@pytest.mark.parametrize("transport", ["nccl", "auto"])
+def test_a_worker_rank_pulls_its_share_over_nccl_and_rank_0_releases_it(gpu_peers, ray_local, transport):
+    """Thinker, rank 0 and rank 1 of a 2-rank DiT on three GPUs: rank 0's NCCL receive has the
+    sender keep the handoff, rank 1 pulls only cfg_text and its half of cond's heads over a
+    pair of its own, and the sender lets go once rank 0 releases it."""
+    from bagel_ray.engine.dit_parallel import head_slice
+
+    sender, rank0, rank1 = (gpu_peers(transport, 1, ranks=2) for _ in range(3))
+    assert len(set(ray_local.get([p.gpu.remote() for p in (sender, rank0, rank1)]))) == 3
+    sent = make_contexts("text2img", torch.bfloat16)
+    for _ in range(2):  # the second over the pairs the first made
+        payload = ray_local.get(sender.send.remote("text2img"))
+        route, got, _ = ray_local.get(rank0.receive.remote(payload))
+        assert route == "nccl" and got == digest(sent)
+        assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 1  # kept for rank 1
+        route, nbytes, share = ray_local.get(rank1.__ray_call__.remote(_share, payload, {"cfg_text": (0, 1), "cond": (1, 2)}))
+        assert route == "nccl"
+        for name, want in {"cfg_text": sent.branch("cfg_text"), "cond": head_slice(sent.gen, 1, 2)}.items():
+            kv, rope = share[name]
+            assert rope == want.rope and torch.equal(kv.view(torch.int16), want.kv.contiguous().view(torch.int16)), name
+        assert nbytes == sent.branch("cfg_text").nbytes + head_slice(sent.gen, 1, 2).nbytes
+        ray_local.get(rank0.__ray_call__.remote(_release, payload))
+        deadline = time.monotonic() + 10
+        while ray_local.get(sender.__ray_call__.remote(_outbox_size)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 0

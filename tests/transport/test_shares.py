@@ -7,6 +7,8 @@ rank 0's relay (None)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from bagel_ray.transport.base import make_transport
 from bagel_ray.transport.direct import AutoTransport
 from bagel_ray.transport.object_store import PackedContexts, StoredContexts
 from bagel_ray.transport.shares import fetch_share, portable
-from tests.transport.peers import HEAD_DIM, KV_HEADS, LAYERS, PULL_HOST_CONTEXTS, make_contexts
+from tests.transport.peers import HEAD_DIM, KV_HEADS, LAYERS, PULL_HOST_CONTEXTS, GlooPeer, digest, make_contexts
 from tests.transport.test_transport import BRANCHES, CPU, assert_same_contexts, bits
 
 
@@ -82,3 +84,67 @@ def test_payloads_a_rank_cannot_reach_are_left_to_rank_0(ray_local):
     assert portable(payload) and payload.ipc is None
     assert fetch_share(payload, {"cfg_text": (0, 1)}, CPU, torch.float32) is None
     direct.close()
+
+
+# -- GPU-direct payloads over NCCL (gloo plays NCCL, each peer claims a GPU of its own) --------
+
+
+def _outbox_empties(sender, ray, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while ray.get(sender.outbox_size.remote()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ray.get(sender.outbox_size.remote()) == 0
+
+
+@pytest.mark.parametrize("case, wants", [
+    ("text2img", {"cfg_text": (0, 1), "cond": (1, 2)}),  # CFG 2 with cond helped: the prefix, half of cond's heads
+    ("img2img", {"cfg_img": (0, 1)}),  # the rank of cfg_img: its own context only
+    ("text2img_think", {"cond": (3, 4)}),  # a quarter of cond's heads
+])
+def test_a_worker_rank_pulls_its_share_over_its_own_nccl_pair(ray_local, case, wants):
+    """Thinker, rank 0 and rank 1 of a 2-rank DiT on three GPUs: rank 0 receives the whole
+    handoff over NCCL and has the sender keep it; rank 1 asks the sender for its pieces over a
+    pair of its own and gets exactly them, bit for bit, in the engine's dtype; the sender lets
+    go once rank 0 releases it."""
+    sender, rank0, rank1 = GlooPeer.remote("thinker"), GlooPeer.remote("dit0", 2), GlooPeer.remote("dit1", 2)
+    try:
+        sent = make_contexts(case, torch.bfloat16)
+        for round_ in range(2):  # the second handoff reuses the pairs made by the first
+            payload = ray_local.get(sender.send.remote(case))
+            assert ray_local.get(rank0.receive.remote(payload)) == ("nccl", digest(sent))
+            assert ray_local.get(sender.outbox_size.remote()) == 1  # kept for rank 1
+            route, nbytes, share = ray_local.get(rank1.share.remote(payload, wants, torch.float32))
+            assert route == "nccl" and list(share) == list(wants)
+            for branch, (group, parts) in wants.items():
+                want = sent.branch(branch)
+                want = head_slice(want, group, parts) if parts > 1 else want
+                kv, rope = share[branch]
+                assert rope == want.rope and kv.dtype == torch.float32, branch
+                assert torch.equal(bits(kv), bits(want.kv.float())), branch
+            assert nbytes == sum((head_slice(sent.branch(b), g, n) if n > 1 else sent.branch(b)).nbytes
+                                 for b, (g, n) in wants.items())
+            assert nbytes < sent.nbytes
+            assert ray_local.get(sender.outbox_size.remote()) == 1  # a share leaves it kept
+            ray_local.get(rank0.release.remote(payload))
+            assert _outbox_empties(sender, ray_local), f"round {round_}: not let go after rank 0's release"
+        assert ray_local.get(sender.opened.remote()) == [0, 0]  # one pair with each rank, made once
+        assert ray_local.get(rank0.opened.remote()) == [1] and ray_local.get(rank1.opened.remote()) == [1]
+        # released: a late share request finds the handoff gone (rank 0 would relay it)
+        with pytest.raises(Exception, match="gone"):
+            ray_local.get(rank1.share.remote(payload, wants, torch.float32))
+    finally:
+        for peer in (sender, rank0, rank1):
+            ray_local.kill(peer)
+
+
+def test_a_one_rank_receiver_lets_the_sender_go_at_once(ray_local):
+    """Only a several-rank replica's rank 0 has the sender keep a handoff: a one-rank DiT's
+    NCCL receive takes it out of the outbox as before."""
+    sender, receiver = GlooPeer.remote("thinker"), GlooPeer.remote("dit")
+    try:
+        payload = ray_local.get(sender.send.remote("img2img"))
+        assert ray_local.get(receiver.receive.remote(payload)) == ("nccl", digest(make_contexts("img2img", torch.bfloat16)))
+        assert _outbox_empties(sender, ray_local)
+    finally:
+        for peer in (sender, receiver):
+            ray_local.kill(peer)

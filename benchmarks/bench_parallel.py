@@ -28,8 +28,11 @@ the same time; a Serve replica ships them from rank 0 instead) to the decoded im
 --reps after a 3-step warm-up. Correctness guard, as `bench_pipeline`'s: each parallel row's
 latents against the one-GPU latents of the same request, relative L2, within twice the floor
 (how far the one-GPU latents move when the initial noise moves by one bf16 rounding), and the
-mean pixel difference under 2 / 255; `guard_ok` says whether both hold. The one-GPU path runs
-the DiT's layer graphs; the parallel path runs eagerly (its attention is split over ranks).
+mean pixel difference under 2 / 255; `guard_ok` says whether both hold. Both paths replay the
+DiT's layers as CUDA graphs where the shape fits (`DitGraphs`: up to 4,096 rows a forward; on
+the parallel path between the split attentions, whose collectives stay outside the graphs);
+`--parallel-layers eager` runs the parallel rows' layers eagerly instead, `both` each parallel
+row both ways (the eager one named `ROW (eager)`), to measure what the graphs bring there.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +107,63 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@dataclass
+class Rank:
+    """One rank's run: its pipeline, engines and groups, and (rank 0) the rows so far and each
+    modality's one-GPU reference (latents and image, seconds, bf16 floor)."""
+
+    rank: int
+    device: str
+    args: argparse.Namespace
+    pipe: Any
+    engines: dict = field(default_factory=dict)  # (cfg, seq) -> ParallelDiT
+    groups: dict = field(default_factory=dict)  # size -> the group of the first `size` ranks
+    results: list = field(default_factory=list)
+    reference: dict = field(default_factory=dict)
+    reference_s: dict = field(default_factory=dict)
+    floors: dict = field(default_factory=dict)
+
+
+def run_one(r: Rank, name: str, req: GenerationRequest, graphs: bool) -> None:
+    """Row `name` on this rank (one of its first cfg x seq), its layers as CUDA graphs or eager;
+    rank 0 appends the row's figures and guard to `r.results` (a one-rank row is the reference
+    of its modality)."""
+    _, cfg, seq, target, help_cond = ROWS[name]
+    pipe, engines, groups, device, rank, args = r.pipe, r.engines, r.groups, r.device, r.rank, r.args
+    results, reference, reference_s, floors = r.results, r.reference, r.reference_s, r.floors
+    modality, size = req.modality, cfg * seq
+    if size > 1 and (cfg, seq) not in engines:
+        engines[cfg, seq] = ParallelDiT(pipe.dit, ParallelConfig(cfg, seq), groups[size])
+    engine = engines.get((cfg, seq)) if size > 1 else None
+    pipe.dit.cuda_graphs = graphs
+    if engine is not None:
+        engine.help_cond = help_cond and engine.can_help
+    run_row(pipe, engine, GenerationRequest(**{**req.__dict__, "num_inference_steps": 3}), device, rank)  # warm-up
+    runs = [run_row(pipe, engine, req, device, rank) for _ in range(args.reps)]
+    seconds, denoise_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    _, _, latents, picture = runs[-1]
+    if rank == 0:
+        row = {"row": name if graphs else f"{name} (eager)", "seconds": seconds, "denoise_s": denoise_s, "ranks": size, "target_s": target,
+               "help_cond": engine is not None and engine.help_cond, "graphs": pipe.dit.cuda_graphs}
+        if size == 1:
+            reference[modality] = (latents, picture)
+            reference_s[modality] = seconds
+            # the floor: the same path from the initial noise moved by one bf16 rounding
+            noise = pipe.prepare_image(req).noise
+            nudged = pipe.run(GenerationRequest(**{**req.__dict__, "init_noise": noise.bfloat16().float()}))
+            floors[modality] = rel_l2(nudged.latent_tokens.float().cpu(), latents)
+        elif modality in reference:
+            want, want_picture = reference[modality]
+            row["speedup"] = reference_s[modality] / seconds
+            pixels = np.abs(np.asarray(picture, dtype=np.int16) - np.asarray(want_picture, dtype=np.int16))
+            row.update(latent_rel_l2=rel_l2(latents, want), floor_rel_l2=floors[modality],
+                       pixel_mean=float(pixels.mean()), pixel_max=int(pixels.max()))
+            row["guard_ok"] = (row["latent_rel_l2"] <= FLOOR_FACTOR * floors[modality]
+                               and row["pixel_mean"] <= PIXEL_MEAN_MAX)
+        results.append(row)
+        print(row, flush=True)
+
+
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda":
@@ -112,10 +174,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.init_process_group("gloo" if args.smoke or args.share_gpus else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))
     side = 128 if args.smoke else args.side
-    pipe = random_pipeline(args.smoke)
-    results, reference, reference_s, floors = [], {}, {}, {}
-    engines: dict[tuple[int, int], ParallelDiT] = {}
-    groups: dict[int, dist.ProcessGroup] = {}
+    r = Rank(rank, device, args, random_pipeline(args.smoke))
+    results, groups = r.results, r.groups
     for name in args.rows.split(","):
         modality, cfg, seq, target, help_cond = ROWS[name]
         size = cfg * seq
@@ -126,36 +186,10 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         if size not in groups and size > 1:
             groups[size] = dist.new_group(list(range(size)))  # every rank, in the same order
         req = request(modality, side, args.steps)
-        if rank < size:
-            if size > 1 and (cfg, seq) not in engines:
-                engines[cfg, seq] = ParallelDiT(pipe.dit, ParallelConfig(cfg, seq), groups[size])
-            engine = engines.get((cfg, seq)) if size > 1 else None
-            if engine is not None:
-                engine.help_cond = help_cond and engine.can_help
-            run_row(pipe, engine, GenerationRequest(**{**req.__dict__, "num_inference_steps": 3}), device, rank)  # warm-up
-            runs = [run_row(pipe, engine, req, device, rank) for _ in range(args.reps)]
-            seconds, denoise_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-            _, _, latents, picture = runs[-1]
-            if rank == 0:
-                row = {"row": name, "seconds": seconds, "denoise_s": denoise_s, "ranks": size, "target_s": target,
-                       "help_cond": engine is not None and engine.help_cond}
-                if size == 1:
-                    reference[modality] = (latents, picture)
-                    reference_s[modality] = seconds
-                    # the floor: the same path from the initial noise moved by one bf16 rounding
-                    noise = pipe.prepare_image(req).noise
-                    nudged = pipe.run(GenerationRequest(**{**req.__dict__, "init_noise": noise.bfloat16().float()}))
-                    floors[modality] = rel_l2(nudged.latent_tokens.float().cpu(), latents)
-                elif modality in reference:
-                    want, want_picture = reference[modality]
-                    row["speedup"] = reference_s[modality] / seconds
-                    pixels = np.abs(np.asarray(picture, dtype=np.int16) - np.asarray(want_picture, dtype=np.int16))
-                    row.update(latent_rel_l2=rel_l2(latents, want), floor_rel_l2=floors[modality],
-                               pixel_mean=float(pixels.mean()), pixel_max=int(pixels.max()))
-                    row["guard_ok"] = (row["latent_rel_l2"] <= FLOOR_FACTOR * floors[modality]
-                                       and row["pixel_mean"] <= PIXEL_MEAN_MAX)
-                results.append(row)
-                print(row, flush=True)
+        layer_modes = [True] if size == 1 else {"graphs": [True], "eager": [False], "both": [True, False]}[args.parallel_layers]
+        for graphs in layer_modes:
+            if rank < size:
+                run_one(r, name, req, graphs)
         dist.barrier()
     failed = [r["row"] for r in results if r.get("guard_ok") is False]
     if rank == 0:
@@ -179,6 +213,8 @@ def main() -> str | None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--side", type=int, default=1024, help="image side in pixels (default 1024)")
+    parser.add_argument("--parallel-layers", choices=("graphs", "eager", "both"), default="graphs",
+                        help="the parallel rows' layers as CUDA graphs (default), eagerly, or each row both ways")
     parser.add_argument("--share-gpus", action="store_true", help="more ranks than GPUs, over gloo (plumbing, not speed)")
     parser.add_argument("--smoke", action="store_true", help="the tiny config on 4 CPU ranks over gloo, to check the script")
     args = parser.parse_args()

@@ -29,7 +29,7 @@ from PIL import Image
 from bagel_ray.engine.cancel import Cancelled
 from bagel_ray.engine.cfg import combine
 from bagel_ray.engine.context import ContextBuilder
-from bagel_ray.engine.dit_graphs import DitGraphs
+from bagel_ray.engine.dit_graphs import BlockAttention, DitGraphs
 from bagel_ray.engine.kv_context import ImageContexts, KVContext
 from bagel_ray.engine.params import DenoiseParams
 from bagel_ray.engine.schedule import Schedule, cfg_active, euler_step, make_schedule
@@ -199,13 +199,22 @@ class DiT:
         n = n_lat + 2
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
-        args = (rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past), ForwardMode(gen=True))
-        if self.cuda_graphs:
-            stream, hidden = self._graphs(*args)
-        else:
-            hidden, _, stream = self.model.llm(*args, with_stream=True)
+        stream, hidden = self.layers(rows, positions, ExpertRows.block_markers(B, n, dev), RaggedKV(past))
         v = self.model.velocity(hidden[:, 1:-1])
         return (v, stream[:, 1:-1]) if with_stream else v
+
+    def layers(self, rows: torch.Tensor, positions: torch.Tensor, experts: ExpertRows, attention: BlockAttention,
+               tag: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers over image blocks `rows` [B, N, D] in gen mode: (the residual
+        stream after the last layer, the final-normed hidden states), replayed as CUDA graphs
+        where `cuda_graphs` is on and the shape fits (`DitGraphs`), else eagerly. `attention`:
+        `RaggedKV`, or a parallel replica's split attention (`UlyssesKV`); `tag`: what `experts`
+        depends on besides the shape (a sequence rank's markers). Graph outputs are the
+        graphs' own tensors: read them before the next call."""
+        if self.cuda_graphs:
+            return self._graphs(rows, positions, experts, attention, ForwardMode(gen=True), tag)
+        hidden, _, stream = self.model.llm(rows, positions, experts, attention, ForwardMode(gen=True), with_stream=True)
+        return stream, hidden
 
     @torch.inference_mode()
     def predicted_velocity(self, state: TaylorState) -> torch.Tensor:

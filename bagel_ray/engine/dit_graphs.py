@@ -22,13 +22,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from bagel_ray.model import kernels
-from bagel_ray.model.llm import ExpertRows, ForwardMode, MoTLanguageModel, RaggedKV, rope_cos_sin
+from bagel_ray.model.llm import ExpertRows, ForwardMode, MoTLanguageModel, rope_cos_sin
 
 log = logging.getLogger(__name__)
+
+
+class BlockAttention(Protocol):
+    """The attention of image blocks the graphs run between: `RaggedKV`, or a parallel
+    replica's `UlyssesKV` (whose collectives stay outside the graphs). `into` is the same
+    attention writing its output into `out` [B, N, heads, hd], where the next graph reads it."""
+
+    def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm) -> tuple: ...
+
+    def into(self, out: torch.Tensor) -> "BlockAttention": ...
 
 
 @dataclass
@@ -46,7 +57,7 @@ class _Captured:
 
 
 class DitGraphs:
-    """Runs `llm` on DiT blocks (`RaggedKV` attention, gen mode), with graphs for shapes of at
+    """Runs `llm` on DiT blocks (`BlockAttention`, gen mode), with graphs for shapes of at
     most `max_rows` rows on a GPU. A shape's first call runs eagerly (it also warms up the
     kernels) and then captures; later calls replay. `rows` must be a function of the shape
     (the DiT's `ExpertRows.block_markers`): a shape's graphs keep the rows they were captured
@@ -69,11 +80,13 @@ class DitGraphs:
         held = sum(k[0] * k[1] for k, c in self._captured.items() if c is not None)
         return rows <= self.max_rows and held + rows <= self.max_total_rows
 
-    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: ExpertRows, attention: RaggedKV,
-                 mode: ForwardMode) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: ExpertRows, attention: BlockAttention,
+                 mode: ForwardMode, tag: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """(The residual stream after the last layer, the final-normed hidden states), each
         [B, N, D], of the blocks `embeds` [B, N, D]. A replay's outputs are the graph's own
-        tensors: read them before the next call."""
+        tensors: read them before the next call. `tag`: what `rows` depends on besides the
+        shape (a sequence rank's blocks have a start marker, an end marker, both or none),
+        part of the captured shape's key."""
         B, N, _ = embeds.shape
 
         def eager() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +96,7 @@ class DitGraphs:
         if (not embeds.is_cuda or B * N > self.max_rows or kernels.in_eager()
                 or torch.cuda.is_current_stream_capturing()):
             return eager()
-        key = (B, N, embeds.dtype, embeds.device)
+        key = (B, N, embeds.dtype, embeds.device, tag)
         if key not in self._captured:
             out = eager()
             self._captured[key] = self._capture(embeds, rows) if self.has_room(B * N) else None
@@ -93,10 +106,10 @@ class DitGraphs:
             return eager()
         return self._replay(captured, embeds, positions, attention, mode)
 
-    def _replay(self, c: _Captured, embeds: torch.Tensor, positions: torch.Tensor, attention: RaggedKV,
+    def _replay(self, c: _Captured, embeds: torch.Tensor, positions: torch.Tensor, attention: BlockAttention,
                 mode: ForwardMode) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rope_cos_sin(positions, self.llm.inv_freq, embeds.dtype)
-        into = RaggedKV(attention.past, out=c.attn.unflatten(-1, (self.llm.cfg.num_attention_heads, -1)))
+        into = attention.into(c.attn.unflatten(-1, (self.llm.cfg.num_attention_heads, -1)))
         c.embeds.copy_(embeds)
         for layer, graph, qkv in zip(self.llm.layers, c.graphs, c.qkv):
             graph.replay()

@@ -58,7 +58,7 @@ from bagel_ray.engine.schedule import euler_step, make_schedule
 from bagel_ray.engine.taylorseer import TaylorState
 from bagel_ray.model.kernels.rope import QKNormRope
 from bagel_ray.model.image_transforms import grid_position_ids
-from bagel_ray.model.llm import ExpertRows, ForwardMode, RaggedKV, sdpa
+from bagel_ray.model.llm import ExpertRows, RaggedKV, sdpa
 
 MAX_CFG = len(BRANCHES)
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); older torch has only that
@@ -158,12 +158,17 @@ class UlyssesKV:
     but `past[b]` holds only this rank's KV heads: ([T_b, kv / ranks, hd], ...) per layer, or
     None). One all-to-all trades rows for heads, each rank attends with its heads over all rows
     and its heads of the context, a second all-to-all trades back. Returns this rank's rows
-    with all heads, and its rows' K/V."""
+    with all heads, and its rows' K/V. With `out` ([B, n, heads, hd]) the rows are written
+    there (where a CUDA graph of the next layer reads them; the all-to-alls stay outside the
+    graphs)."""
 
     def __init__(self, past: list[list[tuple[torch.Tensor, torch.Tensor]] | None], group: dist.ProcessGroup | None,
-                 sizes: list[int]) -> None:
-        self.past, self.group, self.sizes = past, group, sizes
+                 sizes: list[int], out: torch.Tensor | None = None) -> None:
+        self.past, self.group, self.sizes, self.out = past, group, sizes, out
         self.offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+
+    def into(self, out: torch.Tensor) -> "UlyssesKV":
+        return UlyssesKV(self.past, self.group, self.sizes, out)
 
     def _exchange(self, send: torch.Tensor, in_sizes: list[int], out_sizes: list[int]) -> torch.Tensor:
         recv = send.new_empty(sum(out_sizes), *send.shape[1:])
@@ -192,7 +197,8 @@ class UlyssesKV:
         out = torch.cat(outs)  # [B, all rows, hq, hd]
         back = torch.cat([out[:, o : o + m].reshape(B * m, hq, hd) for o, m in zip(self.offsets, self.sizes)])
         mine = self._exchange(back, [B * m for m in self.sizes], [B * n] * S)
-        attn = mine.view(S, B, n, hq, hd).permute(1, 2, 0, 3, 4).reshape(B, n, H, hd)
+        attn = self.out if self.out is not None else mine.new_empty(B, n, H, hd)
+        attn.view(B, n, S, hq, hd).copy_(mine.view(S, B, n, hq, hd).permute(1, 2, 0, 3, 4))
         return attn, (k, v)
 
 
@@ -383,8 +389,7 @@ class ParallelDiT:
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
         attention = RaggedKV(past) if S == 1 else UlyssesKV(past, group, sizes)
-        hidden, _, stream = model.llm(rows, positions, self._expert_rows(B, n, start, end), attention,
-                                      ForwardMode(gen=True), with_stream=True)
+        stream, hidden = dit.layers(rows, positions, self._expert_rows(B, n, start, end), attention, (start, end))
         latent = slice(int(start), n - int(end))
         return model.velocity(hidden[:, latent]), stream[:, latent]
 

@@ -164,6 +164,9 @@ class RaggedKV:
         self.past = past
         self.out = out
 
+    def into(self, out: torch.Tensor) -> "RaggedKV":
+        return RaggedKV(self.past, out)
+
     def __call__(self, layer: int, qk: torch.Tensor, v: torch.Tensor, norm: QKNormRope) -> tuple[torch.Tensor, KV]:
         q, k = _split_qk(qk, norm)
         outs = []

@@ -51,10 +51,11 @@ def dit_parts(app: AppConfig) -> frozenset[str]:
 def rank_dit(config: AppConfig) -> DiT:
     """A worker rank's denoiser (`serve/dit_group.py`). It only denoises, but it loads what rank 0
     loads: `random-7b` draws its weights in parameter order from one seed, so other parts would
-    give it other weights. Its layers run eagerly (no CUDA graphs on the parallel path yet)."""
+    give it other weights. On a GPU its layers replay as CUDA graphs between the split
+    attentions, as rank 0's do (`DiT.layers`)."""
     device, dtype = resolve_device(config.dit)
     ckpt = load_checkpoint(config.model, dit_parts(config), device, dtype)
-    return DiT(ckpt.model, ckpt.tokenizer, ckpt.vae, cuda_graphs=False)
+    return DiT(ckpt.model, ckpt.tokenizer, ckpt.vae)
 
 
 def thinker_engine(config: AppConfig) -> LocalPipeline:

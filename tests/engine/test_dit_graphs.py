@@ -121,3 +121,55 @@ def test_a_shape_past_the_budget_stays_eager(gpu_pipeline):
     captured = dit._graphs._captured
     assert {(b, c is not None) for (b, *_), c in captured.items()} == {(1, True), (2, False)}
     assert all(torch.equal(g, want) for g in got)
+
+
+# -- the parallel path: graphs between the split attentions ----------------------------------
+
+
+def _parallel_rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    """A rank on the one GPU (gloo between the ranks): each grid's latents eager, then twice
+    with graphs (captured, then replayed), and the shapes this rank captured."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from bagel_ray.engine.dit_parallel import ParallelConfig, ParallelDiT
+    from bagel_ray.engine.pipeline import LocalPipeline
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    pipe = LocalPipeline.from_pretrained(model_dir, device="cuda", dtype="bfloat16")
+    results = {}
+    for cfg, seq in [(2, 1), (1, 2)]:
+        engine = ParallelDiT(pipe.dit, ParallelConfig(cfg, seq))
+        for graphs in (False, True, True):
+            pipe.dit.cuda_graphs = graphs
+            req = GenerationRequest("text2img", PROMPTS[0], seed=3, num_inference_steps=6, height=64, width=64,
+                                    cfg_interval=(0.5, 1.0))
+            prepared = pipe.prepare_image(req)
+            latents = engine.denoise_contexts(prepared.contexts, req.sampler(), prepared.noise)
+            results.setdefault(f"{cfg}x{seq}", []).append(latents.float().cpu())
+    captured = [(k[0], k[1], k[-1]) for k, c in pipe.dit._graphs._captured.items() if c is not None]
+    torch.save({"results": results, "captured": captured}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_parallel_denoising_with_graphs_gives_its_eager_latents(gpu_pipeline, tmp_path):
+    """Two ranks on one GPU, CFG 2 (cond over both ranks outside cfg_interval) and sequence 2:
+    the layers replayed as graphs between the Ulysses all-to-alls give the eager latents, bit
+    for bit, and each rank captured its own rows' shapes (its markers in the key)."""
+    from bagel_ray.model.tiny import make_tiny_model
+    from tests.engine.test_dit_parallel import free_port
+
+    model_dir = make_tiny_model(tmp_path / "tiny")
+    torch.multiprocessing.spawn(_parallel_rank, args=(2, free_port(), str(model_dir), str(tmp_path)), nprocs=2)
+    h, w = gpu_pipeline.dit.latent_grid(64, 64)
+    half = (h * w + 2) // 2
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"{rank}.pt")
+        for grid, (eager, captured, replayed) in saved["results"].items():
+            assert torch.equal(captured, eager) and torch.equal(replayed, eager), f"rank {rank}, {grid}"
+        markers = (True, False) if rank == 0 else (False, True)
+        # CFG 2: each branch whole on its rank, cond split over both; sequence 2: one block, split
+        assert {(1, h * w + 2, (True, True)), (1, half, markers)} <= set(saved["captured"]), rank

@@ -201,57 +201,44 @@ def _release(peer, payload) -> None:
     peer.transport.release(payload)
 
 
-def test_a_worker_rank_maps_its_share_over_cuda_ipc_and_rank_0_releases_it(gpu_peers, ray_local):
-    """Thinker, rank 0 and rank 1 of a 2-rank DiT on one GPU: rank 0's receive keeps the
-    handoff (rank 1 still maps it), rank 1 copies out only cfg_text and its half of cond's
-    heads, and the sender lets go once rank 0 releases it."""
+def check_share_and_release(ray, sender, rank0, rank1, route: str) -> None:
+    """One handoff to a 2-rank DiT: rank 0's whole receive has the sender keep it (for rank 1),
+    rank 1 gets only cfg_text and its half of cond's heads over `route`, bit for bit, and the
+    sender lets go once rank 0 releases it."""
     from bagel_ray.engine.dit_parallel import head_slice
 
-    sender, rank0, rank1 = (gpu_peers("cuda_ipc", 0.3, ranks=2) for _ in range(3))
-    if len(set(ray_local.get([p.gpu.remote() for p in (sender, rank0, rank1)]))) != 1:
-        pytest.skip("Ray placed the three actors on different GPUs")
-    payload = ray_local.get(sender.send.remote("text2img"))
-    route, got, _ = ray_local.get(rank0.receive.remote(payload))
+    payload = ray.get(sender.send.remote("text2img"))
+    got_route, got, _ = ray.get(rank0.receive.remote(payload))
     sent = make_contexts("text2img", torch.bfloat16)
-    assert route == "cuda_ipc" and got == digest(sent)
-    assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 1  # held for rank 1
-    route, nbytes, share = ray_local.get(rank1.__ray_call__.remote(_share, payload, {"cfg_text": (0, 1), "cond": (1, 2)}))
-    assert route == "cuda_ipc"
+    assert got_route == route and got == digest(sent)
+    assert ray.get(sender.__ray_call__.remote(_outbox_size)) == 1  # kept for rank 1
+    got_route, nbytes, share = ray.get(rank1.__ray_call__.remote(_share, payload, {"cfg_text": (0, 1), "cond": (1, 2)}))
+    assert got_route == route
     for name, want in {"cfg_text": sent.branch("cfg_text"), "cond": head_slice(sent.gen, 1, 2)}.items():
         kv, rope = share[name]
         assert rope == want.rope and torch.equal(kv.view(torch.int16), want.kv.contiguous().view(torch.int16)), name
     assert nbytes == sent.branch("cfg_text").nbytes + head_slice(sent.gen, 1, 2).nbytes
-    ray_local.get(rank0.__ray_call__.remote(_release, payload))
+    ray.get(rank0.__ray_call__.remote(_release, payload))
     deadline = time.monotonic() + 10
-    while ray_local.get(sender.__ray_call__.remote(_outbox_size)) and time.monotonic() < deadline:
+    while ray.get(sender.__ray_call__.remote(_outbox_size)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 0
+    assert ray.get(sender.__ray_call__.remote(_outbox_size)) == 0
+
+
+def test_a_worker_rank_maps_its_share_over_cuda_ipc_and_rank_0_releases_it(gpu_peers, ray_local):
+    """Thinker, rank 0 and rank 1 of a 2-rank DiT on one GPU: rank 1 maps the handoff itself."""
+    sender, rank0, rank1 = (gpu_peers("cuda_ipc", 0.3, ranks=2) for _ in range(3))
+    if len(set(ray_local.get([p.gpu.remote() for p in (sender, rank0, rank1)]))) != 1:
+        pytest.skip("Ray placed the three actors on different GPUs")
+    check_share_and_release(ray_local, sender, rank0, rank1, "cuda_ipc")
 
 
 @three_gpus
 @pytest.mark.parametrize("transport", ["nccl", "auto"])
 def test_a_worker_rank_pulls_its_share_over_nccl_and_rank_0_releases_it(gpu_peers, ray_local, transport):
-    """Thinker, rank 0 and rank 1 of a 2-rank DiT on three GPUs: rank 0's NCCL receive has the
-    sender keep the handoff, rank 1 pulls only cfg_text and its half of cond's heads over a
-    pair of its own, and the sender lets go once rank 0 releases it."""
-    from bagel_ray.engine.dit_parallel import head_slice
-
+    """Thinker, rank 0 and rank 1 of a 2-rank DiT on three GPUs: rank 1 pulls its pieces over a
+    NCCL pair of its own, twice (the second over the pairs the first made)."""
     sender, rank0, rank1 = (gpu_peers(transport, 1, ranks=2) for _ in range(3))
     assert len(set(ray_local.get([p.gpu.remote() for p in (sender, rank0, rank1)]))) == 3
-    sent = make_contexts("text2img", torch.bfloat16)
-    for _ in range(2):  # the second over the pairs the first made
-        payload = ray_local.get(sender.send.remote("text2img"))
-        route, got, _ = ray_local.get(rank0.receive.remote(payload))
-        assert route == "nccl" and got == digest(sent)
-        assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 1  # kept for rank 1
-        route, nbytes, share = ray_local.get(rank1.__ray_call__.remote(_share, payload, {"cfg_text": (0, 1), "cond": (1, 2)}))
-        assert route == "nccl"
-        for name, want in {"cfg_text": sent.branch("cfg_text"), "cond": head_slice(sent.gen, 1, 2)}.items():
-            kv, rope = share[name]
-            assert rope == want.rope and torch.equal(kv.view(torch.int16), want.kv.contiguous().view(torch.int16)), name
-        assert nbytes == sent.branch("cfg_text").nbytes + head_slice(sent.gen, 1, 2).nbytes
-        ray_local.get(rank0.__ray_call__.remote(_release, payload))
-        deadline = time.monotonic() + 10
-        while ray_local.get(sender.__ray_call__.remote(_outbox_size)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert ray_local.get(sender.__ray_call__.remote(_outbox_size)) == 0
+    for _ in range(2):
+        check_share_and_release(ray_local, sender, rank0, rank1, "nccl")

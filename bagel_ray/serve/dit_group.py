@@ -119,16 +119,17 @@ def share_from(engine: ParallelDiT, plan: BranchPlan, layout: dict[str, tuple[tu
     """A worker rank's contexts of a request: fetched by this rank from the handoff's own
     transport where it reaches this process (`transport.shares`, through this rank's
     `transport`), else (contexts built on rank 0, a fetch that failed) relayed by rank 0 over
-    the group. Collective with
-    rank 0's `deliver_shares`, which waits for it in a collective: a fetch gives up after
-    half the group's `timeout_s` and is relayed then. Returns the stats of this rank's own
-    fetch (None: relayed)."""
+    the group. Collective with rank 0's `deliver_shares`, which waits for it in a collective:
+    an object-store fetch gives up after half the group's `timeout_s` and is relayed then (a
+    NCCL pull within the transport's own deadlines, 40 s at most by default). Returns the
+    stats of this rank's own fetch (None: relayed, or nothing to get: a rank with no branch
+    of this request)."""
     fetched = None
-    if handoff is not None:
+    wants = engine.wants(plan)
+    if handoff is not None and wants:
         model = engine.dit.model
         try:
-            fetched = fetch_share(handoff.payload, engine.wants(plan), model.device, model.dtype, transport,
-                                  timeout_s / 2)
+            fetched = fetch_share(handoff.payload, wants, model.device, model.dtype, transport, timeout_s / 2)
         except Exception as exc:  # noqa: BLE001 - rank 0 has the contexts: it relays them instead
             log.warning("rank %d could not fetch its KV share (%s: %s); rank 0 relays it", engine.rank,
                         type(exc).__name__, exc)

@@ -28,11 +28,13 @@ the same time; a Serve replica ships them from rank 0 instead) to the decoded im
 --reps after a 3-step warm-up. Correctness guard, as `bench_pipeline`'s: each parallel row's
 latents against the one-GPU latents of the same request, relative L2, within twice the floor
 (how far the one-GPU latents move when the initial noise moves by one bf16 rounding), and the
-mean pixel difference under 2 / 255; `guard_ok` says whether both hold. Both paths replay the
-DiT's layers as CUDA graphs where the shape fits (`DitGraphs`: up to 4,096 rows a forward; on
-the parallel path between the split attentions, whose collectives stay outside the graphs);
-`--parallel-layers eager` runs the parallel rows' layers eagerly instead, `both` each parallel
-row both ways (the eager one named `ROW (eager)`), to measure what the graphs bring there.
+mean pixel difference under 2 / 255; `guard_ok` says whether both hold. The one-GPU path
+replays the DiT's layers as CUDA graphs where the shape fits (`DitGraphs`: up to 4,096 rows a
+forward). Each parallel row runs twice by default (`--parallel-layers both`): with its layers
+as graphs between the split attentions, whose collectives stay outside them
+(`dit.parallel.cuda_graphs`), and eagerly (named `ROW (eager)`, a Serve replica's default), to
+measure what the graphs bring there; `graphs` or `eager` runs one of them (`--smoke`: eager,
+the CPU has no graphs).
 """
 
 from __future__ import annotations
@@ -135,16 +137,16 @@ def run_one(r: Rank, name: str, req: GenerationRequest, graphs: bool) -> None:
     if size > 1 and (cfg, seq) not in engines:
         engines[cfg, seq] = ParallelDiT(pipe.dit, ParallelConfig(cfg, seq), groups[size])
     engine = engines.get((cfg, seq)) if size > 1 else None
-    pipe.dit.cuda_graphs = graphs
     if engine is not None:
         engine.help_cond = help_cond and engine.can_help
+        engine.cuda_graphs = graphs
     run_row(pipe, engine, GenerationRequest(**{**req.__dict__, "num_inference_steps": 3}), device, rank)  # warm-up
     runs = [run_row(pipe, engine, req, device, rank) for _ in range(args.reps)]
     seconds, denoise_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     _, _, latents, picture = runs[-1]
     if rank == 0:
-        row = {"row": name if graphs else f"{name} (eager)", "seconds": seconds, "denoise_s": denoise_s, "ranks": size, "target_s": target,
-               "help_cond": engine is not None and engine.help_cond, "graphs": pipe.dit.cuda_graphs}
+        row = {"row": f"{name} (eager)" if args.parallel_layers == "both" and not graphs else name, "seconds": seconds, "denoise_s": denoise_s, "ranks": size, "target_s": target,
+               "help_cond": engine is not None and engine.help_cond, "graphs": graphs}
         if size == 1:
             reference[modality] = (latents, picture)
             reference_s[modality] = seconds
@@ -213,8 +215,9 @@ def main() -> str | None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--side", type=int, default=1024, help="image side in pixels (default 1024)")
-    parser.add_argument("--parallel-layers", choices=("graphs", "eager", "both"), default="graphs",
-                        help="the parallel rows' layers as CUDA graphs (default), eagerly, or each row both ways")
+    parser.add_argument("--parallel-layers", choices=("graphs", "eager", "both"), default=None,
+                        help="the parallel rows' layers as CUDA graphs, eagerly, or each row both ways (default; "
+                             "eager with --smoke: CPUs have no graphs)")
     parser.add_argument("--share-gpus", action="store_true", help="more ranks than GPUs, over gloo (plumbing, not speed)")
     parser.add_argument("--smoke", action="store_true", help="the tiny config on 4 CPU ranks over gloo, to check the script")
     args = parser.parse_args()
@@ -223,6 +226,7 @@ def main() -> str | None:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     args.steps = args.steps or (4 if args.smoke else 50)
+    args.parallel_layers = args.parallel_layers or ("eager" if args.smoke else "both")
     if args.smoke:
         world = args.gpus or 4
     else:

@@ -204,14 +204,14 @@ class DiT:
         return (v, stream[:, 1:-1]) if with_stream else v
 
     def layers(self, rows: torch.Tensor, positions: torch.Tensor, experts: ExpertRows, attention: BlockAttention,
-               tag: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+               tag: tuple = (), graphs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers over image blocks `rows` [B, N, D] in gen mode: (the residual
         stream after the last layer, the final-normed hidden states), replayed as CUDA graphs
-        where `cuda_graphs` is on and the shape fits (`DitGraphs`), else eagerly. `attention`:
-        `RaggedKV`, or a parallel replica's split attention (`UlyssesKV`); `tag`: what `experts`
-        depends on besides the shape (a sequence rank's markers). Graph outputs are the
-        graphs' own tensors: read them before the next call."""
-        if self.cuda_graphs:
+        where `graphs` (default: `cuda_graphs`) is on and the shape fits (`DitGraphs`), else
+        eagerly. `attention`: `RaggedKV`, or a parallel replica's split attention
+        (`UlyssesKV`); `tag`: what `experts` depends on besides the shape (a sequence rank's
+        markers). Graph outputs are the graphs' own tensors: read them before the next call."""
+        if self.cuda_graphs if graphs is None else graphs:
             return self._graphs(rows, positions, experts, attention, ForwardMode(gen=True), tag)
         hidden, _, stream = self.model.llm(rows, positions, experts, attention, ForwardMode(gen=True), with_stream=True)
         return stream, hidden

@@ -257,10 +257,14 @@ class ParallelDiT:
     the factors of its own rows from the last layer's output; on its Taylor forwards those
     ranks predict their rows' velocity from the factors (`DiT.predicted_velocity`, row-wise),
     and the gather is the same. Which forwards are full depends only on the branch's forward
-    count, which every rank keeps for every branch: the ranks agree without talking."""
+    count, which every rank keeps for every branch: the ranks agree without talking.
+
+    `cuda_graphs`: on a GPU, the rank's layers replay as CUDA graphs between the split
+    attentions (`DiT.layers`, where `dit.cuda_graphs` is also on), the all-to-alls outside
+    them; each rank captures the shapes of its own rows, keyed by its markers."""
 
     def __init__(self, dit: DiT, config: ParallelConfig, group: dist.ProcessGroup | None = None,
-                 help_cond: bool = True) -> None:
+                 help_cond: bool = True, cuda_graphs: bool = False) -> None:
         llm = dit.cfg.llm
         config.check_heads(llm.num_attention_heads, llm.num_key_value_heads)
         world = dist.get_world_size(group)
@@ -275,6 +279,7 @@ class ParallelDiT:
         self.seq_group = dist.new_group(members, use_local_synchronization=True) if config.sequence > 1 else None
         self.can_help = config.cfg > 1 and llm.num_attention_heads % config.size == 0 and llm.num_key_value_heads % config.size == 0
         self.help_cond = help_cond and self.can_help
+        self.cuda_graphs = cuda_graphs
         self._experts: dict[tuple[int, int, bool, bool], ExpertRows] = {}
 
     # -- contexts over the group -----------------------------------------------------------------
@@ -389,7 +394,8 @@ class ParallelDiT:
         positions = host_to_device([c.rope for c in contexts], dev)[:, None].expand(B, n)
         past = [[c.layer(i) for i in range(c.kv.shape[0])] if c.length else None for c in contexts]
         attention = RaggedKV(past) if S == 1 else UlyssesKV(past, group, sizes)
-        stream, hidden = dit.layers(rows, positions, self._expert_rows(B, n, start, end), attention, (start, end))
+        stream, hidden = dit.layers(rows, positions, self._expert_rows(B, n, start, end), attention, (start, end),
+                                    self.cuda_graphs and dit.cuda_graphs)
         latent = slice(int(start), n - int(end))
         return model.velocity(hidden[:, latent]), stream[:, latent]
 

@@ -153,6 +153,9 @@ class ParallelSettings(StrictModel):
     sequence: int = Field(1, ge=1, description="ranks a branch's latent rows are split over (Ulysses)")
     timeout_s: float = Field(120.0, gt=0, description="how long a rank waits in a collective before the group counts as broken")
     start_timeout_s: float = Field(1800.0, gt=0, description="how long the replica waits for its worker ranks to load the model")
+    cuda_graphs: bool = Field(
+        False, description="on GPUs, each rank replays its layers as CUDA graphs between the split attentions, as one "
+        "GPU does; off until it has run on GPUs (its test, tests/engine/test_dit_graphs.py, has not yet)")
 
     @property
     def size(self) -> int:

@@ -86,7 +86,8 @@ def engine_config(settings: ParallelSettings, heads: int, kv_heads: int) -> Para
     return config
 
 
-def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeout_s: float) -> tuple[ParallelDiT, Control]:
+def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str,
+               settings: ParallelSettings) -> tuple[ParallelDiT, Control]:
     """Join the replica's process group as `rank`: this rank's engine, and the control channel."""
     backend = "nccl" if dit.model.device.type == "cuda" else "gloo"
     if backend == "nccl":
@@ -96,9 +97,9 @@ def join_group(dit: DiT, config: ParallelConfig, rank: int, address: str, timeou
         # when each process sees different devices (NVIDIA/nccl#1906): keep NVLS off unless
         # the operator chose otherwise. Not yet run on GPUs.
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=settings.timeout_s)
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=config.size, timeout=timeout)
-    engine = ParallelDiT(dit, config)
+    engine = ParallelDiT(dit, config, cuda_graphs=settings.cuda_graphs)
     # the control messages are pickled host objects: a gloo group beside an NCCL one
     return engine, Control(dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None)
 
@@ -224,7 +225,7 @@ class RankWorker:
         llm = self.dit.cfg.llm
         settings = self.config.dit.parallel
         config = engine_config(settings, llm.num_attention_heads, llm.num_key_value_heads)
-        self.engine, self.control = join_group(self.dit, config, self.rank, address, settings.timeout_s)
+        self.engine, self.control = join_group(self.dit, config, self.rank, address, settings)
         return self.rank
 
     def _contexts(self, join: Join) -> dict[str, KVContext]:
@@ -298,7 +299,7 @@ class DiTGroup:
         ray.get([w.ping.remote() for w in self.workers], timeout=settings.start_timeout_s)  # loaded
         address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
         joined = [w.join.remote(address) for w in self.workers]
-        self.engine, self.control = join_group(dit, self.config, 0, address, settings.timeout_s)
+        self.engine, self.control = join_group(dit, self.config, 0, address, settings)
         ray.get(joined, timeout=settings.timeout_s)
         log.info("DiT group of %d ranks (cfg %d x sequence %d) joined in %.1fs", self.config.size, settings.cfg,
                  settings.sequence, time.perf_counter() - t0)

@@ -52,7 +52,7 @@ def rank_dit(config: AppConfig) -> DiT:
     """A worker rank's denoiser (`serve/dit_group.py`). It only denoises, but it loads what rank 0
     loads: `random-7b` draws its weights in parameter order from one seed, so other parts would
     give it other weights. On a GPU its layers replay as CUDA graphs between the split
-    attentions, as rank 0's do (`DiT.layers`)."""
+    attentions where `dit.parallel.cuda_graphs` is on, as rank 0's do (`ParallelDiT`)."""
     device, dtype = resolve_device(config.dit)
     ckpt = load_checkpoint(config.model, dit_parts(config), device, dtype)
     return DiT(ckpt.model, ckpt.tokenizer, ckpt.vae)

@@ -144,7 +144,7 @@ def _parallel_rank(rank: int, world: int, port: int, model_dir: str, out: str) -
     for cfg, seq in [(2, 1), (1, 2)]:
         engine = ParallelDiT(pipe.dit, ParallelConfig(cfg, seq))
         for graphs in (False, True, True):
-            pipe.dit.cuda_graphs = graphs
+            engine.cuda_graphs = graphs
             req = GenerationRequest("text2img", PROMPTS[0], seed=3, num_inference_steps=6, height=64, width=64,
                                     cfg_interval=(0.5, 1.0))
             prepared = pipe.prepare_image(req)
@@ -173,3 +173,36 @@ def test_parallel_denoising_with_graphs_gives_its_eager_latents(gpu_pipeline, tm
         markers = (True, False) if rank == 0 else (False, True)
         # CFG 2: each branch whole on its rank, cond split over both; sequence 2: one block, split
         assert {(1, h * w + 2, (True, True)), (1, half, markers)} <= set(saved["captured"]), rank
+
+
+def test_a_parallel_rank_runs_its_layers_through_the_graphs_only_when_asked(pipeline, monkeypatch):
+    """`ParallelDiT.cuda_graphs` (a replica's `dit.parallel.cuda_graphs`) decides whether a
+    rank's forwards go through `DitGraphs`, with its markers as the shape's tag; off, they never
+    do, whatever the DiT's own setting (a one-rank group in this process, on the CPU)."""
+    import torch.distributed as dist
+
+    from bagel_ray.engine.dit_parallel import ParallelConfig, ParallelDiT
+    from tests.engine.test_dit_parallel import free_port
+
+    tags = []
+    graphs = pipeline.dit._graphs
+
+    def spy(*args):
+        tags.append(args[-1])
+        return graphs(*args)
+
+    monkeypatch.setattr(pipeline.dit, "_graphs", spy)
+    req = GenerationRequest("text2img", PROMPTS[0], seed=3, num_inference_steps=3, height=64, width=64)
+    prepared = pipeline.prepare_image(req)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        engine = ParallelDiT(pipeline.dit, ParallelConfig(1, 1))
+        assert not engine.cuda_graphs  # the default
+        eager = engine.denoise_contexts(prepared.contexts, req.sampler(), prepared.noise)
+        assert tags == []
+        engine.cuda_graphs = True
+        graphed = engine.denoise_contexts(prepared.contexts, req.sampler(), prepared.noise)
+        assert tags and set(tags) == {(True, True)}  # one rank: its block has both markers
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(graphed, eager)  # on the CPU `DitGraphs` runs the eager forward

@@ -31,4 +31,4 @@ def test_each_stage_builds_only_the_engines_its_work_needs(tiny_cache, edit_cont
     assert dit.dit is not None and dit.dit.cuda_graphs
     assert (dit.thinker is not None) == (edit_contexts_on == DIT)  # img2img contexts built on the DiT
     rank = rank_dit(app)
-    assert rank.cuda_graphs and rank.model.device == torch.device("cpu")  # graphs as rank 0 (on a GPU)
+    assert rank.cuda_graphs and rank.model.device == torch.device("cpu")  # as rank 0's: dit.parallel.cuda_graphs decides

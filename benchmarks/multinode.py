@@ -91,6 +91,19 @@ class MultiNodeApp:
             self.thinker = None
         return time.monotonic()
 
+    def cpu_seconds(self, node) -> float:
+        """CPU time the node's workers have used so far (Linux /proc): read twice, it says
+        whether its replicas are working now, which a metric exported a second ago does not."""
+        from ray._private import ray_constants
+
+        ticks = 0
+        for raylet in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []):
+            for pid in children(raylet.process.pid):
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     @property
     def head(self):
         return self.cluster.head_node

@@ -222,8 +222,8 @@ class DiTServer:
                 # Rank 0 lets go of a handoff the sender keeps for the worker ranks as soon as they
                 # hold their shares (`DiTGroup`); here, of one whose job ended before that (it
                 # failed, or was cancelled, before joining the group). A later share request finds
-                # it gone, and rank 0 relays.
-                self.transport.release(handoff.payload)
+                # it gone, and rank 0 relays. Off the event loop: it may message the sender.
+                asyncio.get_running_loop().run_in_executor(None, self.transport.release, handoff.payload)
 
     async def _image(self, req: GenerationRequest, prepared: PreparedImage | None,
                      handoff: Handoff | None = None) -> GenerationResult:

@@ -212,10 +212,18 @@ def test_losing_a_dit_node_under_load(cluster_app, local, tmp_path):
 
         second_round = [pool.submit(until_the_kill) for _ in range(CLIENTS)]
         deadline = time.monotonic() + 60
-        while steps_run(app, victim) < steps + 20:  # the victim is denoising requests in flight
+        while steps_run(app, victim) < steps + 20:  # the victim takes this round's requests
             assert time.monotonic() < deadline, "the DiT node to kill got no work"
             time.sleep(0.2)
-        time.sleep(1.0)  # the clients' next requests are on both nodes
+        # Kill while its replica is denoising now (a fifth of a core or more): the metric above
+        # was exported up to a second ago, when the request it counted may have been ending.
+        deadline = time.monotonic() + 30
+        while True:
+            before = app.cpu_seconds(victim)
+            time.sleep(0.25)
+            if app.cpu_seconds(victim) - before >= 0.05:
+                break
+            assert time.monotonic() < deadline, "the DiT node to kill was never busy"
         killing.set()
         killed = app.kill(victim)
         for f in (*first_round, *second_round):

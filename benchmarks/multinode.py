@@ -20,6 +20,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -53,6 +54,19 @@ def children(pid: int) -> list[int]:
                 found.append(int(stat.parent.name))
     return found
 
+def started(start: Callable[[], Any], what: str, tries: int = 2) -> Any:
+    """`start()`, tried again when Ray says the node "timed out during startup": on a loaded
+    2-core machine a new raylet now and then dies within seconds of starting, silently, and
+    Ray gives up on it after a fixed 30 s. Any other failure is raised at once."""
+    for attempt in range(1, tries + 1):
+        try:
+            return start()
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == tries:
+                raise
+            print(f"multinode: the {what} did not start ({exc}); starting it again", flush=True)
+
+
 @dataclass
 class MultiNodeApp:
     cluster: Any  # ray.cluster_utils.Cluster
@@ -67,7 +81,8 @@ class MultiNodeApp:
 
     def add_node(self, kind: str):
         """A node of cluster.yaml's type `thinker_gpu` or `dit_gpu` (its marker resource, no GPU)."""
-        node = self.cluster.add_node(num_cpus=NODE_CPUS, resources={kind: 1}, object_store_memory=100 << 20)
+        node = started(lambda: self.cluster.add_node(num_cpus=NODE_CPUS, resources={kind: 1}, object_store_memory=100 << 20),
+                       kind)
         if kind == "dit_node":
             self.dits.append(node)
         else:
@@ -160,10 +175,14 @@ def start(cache: Path, dit_nodes: int = 2, timeout_s: float = 240) -> MultiNodeA
     from ray.cluster_utils import Cluster
 
     os.environ["BAGEL_RAY_CACHE"] = str(cache)  # the nodes' workers inherit it
-    dashboard_port = free_port()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": NODE_CPUS, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-        "object_store_memory": 100 << 20, "_system_config": SYSTEM_CONFIG})
+
+    def head() -> tuple[Any, int]:  # a port of its own each try: a failed head's dashboard may hold the last
+        port = free_port()
+        return Cluster(initialize_head=True, head_node_args={
+            "num_cpus": NODE_CPUS, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "object_store_memory": 100 << 20, "_system_config": SYSTEM_CONFIG}), port
+
+    cluster, dashboard_port = started(head, "head node")
     serve_config = config(free_port())
     app_cfg = serve_config["applications"][0]
     app = MultiNodeApp(cluster, f"http://127.0.0.1:{dashboard_port}", f"http://127.0.0.1:{serve_config['http_options']['port']}",

@@ -324,3 +324,34 @@ def test_losing_the_thinker_node(cluster_app, local):
     report(thinker_node_lost_streams_finished=len(streams), text_status_while_gone=text.status_code,
            text_failed_after_s=text_failed_s, thinker_back_after_join_s=time.monotonic() - joined,
            since_kill_s=time.monotonic() - killed)
+
+
+def test_a_node_that_times_out_at_startup_is_started_again_once():
+    """The cluster helper's guard against a raylet that dies silently as it starts."""
+    calls = []
+
+    def once_late():
+        calls.append("try")
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        return "node"
+
+    assert multinode.started(once_late, "head node") == "node" and calls == ["try", "try"]
+    calls.clear()
+
+    def always_late():
+        calls.append("try")
+        raise Exception("The current node timed out during startup.")
+
+    with pytest.raises(Exception, match="timed out during startup"):
+        multinode.started(always_late, "head node")
+    assert calls == ["try", "try"]
+    calls.clear()
+
+    def broken():
+        calls.append("try")
+        raise ValueError("bad arguments")
+
+    with pytest.raises(ValueError):
+        multinode.started(broken, "head node")
+    assert calls == ["try"]  # any other failure is not retried

@@ -154,22 +154,28 @@ class Receiver:
             raise HandoffGone(f"KV handoff {payload.handoff_id} is gone from its sender (too old, or its outbox was full)")
         return [t if t.device == device else t.to(device) for t in parcel.tensors]
 
-    def _via_ipc(self, payload: DirectPayload, here: Placement, device: torch.device) -> list[torch.Tensor]:
+    def _via_ipc(self, payload: DirectPayload, here: Placement, device: torch.device,
+                 pieces: list[Piece] | None = None) -> list[torch.Tensor]:
+        """Map the sender's context tensors and copy them (or only `pieces` of them, a worker
+        rank's share) here, one D2D copy each. A whole handoff is then released, or held
+        (`hold`); pieces never are: rank 0 releases the handoff once every rank holds its share."""
         index = here.visible.index(payload.sender.gpu)
         stream = torch.cuda.Stream(device)
-        received, mapped = [], []
         with torch.cuda.stream(stream):
-            for handle, target in zip(payload.ipc, payload.layout.empty(device)):
-                mapped.append(cuda.open_ipc(handle, index))
-                target.copy_(mapped[-1], non_blocking=True)
-                received.append(target)
+            mapped = [cuda.open_ipc(handle, index) for handle in payload.ipc]
+            sources = mapped if pieces is None else [payload.layout.piece(mapped, *piece)[0] for piece in pieces]
+            received = []
+            for source in sources:
+                received.append(torch.empty(source.shape, dtype=source.dtype, device=device))
+                received[-1].copy_(source, non_blocking=True)
         stream.synchronize()
-        del mapped  # unmap before telling the sender it may let go
+        del mapped, sources  # unmapped before the sender is told it may let go
         self._handed_over(received, device)
-        if self.hold:
-            self._hold(payload)
-        else:
-            self._release(payload)
+        if pieces is None:
+            if self.hold:
+                self._hold(payload)
+            else:
+                self._release(payload)
         return received
 
     def _hold(self, payload: DirectPayload) -> None:
@@ -194,29 +200,12 @@ class Receiver:
         pieces = [(b, g, n) for b, (g, n) in wants.items()]
         phases: tuple[tuple[str, float], ...] = ()
         if route.name == "cuda_ipc":
-            tensors = self._ipc_pieces(payload, here, device, pieces)
+            tensors = self._via_ipc(payload, here, device, pieces)
         else:
             tensors, phases = self._via_nccl(payload, device, t0, pieces)
         out = {b: KVContext(t.to(dtype), payload.layout.region(b)[2]) for (b, _, _), t in zip(pieces, tensors)}
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         return out, TransferStats(nbytes, payload.send_s, time.perf_counter() - t0, route.name, phases)
-
-    def _ipc_pieces(self, payload: DirectPayload, here: Placement, device: torch.device,
-                    pieces: list[Piece]) -> list[torch.Tensor]:
-        """Map the sender's context tensors and copy out `pieces` (one D2D copy each)."""
-        index = here.visible.index(payload.sender.gpu)
-        stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(stream):
-            mapped = [cuda.open_ipc(handle, index) for handle in payload.ipc]
-            out = []
-            for piece in pieces:
-                view, _ = payload.layout.piece(mapped, *piece)
-                out.append(torch.empty(view.shape, dtype=view.dtype, device=device))
-                out[-1].copy_(view, non_blocking=True)
-        stream.synchronize()
-        del mapped  # unmapped before rank 0 tells the sender it may let go
-        self._handed_over(out, device)
-        return out
 
     def _via_nccl(self, payload: DirectPayload, device: torch.device, t0: float,
                   pieces: list[Piece] | None = None) -> tuple[list[torch.Tensor], tuple]:
